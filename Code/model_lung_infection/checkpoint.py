@@ -1,0 +1,83 @@
+"""Checkpoint IO: release-format weights, our resumable training checkpoints, atomic writes.
+
+Release format: a bare `state_dict()` (what `Inf-Net-100.pth` holds). Our training
+checkpoints are dicts with the weights under "model" plus optimizer, epoch and RNG states.
+"""
+import os
+import tempfile
+
+import torch
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def unwrap(model):
+    """The bare model inside DistributedDataParallel / DataParallel / torch.compile."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def save_release_weights(model, path):
+    """Save weights in the release format (a bare state dict), atomically."""
+    atomic_save(unwrap(model).state_dict(), path)
+
+
+def extract_state_dict(source, name="<state dict>"):
+    """The bare weights from a path, a release state dict, a DataParallel one or our checkpoint."""
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"checkpoint not found: {name}")
+        try:
+            source = torch.load(name, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{name}: not a readable PyTorch checkpoint ({e})") from e
+    if not isinstance(source, dict):
+        raise ValueError(f"{name}: expected a state dict, got {type(source).__name__}")
+    if "model" in source and isinstance(source["model"], dict):
+        source = source["model"]  # our training checkpoint
+    elif "state_dict" in source and isinstance(source["state_dict"], dict):
+        source = source["state_dict"]
+    if source and all(k.startswith("module.") for k in source):
+        source = {k[len("module."):]: v for k, v in source.items()}
+    return source, name
+
+
+def load_checkpoint(model, source):
+    """Strictly load weights into `model`; any missing, unexpected or mis-shaped key is an error naming it."""
+    state, name = extract_state_dict(source)
+    model = unwrap(model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(items):
+            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+        lines = [f"{name} does not fit {type(model).__name__}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {few(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {few(unexpected)}")
+        if shapes:
+            lines.append(f"  shape mismatches ({len(shapes)}): {few(shapes)}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    return model

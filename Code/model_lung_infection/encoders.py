@@ -1,0 +1,89 @@
+"""Encoders for Inf-Net: any timm CNN that yields features at strides 4, 8, 16 and 32.
+
+Inf-Net taps four levels: the low-level feature f2 (stride 4, edge branch) and the
+high-level f3, f4, f5 (strides 8, 16, 32; RFB, decoder and reverse attention).
+An encoder is a plain timm model (kept whole, so its state-dict keys stay those of
+the released checkpoints, e.g. `resnet.layer1.0.conv1.weight`) plus the indices of
+its feature taps. Nothing is downloaded: ImageNet weights come from a local file.
+"""
+import warnings
+
+import timm
+import torch
+
+from .registry import ENCODERS
+
+STRIDES = (4, 8, 16, 32)
+
+
+def _timm(name, keep_classifier=False, **kw):
+    if keep_classifier:
+        return timm.create_model(name, pretrained=False, **kw)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    # Drop what runs after the stride-32 tap (VGG's fc6/fc7 alone are 120 M parameters).
+    model.prune_intermediate_layers(feature_taps(model)[0], prune_head=True)
+    return model
+
+
+@ENCODERS.register("res2net50_v1b_26w_4s")
+def res2net50_v1b_26w_4s(**kw):
+    # timm's res2net50d is the release's Res2Net-50 v1b 26w*4s: same keys, shapes and outputs.
+    # The release kept the unused ImageNet classifier (`resnet.fc.*`), so we do too.
+    return _timm("res2net50d", keep_classifier=True, **kw)
+
+
+@ENCODERS.register("resnet50")
+def resnet50(**kw):
+    return _timm("resnet50", **kw)
+
+
+@ENCODERS.register("vgg16")
+def vgg16(**kw):
+    # Stride 32 is pool5 of the stride-16 conv5_3 feature.
+    return _timm("vgg16", **kw)
+
+
+@ENCODERS.register("vgg16_bn")
+def vgg16_bn(**kw):
+    return _timm("vgg16_bn", **kw)
+
+
+def create_encoder(name, pretrained=None, **kw):
+    """A registered encoder, or any timm model given as `timm:<name>`."""
+    model = _timm(name[len("timm:"):], **kw) if name.startswith("timm:") else ENCODERS.get(name)(**kw)
+    if pretrained:
+        load_pretrained(model, pretrained)
+    else:
+        warnings.warn(f"Encoder '{name}' starts from RANDOM weights: no ImageNet file was given "
+                      "(--pretrained PATH). Expect far lower accuracy than the paper's.", stacklevel=2)
+    return model
+
+
+def feature_taps(model):
+    """(indices, channels) of the features at strides 4, 8, 16, 32; the deepest tap wins per stride."""
+    info = model.feature_info
+    by_stride = {f["reduction"]: i for i, f in enumerate(info)}
+    missing = [s for s in STRIDES if s not in by_stride]
+    if missing:
+        raise ValueError(f"encoder {type(model).__name__} has no features at strides {missing}")
+    indices = [by_stride[s] for s in STRIDES]
+    return indices, [info[i]["num_chs"] for i in indices]
+
+
+def load_pretrained(model, path):
+    """Load ImageNet weights (e.g. the official `res2net50_v1b_26w_4s-3cf99910.pth`) from disk."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read ImageNet weights ({e})") from e
+    state = state.get("state_dict", state)
+    own = model.state_dict()
+    # The classifier is irrelevant to segmentation; keep ours where the file's differs.
+    state = {k: v for k, v in state.items() if not (k.startswith("fc.") and (k not in own or own[k].shape != v.shape))}
+    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: not ImageNet weights of this encoder; missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, wrong shape {shapes[:5]}")
+    model.load_state_dict(state, strict=False)

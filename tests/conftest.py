@@ -1,0 +1,50 @@
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = Path(os.environ.get("INFNET_SHARED", ROOT.parent / "shared"))
+REFERENCE = SHARED / "reference"
+DATA = SHARED / "COVID-SemiSeg"
+
+
+def _need(path):
+    if not path.exists():
+        pytest.skip(f"{path} not found (set INFNET_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    return _need(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    return _need(DATA)
+
+
+@pytest.fixture(scope="session")
+def reference_weights(reference_dir):
+    sys.path.insert(0, str(reference_dir))
+    import reference_weights as rw
+    return rw
+
+
+@pytest.fixture(scope="session")
+def infnet_spec(reference_dir):
+    return json.loads((reference_dir / "infnet_res2net50_state_dict.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_init_warning():
+    # Every test model starts from random weights; the loud warning is for users.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        yield
