@@ -1,0 +1,87 @@
+"""Command line: python -m EvaluationTool --gt_root ... --pred_root ... --models A B"""
+import argparse
+import sys
+from pathlib import Path
+
+from .folder import EvaluationError, safe_name, evaluate_folder, extra_line, release_line, write_per_image_csv
+from .report import average, write_binary_reports, write_multiclass_reports
+
+# main.m's multi-class layout: prediction sub-folder -> GT folder inside MultiClassInfection-Test.
+MULTICLASS = (("Ground-glass opacities", "GT-1"), ("Consolidation", "GT-2"))
+
+
+def default_dataset(gt_root, task):
+    gt_root = Path(gt_root).resolve()
+    if task == "binary" and gt_root.name == "GT":
+        return gt_root.parent.name     # .../LungInfection-Test/GT -> LungInfection-Test
+    return gt_root.name
+
+
+def run(gt_root, pred_root, models, task="binary", dataset=None, save_dir="EvaluateResults",
+        em_strict=False, workers=None, out=print):
+    """Evaluate each model, print the release-format lines and write the reports.
+
+    Returns {model: summary} for the binary task, {model: {class: summary, 'Average': ...}}
+    for the multi-class one.
+    """
+    dataset = dataset or default_dataset(gt_root, task)
+    save_dir = Path(save_dir)
+    results = {}
+    for model in models:
+        if task == "binary":
+            s = evaluate_folder(gt_root, Path(pred_root) / model, em_strict, workers, dataset, model)
+            write_per_image_csv(s, save_dir / f"{safe_name(dataset)}_{safe_name(model)}_per_image.csv")
+            out(release_line(s))
+            out(extra_line(s))
+            results[model] = s
+            continue
+        per_class = {}
+        for c, (cls, gt_name) in enumerate(MULTICLASS, start=1):
+            s = evaluate_folder(Path(gt_root) / gt_name, Path(pred_root) / cls / model,
+                                em_strict, workers, f"{dataset}-{c}", model)
+            write_per_image_csv(s, save_dir / f"{safe_name(dataset)}-{c}_{safe_name(model)}_per_image.csv")
+            out(f"[{cls}] " + release_line(s))
+            out(extra_line(s))
+            per_class[cls] = s
+        per_class["Average"] = avg = average([per_class[cls] for cls, _ in MULTICLASS])
+        out("[Average] " + release_line(avg, dataset, model))
+        results[model] = per_class
+
+    if task == "binary":
+        paths = write_binary_reports(results, dataset, save_dir)
+    else:
+        paths = write_multiclass_reports(results, dataset, [cls for cls, _ in MULTICLASS], save_dir)
+    out("Reports: " + ", ".join(str(p) for p in paths))
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m EvaluationTool",
+        description="Inf-Net evaluation (Dice, Sen, Spe, Prec, S-alpha, E-phi, MAE) with the "
+                    "definitions of the released MATLAB toolbox.")
+    p.add_argument("--gt_root", required=True,
+                   help="GT folder (binary), or the MultiClassInfection-Test folder holding GT-1 "
+                        "and GT-2 (multiclass)")
+    p.add_argument("--pred_root", required=True,
+                   help="folder with one sub-folder of PNG maps per model (multiclass: "
+                        "'Ground-glass opacities/<model>' and 'Consolidation/<model>')")
+    p.add_argument("--models", nargs="+", required=True, help="model sub-folder names")
+    p.add_argument("--dataset", help="name in the report (default: taken from --gt_root)")
+    p.add_argument("--task", choices=("binary", "multiclass"), default="binary")
+    p.add_argument("--save_dir", default="EvaluateResults", help="where reports are written")
+    p.add_argument("--em_strict", action="store_true",
+                   help="binarise with pred > t for E-phi (one main.m revision) instead of >=")
+    p.add_argument("--workers", type=int, default=None, help="threads (default: up to 4)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args.gt_root, args.pred_root, args.models, args.task, args.dataset, args.save_dir,
+            args.em_strict, args.workers)
+    except EvaluationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,79 @@
+"""Markdown / CSV / text reports of folder summaries (see folder.evaluate_folder)."""
+import csv
+from pathlib import Path
+
+from .folder import SUMMARY_KEYS, safe_name, release_line
+
+# Columns of the paper's tables (Table II / III) and their summary keys.
+TABLE_COLUMNS = (("Dice", "meanDic"), ("Sen.", "meanSen"), ("Spec.", "meanSpe"),
+                 ("S-alpha", "Sm"), ("E-phi mean", "meanEm"), ("MAE", "MAE"))
+SHORT = {"Ground-glass opacities": "GGO", "Consolidation": "Cons.", "Average": "Avg."}
+
+
+def average(summaries):
+    """Scalar-wise mean of several summaries (Table III's "Average" of GGO and consolidation)."""
+    return {k: sum(s[k] for s in summaries) / len(summaries) for k in SUMMARY_KEYS}
+
+
+def _md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_text(lines, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def write_binary_reports(results, dataset, save_dir):
+    """results: {model: summary}. Writes <dataset>_result.{txt,md,csv}; returns their paths."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    txt = write_text([release_line(s, dataset, m) for m, s in results.items()],
+                     save_dir / f"{safe_name(dataset)}_result.txt")
+
+    header = ["Model"] + [c for c, _ in TABLE_COLUMNS] + ["Prec.", "max Dice", "max E-phi"]
+    rows = [[m] + [f"{s[k]:.3f}" for _, k in TABLE_COLUMNS]
+            + [f"{s['meanPrec']:.3f}", f"{s['maxDic']:.3f}", f"{s['maxEm']:.3f}"]
+            for m, s in results.items()]
+    md = save_dir / f"{safe_name(dataset)}_result.md"
+    md.write_text(f"# {dataset}\n\n" + _md_table(header, rows))
+
+    csv_path = save_dir / f"{safe_name(dataset)}_result.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("dataset", "model", "n_images") + SUMMARY_KEYS)
+        for m, s in results.items():
+            writer.writerow([dataset, m, s["n_images"]] + [repr(float(s[k])) for k in SUMMARY_KEYS])
+    return [txt, md, csv_path]
+
+
+def write_multiclass_reports(results, dataset, classes, save_dir):
+    """results: {model: {class_name: summary, ..., 'Average': averaged scalars}}, classes in
+    GT-1, GT-2 order. Writes one release-format txt per class (as the toolbox names them),
+    a Table III-style Markdown table and a CSV."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c, cls in enumerate(classes, start=1):
+        lines = [release_line(per_class[cls], f"{dataset}-{c}", m) for m, per_class in results.items()]
+        paths.append(write_text(lines, save_dir / f"{safe_name(dataset)}-{c}_result.txt"))
+
+    groups = list(classes) + ["Average"]
+    header = ["Model"] + [f"{SHORT.get(g, g)} {c}" for g in groups for c, _ in TABLE_COLUMNS]
+    rows = [[m] + [f"{per_class[g][k]:.3f}" for g in groups for _, k in TABLE_COLUMNS]
+            for m, per_class in results.items()]
+    md = save_dir / f"{safe_name(dataset)}_result.md"
+    md.write_text(f"# {dataset}\n\n" + _md_table(header, rows))
+
+    csv_path = save_dir / f"{safe_name(dataset)}_result.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("dataset", "model", "class") + SUMMARY_KEYS)
+        for m, per_class in results.items():
+            for g in groups:
+                writer.writerow([dataset, m, g] + [repr(float(per_class[g][k])) for k in SUMMARY_KEYS])
+    return paths + [md, csv_path]
