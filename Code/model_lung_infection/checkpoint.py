@@ -39,7 +39,10 @@ def save_release_weights(model, path):
 
 
 def extract_state_dict(source, name="<state dict>"):
-    """The bare weights from a path, a release state dict, a DataParallel one or our checkpoint."""
+    """(weights, name, config) from a path, a release state dict, a DataParallel one or our checkpoint.
+
+    `config` is the training config our checkpoints carry ({} for release files).
+    """
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         if not os.path.isfile(name):
@@ -50,18 +53,19 @@ def extract_state_dict(source, name="<state dict>"):
             raise ValueError(f"{name}: not a readable PyTorch checkpoint ({e})") from e
     if not isinstance(source, dict):
         raise ValueError(f"{name}: expected a state dict, got {type(source).__name__}")
+    config = source.get("config", {}) if isinstance(source.get("config"), dict) else {}
     if "model" in source and isinstance(source["model"], dict):
         source = source["model"]  # our training checkpoint
     elif "state_dict" in source and isinstance(source["state_dict"], dict):
         source = source["state_dict"]
     if source and all(k.startswith("module.") for k in source):
         source = {k[len("module."):]: v for k, v in source.items()}
-    return source, name
+    return source, name, config
 
 
 def load_checkpoint(model, source):
     """Strictly load weights into `model`; any missing, unexpected or mis-shaped key is an error naming it."""
-    state, name = extract_state_dict(source)
+    state, name, _ = extract_state_dict(source)
     model = unwrap(model)
     own = model.state_dict()
     missing = [k for k in own if k not in state]

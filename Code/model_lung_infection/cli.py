@@ -1,0 +1,52 @@
+"""Command-line helpers shared by the entry-point scripts."""
+import argparse
+
+
+def str2bool(value):
+    """'True'/'False', 'yes'/'no', '1'/'0', 'on'/'off' -> bool (argparse's type=bool reads 'False' as True)."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if v in ("false", "f", "no", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got '{value}'")
+
+
+def add_bool(parser, name, default, help):
+    """`--name`, `--name True`, `--name False` and `--no-name` all work."""
+    dest = name.lstrip("-").replace("-", "_")
+    parser.add_argument(name, dest=dest, type=str2bool, nargs="?", const=True, default=default,
+                        metavar="BOOL", help=f"{help} (default: {default})")
+    parser.add_argument("--no-" + name.lstrip("-"), dest=dest, action="store_false", help=argparse.SUPPRESS)
+
+
+def add_runtime_args(parser):
+    """Device, precision and reproducibility options common to training and testing."""
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    add_bool(g, "--amp", None, "mixed precision: float16 on CUDA, bfloat16 on CPU; default on for CUDA only")
+    add_bool(g, "--channels_last", False, "channels-last memory format (faster on recent CPUs and GPUs)")
+    g.add_argument("--num_workers", type=int, default=None, help="data-loading processes (default 4 on CUDA, 0 on CPU)")
+    g.add_argument("--seed", type=int, default=2020)
+    return g
+
+
+def add_run_args(parser, defaults):
+    """Options of every training run (engine.RunConfig): snapshots, resume, progress, runtime."""
+    parser.add_argument("--save_every", type=int, default=defaults.save_every,
+                        help="snapshot every N epochs (and the last)")
+    add_bool(parser, "--resume", False, "continue the run from Snapshots/save_weights/<train_save>/checkpoint.pth")
+    add_bool(parser, "--overwrite", False, "start again even if the run folder has a checkpoint")
+    add_bool(parser, "--progress", True, "progress bar")
+    parser.add_argument("--max_steps", type=int, default=None, help=argparse.SUPPRESS)
+    add_runtime_args(parser)
+
+
+def config_from_args(config_class, args, **overrides):
+    """A config dataclass filled from the parsed options that share its field names."""
+    fields = set(config_class.__dataclass_fields__)
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update(overrides)
+    return config_class(**values)

@@ -1,0 +1,205 @@
+"""Reading CT slices and masks, pairing them by file stem, and the training / test datasets.
+
+Rules (each violation is an error naming the file, never a silent skip):
+- an image in `Imgs/` pairs with the mask of the same stem in `GT/` (and `Edge/`), any extension;
+- a stem that appears twice in one folder, a partner that is missing, an unreadable file or an
+  empty folder stops the run;
+- images of any size and mode load: gray, RGB(A), palette, 16-bit (16-bit and float images are
+  min-max scaled to 8 bits, since CT exports rarely use the full 16-bit range).
+"""
+import os
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file or folder and the problem."""
+
+
+def list_images(folder):
+    """{stem: path} of the image files in `folder`; errors on a missing/empty folder or a repeated stem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+            continue
+        if path.stem in found:
+            raise DataError(f"{folder}: two files share the name '{path.stem}' ({found[path.stem].name}, {path.name})")
+        found[path.stem] = path
+    if not found:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return found
+
+
+def pair_by_stem(folders):
+    """[(stem, path_a, path_b, ...)] for folders holding the same stems; a missing partner is an error."""
+    listings = [list_images(f) for f in folders]
+    stems = set(listings[0])
+    for folder, listing in zip(folders[1:], listings[1:]):
+        for stem in sorted(stems - set(listing)):
+            raise DataError(f"{listings[0][stem]}: no partner named '{stem}.*' in {folder}")
+        for stem in sorted(set(listing) - stems):
+            raise DataError(f"{listing[stem]}: no partner named '{stem}.*' in {folders[0]}")
+    return [(stem, *(listing[stem] for listing in listings)) for stem in sorted(stems, key=_natural_key)]
+
+
+def _natural_key(stem):
+    """Sort '2' before '10'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", stem)]
+
+
+def _to_uint8(a, path):
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    a = a.astype(np.float64)
+    lo, hi = np.nanmin(a), np.nanmax(a)
+    if not np.isfinite([lo, hi]).all():
+        raise DataError(f"{path}: image holds no finite values")
+    return np.zeros(a.shape, np.uint8) if hi == lo else np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def read_gray_or_rgb(path):
+    """The file as a uint8 array, (H, W) or (H, W, 3), whatever its mode and bit depth."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "P":
+                im = im.convert("RGB")
+            elif im.mode in ("LA", "RGBA", "CMYK", "YCbCr"):
+                im = im.convert("RGB")
+            a = np.array(im)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    return _to_uint8(a, path)
+
+
+def read_rgb(path):
+    """A CT slice as uint8 RGB (H, W, 3): gray is replicated, as the release's convert('RGB') did."""
+    a = read_gray_or_rgb(path)
+    return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
+
+
+def read_mask(path):
+    """A mask as uint8 (H, W): the gray value of the file (RGB masks: luminance)."""
+    a = read_gray_or_rgb(path)
+    return cv2.cvtColor(a, cv2.COLOR_RGB2GRAY) if a.ndim == 3 else a
+
+
+def edge_from_mask(mask):
+    """Edge map of a mask: binarise at 128, then Canny (used where no Edge/ folder is given)."""
+    return cv2.Canny(np.where(mask >= 128, 255, 0).astype(np.uint8), 100, 200)
+
+
+def resize(a, size, resample=Image.BILINEAR):
+    """PIL resize of a uint8 array to (h, w), as the release's transforms.Resize did."""
+    h, w = size
+    return np.array(Image.fromarray(a).resize((w, h), resample))
+
+
+def normalize_image(rgb):
+    """uint8 RGB (H, W, 3) -> ImageNet-normalised float tensor (3, H, W)."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def mask_tensor(mask):
+    """uint8 (H, W) -> float tensor (1, H, W) in [0, 1], not binarised (as released)."""
+    return torch.from_numpy(np.ascontiguousarray(mask)).float().div_(255).unsqueeze(0)
+
+
+class CachedSampleSet(Dataset):
+    """A dataset whose decoded, resized samples (uint8 arrays) are kept after the first read,
+    so later epochs skip decoding. Subclasses implement `read(i)` and `__getitem__`."""
+
+    def __init__(self, cache=True):
+        self._cache = {} if cache else None
+
+    def read(self, i):
+        raise NotImplementedError
+
+    def load(self, i):
+        if self._cache is None:
+            return self.read(i)
+        if i not in self._cache:
+            self._cache[i] = self.read(i)
+        return self._cache[i]
+
+
+class InfectionTrainSet(CachedSampleSet):
+    """A folder with `Imgs/`, `GT/` and (optionally) `Edge/`: (image, gt, edge) tensors at `trainsize`.
+
+    Several roots may be given (e.g. a labelled seed set plus pseudo labels); stems must be unique
+    across them. Decoded, resized samples are cached as uint8 so later epochs skip the JPEG decode.
+    """
+
+    def __init__(self, roots, trainsize=352, cache=True):
+        super().__init__(cache)
+        roots = [Path(r) for r in ([roots] if isinstance(roots, (str, os.PathLike)) else roots)]
+        self.trainsize = trainsize
+        self.samples = []  # (stem, image path, gt path, edge path or None)
+        seen = {}
+        for root in roots:
+            edge_dir = root / "Edge"
+            folders = [root / "Imgs", root / "GT"] + ([edge_dir] if edge_dir.is_dir() else [])
+            for stem, *paths in pair_by_stem(folders):
+                if stem in seen:
+                    raise DataError(f"{paths[0]}: name '{stem}' also in {seen[stem]}")
+                seen[stem] = root
+                self.samples.append((stem, paths[0], paths[1], paths[2] if len(paths) > 2 else None))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def read(self, i):
+        """uint8 arrays (image HxWx3, gt HxW, edge HxW) at trainsize."""
+        stem, img_path, gt_path, edge_path = self.samples[i]
+        size = (self.trainsize, self.trainsize)
+        image, gt = read_rgb(img_path), read_mask(gt_path)
+        edge = read_mask(edge_path) if edge_path else edge_from_mask(gt)
+        return resize(image, size), resize(gt, size), resize(edge, size)
+
+    def __getitem__(self, i):
+        image, gt, edge = self.load(i)
+        return normalize_image(image), mask_tensor(gt), mask_tensor(edge)
+
+
+def find_test_images(data_path):
+    """{stem: path} of the slices to segment: `data_path` itself or its `Imgs/` sub-folder."""
+    data_path = Path(data_path)
+    if (data_path / "Imgs").is_dir():
+        data_path = data_path / "Imgs"
+    return list_images(data_path)
+
+
+class SliceSet(Dataset):
+    """CT slices for inference: (normalised image at testsize, stem, original (h, w))."""
+
+    def __init__(self, data_path, testsize=352):
+        self.items = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))
+        self.testsize = testsize
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        stem, path = self.items[i]
+        rgb = read_rgb(path)
+        return normalize_image(resize(rgb, (self.testsize, self.testsize))), stem, rgb.shape[:2]

@@ -1,0 +1,206 @@
+"""The training engine every trainer shares: epochs, devices, DDP, AMP, snapshots, resume, logs.
+
+A trainer supplies a model, a dataset, its optimizer/scheduler and a `step(batch)` function that
+computes losses and calls `engine.optimize(loss)` (once, or once per scale for multi-scale steps).
+
+Resume is exact: the shuffle depends only on (seed, epoch) and the checkpoint written atomically
+after every epoch holds the model, optimizer, scheduler, grad-scaler and RNG states.
+"""
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .checkpoint import atomic_save, load_checkpoint, save_release_weights, unwrap
+from .runtime import Distributed, autocast, pick_device, rng_state, seed_everything, set_rng_state
+
+
+@dataclass
+class RunConfig:
+    """Options of every training run (trainers extend this)."""
+    train_save: str = "Inf-Net"           # run folder: <snapshot_root>/save_weights/<train_save>/
+    snapshot_prefix: str = "Inf-Net"      # release-format snapshots: <prefix>-<epoch>.pth
+    snapshot_root: str = "Snapshots"
+    epoch: int = 100
+    batchsize: int = 24                   # global: split over DDP processes
+    clip: Optional[float] = None          # gradient clipping by value
+    save_every: int = 10
+    amp: Optional[bool] = None            # None: on for CUDA, off for CPU
+    channels_last: bool = False
+    device: str = "auto"
+    num_workers: Optional[int] = None     # None: 4 on CUDA, 0 on CPU
+    seed: int = 2020
+    resume: bool = False
+    overwrite: bool = False
+    max_steps: Optional[int] = None       # stop after this many batches (smoke tests, benchmarks)
+    progress: bool = True
+
+    @property
+    def run_dir(self):
+        return Path(self.snapshot_root) / "save_weights" / self.train_save
+
+    @property
+    def checkpoint_path(self):
+        return self.run_dir / "checkpoint.pth"
+
+    def as_dict(self):
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+# Options that may change between an interrupted run and its resumption without a warning.
+_RESUMABLE_CHANGES = {"resume", "overwrite", "epoch", "progress", "num_workers", "max_steps", "device"}
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig, model):
+        self.cfg = cfg
+        self.ddp = Distributed()
+        self.device = self.ddp.setup(pick_device(cfg.device))
+        self.amp = self.device.type == "cuda" if cfg.amp is None else bool(cfg.amp)
+        if self.ddp.is_main and cfg.checkpoint_path.exists() and not (cfg.resume or cfg.overwrite):
+            raise FileExistsError(f"{cfg.checkpoint_path} exists: pass --resume to continue that run, "
+                                  f"--overwrite to start it again, or choose another --train_save")
+        if cfg.resume and not cfg.checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {cfg.checkpoint_path}")
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.net = DistributedDataParallel(self.model) if self.ddp.enabled else self.model
+        self.optimizer = self.scheduler = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+
+    # ---- what a trainer's step uses ----
+    def autocast(self):
+        return autocast(self.device, self.amp)
+
+    def images(self, x):
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def to_device(self, *tensors):
+        return [t.to(self.device, non_blocking=True) for t in tensors]
+
+    def optimize(self, loss):
+        """One optimizer update from `loss`: backward (scaled under fp16), clip by value, step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    # ---- the loop ----
+    def fit(self, dataset, optimizer, scheduler, step, describe=""):
+        """Run epochs; `step(engine, batch)` returns {name: loss tensor} to log (the first is the total)."""
+        cfg, ddp = self.cfg, self.ddp
+        self.optimizer, self.scheduler = optimizer, scheduler
+        start_epoch = self._resume() if cfg.resume else 1
+        sampler = DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True, seed=cfg.seed)
+        workers = cfg.num_workers if cfg.num_workers is not None else (4 if self.device.type == "cuda" else 0)
+        loader = DataLoader(dataset, batch_size=max(1, cfg.batchsize // ddp.world_size), sampler=sampler,
+                            num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        writer = _tensorboard(cfg) if ddp.is_main else None
+        if ddp.is_main:
+            print(f"[train] {len(dataset)} samples{describe}; device {self.device}"
+                  f"{' x' + str(ddp.world_size) if ddp.enabled else ''}; amp {self.amp}; "
+                  f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
+        steps = 0
+        for epoch in range(start_epoch, cfg.epoch + 1):
+            self.net.train()
+            sampler.set_epoch(epoch)
+            meter = _Meter()
+            bar = _progress(loader, cfg.progress and ddp.is_main, f"epoch {epoch}/{cfg.epoch}")
+            for batch in bar:
+                terms = step(self, batch)
+                meter.update(terms, len(batch[0]))
+                if bar is not loader:
+                    bar.set_postfix(loss=f"{float(next(iter(terms.values()))):.4f}")
+                steps += 1
+                if cfg.max_steps and steps >= cfg.max_steps:
+                    break
+            scheduler.step()
+            ddp.sync_buffers(self.model)
+            if ddp.is_main:
+                self._end_of_epoch(epoch, meter, writer)
+            ddp.barrier()
+            if cfg.max_steps and steps >= cfg.max_steps:
+                break
+        if writer:
+            writer.close()
+        ddp.cleanup()
+        return unwrap(self.model)
+
+    def _resume(self):
+        state = torch.load(self.cfg.checkpoint_path, map_location="cpu", weights_only=True)
+        load_checkpoint(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        changed = {k: (v, self.cfg.as_dict()[k]) for k, v in state.get("config", {}).items()
+                   if k in self.cfg.as_dict() and k not in _RESUMABLE_CHANGES and self.cfg.as_dict()[k] != v}
+        if changed:
+            warnings.warn("resuming with options that differ from the checkpoint's: " +
+                          ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        if self.ddp.is_main:
+            print(f"[train] resumed {self.cfg.checkpoint_path} after epoch {state['epoch']}", flush=True)
+        return state["epoch"] + 1
+
+    def _end_of_epoch(self, epoch, meter, writer):
+        cfg = self.cfg
+        losses, ips = meter.means(), meter.per_second()
+        lr = self.optimizer.param_groups[0]["lr"]
+        print(f"[train] epoch {epoch:03d}/{cfg.epoch} lr {lr:.2e} " +
+              " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" | {ips:.2f} samples/s", flush=True)
+        if writer:
+            for k, v in losses.items():
+                writer.add_scalar(f"loss/{k}", v, epoch)
+            writer.add_scalar("lr", lr, epoch)
+            writer.add_scalar("samples_per_second", ips, epoch)
+            writer.flush()
+        if epoch % cfg.save_every == 0 or epoch == cfg.epoch:
+            save_release_weights(self.model, cfg.run_dir / f"{cfg.snapshot_prefix}-{epoch}.pth")
+        atomic_save({"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "epoch": epoch, "rng": rng_state(), "config": cfg.as_dict()}, cfg.checkpoint_path)
+
+
+class _Meter:
+    def __init__(self):
+        self.sums, self.count, self.samples, self.start = {}, 0, 0, time.perf_counter()
+
+    def update(self, terms, n):
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+        self.samples += n
+
+    def means(self):
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+    def per_second(self):
+        return self.samples / max(time.perf_counter() - self.start, 1e-9)
+
+
+def _progress(iterable, enabled, desc):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, dynamic_ncols=True, leave=False, desc=desc)
+
+
+def _tensorboard(cfg):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        warnings.warn("tensorboardX is not installed: no TensorBoard logs")
+        return None
+    return SummaryWriter(str(Path(cfg.snapshot_root) / "tensorboard" / cfg.train_save))

@@ -1,0 +1,160 @@
+"""Faster CPU inference for a trained model: fused Conv-BN, channels-last, optional torch.compile.
+
+    fast = prepare_for_inference(model)          # a copy; `model` is left as it was
+    with torch.inference_mode():
+        outputs = fast(images)
+
+Batch normalisation at inference is an affine map per channel, so it folds into the weights and
+bias of the convolution in front of it (`torch.nn.utils.fusion.fuse_conv_bn_eval`). Folded are
+every `ConvBN` of the Inf-Net heads and every conv -> BN pair of the encoder (found by running
+the model once on a small probe and checking that each BN reads exactly one conv's output).
+The folded model is checked against the original on that probe; a pair that turns out to be
+unsafe (a conv whose output is also read elsewhere) makes it fall back to the heads' `ConvBN`s,
+which are conv -> BN by construction. Outputs match the unfused fp32 model to ~1e-5 (the golden
+tolerance is 1e-4): only the rounding of the folded weights differs.
+"""
+import copy
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .layers import ConvBN
+
+__all__ = ["prepare_for_inference", "fuse_conv_bn", "count_batchnorms"]
+
+_BN = nn.BatchNorm2d  # exactly: subclasses such as timm's BatchNormAct2d also apply an activation
+
+
+def count_batchnorms(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _set_submodule(root, name, new):
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    parent._modules[attr] = new  # also works for ModuleList / Sequential entries ("0", "1", ...)
+
+
+def _foldable(conv, bn):
+    return (type(conv) is nn.Conv2d and type(bn) is _BN and bn.track_running_stats
+            and bn.running_mean is not None and conv.out_channels == bn.num_features)
+
+
+def _head_pairs(model):
+    """(conv name, bn name) of every ConvBN: conv -> bn by construction."""
+    return [(f"{n}.conv" if n else "conv", f"{n}.bn" if n else "bn")
+            for n, m in model.named_modules() if isinstance(m, ConvBN) and _foldable(m.conv, m.bn)]
+
+
+def _traced_pairs(model, probe):
+    """(conv name, bn name) where, on `probe`, the BN's input is the very tensor the conv returned
+    and each of them ran once."""
+    names = {m: n for n, m in model.named_modules()}
+    conv_out, calls, bn_in, hooks = {}, {}, {}, []
+
+    def conv_hook(mod, args, out):
+        calls[mod] = calls.get(mod, 0) + 1
+        conv_out[id(out)] = (mod, out)  # keep `out` alive so its id stays unique
+
+    def bn_hook(mod, args):
+        calls[mod] = calls.get(mod, 0) + 1
+        bn_in[mod] = id(args[0])
+
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif type(m) is _BN:
+            hooks.append(m.register_forward_pre_hook(bn_hook))
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = []
+    for bn, key in bn_in.items():
+        conv = conv_out.get(key, (None,))[0]
+        if conv is not None and calls[conv] == 1 and calls[bn] == 1 and _foldable(conv, bn):
+            pairs.append((names[conv], names[bn]))
+    return pairs
+
+
+def _fold(model, pairs):
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set_submodule(model, bn_name, nn.Identity())
+    return model
+
+
+def _max_abs_diff(a, b):
+    if torch.is_tensor(a):
+        return (a.float() - b.float()).abs().max().item()
+    return max(_max_abs_diff(x, y) for x, y in zip(a, b))
+
+
+def fuse_conv_bn(model, probe=None, encoder=True, atol=1e-4):
+    """Fold BatchNorm into the preceding convolution, IN PLACE (eval mode). Returns `model`.
+
+    encoder: also fold the conv -> BN pairs found by tracing a forward pass on `probe`
+    (default: one 3 x 64 x 64 random image); the result is checked against the unfused model
+    on the probe and, if it differs by more than `atol`, only the `ConvBN` modules are folded.
+    """
+    model.eval()
+    pairs = _head_pairs(model)
+    if not encoder:
+        return _fold(model, pairs)
+    if probe is None:
+        probe = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(next(model.parameters()).device)
+    traced = [p for p in _traced_pairs(model, probe) if p not in pairs]
+    with torch.no_grad():
+        expected = model(probe)
+    original = copy.deepcopy(model)
+    _fold(model, pairs + traced)
+    with torch.no_grad():
+        err = _max_abs_diff(model(probe), expected)
+    if err > atol:
+        warnings.warn(f"fusing the encoder's conv/BN pairs changed the outputs by {err:.2e}: "
+                      "folding only the ConvBN modules")
+        model = _fold(original, pairs)
+    return model
+
+
+def prepare_for_inference(model, channels_last=True, fuse_bn=True, compile=False, inplace=False,
+                          probe=None, verbose=False):
+    """An eval-mode model for fast inference with the same outputs (fp32: within ~1e-5).
+
+    channels_last: NHWC weights (oneDNN's preferred layout; inputs are converted by the first conv,
+        or pass them channels-last yourself).
+    fuse_bn: fold every BatchNorm that follows a convolution into it (see `fuse_conv_bn`).
+    compile: wrap in `torch.compile` with inductor's weight freezing (constant-folds the weights,
+        prepacks them for oneDNN and fuses the element-wise ops). Needs a C compiler on CPU. The
+        first call compiles (about 100 s on a loaded 2-core machine; again for bf16 autocast and for
+        each new input shape), so it pays off only over many slices. Frozen means later changes
+        to the weights are not seen: prepare again after loading other weights.
+    inplace: modify and return `model` itself; by default a deep copy is prepared and `model`
+        (e.g. one still being trained) is left untouched.
+    Parameters of the result have requires_grad=False: it is for inference only.
+    """
+    start = time.perf_counter()
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if fuse_bn:
+        model = fuse_conv_bn(model, probe=probe)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        # Freezing applies when called under torch.inference_mode()/no_grad(), as for inference.
+        model = torch.compile(model, dynamic=False, options={"freezing": True})
+    if verbose:
+        print(f"[fast_inference] prepared in {time.perf_counter() - start:.2f} s "
+              f"(fuse_bn={fuse_bn}, channels_last={channels_last}, compile={compile}; "
+              f"{count_batchnorms(model)} BatchNorm left)")
+    return model

@@ -1,0 +1,130 @@
+"""The testing stage of Inf-Net (release `MyTest_LungInf.py`): one probability map per slice.
+
+Each map is the final prediction S_3 (`lateral_map_2`), resized back to its slice's original
+size (the release saved 352 x 352 maps and left resizing to the MATLAB tool), passed through
+a sigmoid and min-max normalised as released, then written as an 8-bit PNG named like the slice.
+"""
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .checkpoint import extract_state_dict, load_checkpoint
+from .data import SliceSet
+from .fast_inference import prepare_for_inference
+from .registry import create_model
+from .runtime import autocast, pick_device
+
+PREDICTION_INDEX = 3  # lateral_map_2, the output of the shallowest reverse-attention branch
+
+
+def load_inf_net(pth_path, backbone=None, device="cpu"):
+    """Inf-Net with the weights of a release snapshot or one of our checkpoints, in eval mode.
+
+    The backbone is read from our checkpoints' saved config when `backbone` is None.
+    """
+    state, _, config = extract_state_dict(pth_path)
+    backbone = backbone or config.get("backbone", "res2net50_v1b_26w_4s")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")  # weights come from the checkpoint
+        model = create_model("inf_net", backbone=backbone)
+    load_checkpoint(model, state)
+    return model.to(device).eval()
+
+
+def probability_maps(model, images, sizes, amp=False, device=None):
+    """Sigmoid maps of S_3 for a batch, each resized to its (h, w) and min-max normalised (float32, [0, 1])."""
+    device = device or images.device
+    with torch.inference_mode(), autocast(device, amp):
+        logits = model(images)[PREDICTION_INDEX].float()
+    maps = []
+    for logit, (h, w) in zip(logits, sizes):
+        p = torch.sigmoid(F.interpolate(logit[None], size=(int(h), int(w)), mode="bilinear", align_corners=False))[0, 0]
+        p = (p - p.min()) / (p.max() - p.min() + 1e-8)
+        maps.append(p.cpu().numpy())
+    return maps
+
+
+def to_uint8(prob):
+    return np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+
+
+def save_png(array, path):
+    """Write an image atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _collate(batch):
+    images, stems, sizes = zip(*batch)
+    return torch.stack(images), list(stems), list(sizes)
+
+
+def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, device=None, amp=False,
+                   channels_last=True, progress=True, fuse_bn=True, compile=False, prepare=True):
+    """Segment every slice of `data_path` (or `data_path/Imgs`) into `save_path`/<stem>.png; returns the paths.
+
+    By default `model` is first passed through `prepare_for_inference` (a copy: `model` itself is
+    left as it is) with Conv-BN fusion and channels-last on, torch.compile off; the maps match the
+    plain fp32 model's to well under one gray level. `amp`: bf16 autocast on CPU (fp16 on CUDA).
+    prepare=False uses `model` as given (`channels_last` then only converts the inputs and model).
+    """
+    device = device or next(model.parameters()).device
+    dataset = SliceSet(data_path, testsize)
+    save_path = Path(save_path)
+    existing = [s for s, _ in dataset.items if (save_path / f"{s}.png").exists()]
+    if existing:
+        print(f"[test] replacing {len(existing)} existing map(s) in {save_path}")
+    if prepare:
+        model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
+    elif channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(dataset, batch_size=batchsize, collate_fn=_collate)
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc="test", leave=False)
+    written = []
+    for images, stems, sizes in loader:
+        images = images.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        for stem, prob in zip(stems, probability_maps(model, images, sizes, amp, device)):
+            out = save_path / f"{stem}.png"
+            save_png(to_uint8(prob), out)
+            written.append(out)
+    return written
+
+
+def default_model_name(pth_path):
+    """'Inf-Net' for Snapshots/save_weights/Inf-Net/Inf-Net-100.pth; the file stem otherwise."""
+    p = Path(pth_path)
+    return p.parent.name if p.parent.parent.name == "save_weights" else p.stem
+
+
+def run_test(pth_path, data_path, save_path=None, testsize=352, backbone=None, device="auto", amp=False,
+             channels_last=True, batchsize=1, progress=True, fuse_bn=True, compile=False):
+    """Load `pth_path` and write one map per slice of `data_path` (see `predict_folder` for the options)."""
+    device = pick_device(device)
+    model = load_inf_net(pth_path, backbone, device)
+    model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,
+                                  inplace=True)  # freshly loaded: no copy needed
+    save_path = save_path or Path("Results") / "Lung infection segmentation" / default_model_name(pth_path)
+    written = predict_folder(model, data_path, save_path, testsize, batchsize, device, amp, channels_last, progress,
+                             prepare=False)
+    print(f"[test] wrote {len(written)} maps to {save_path}")
+    return written

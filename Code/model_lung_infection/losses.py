@@ -1,0 +1,49 @@
+"""Inf-Net's training loss (paper Eq. 3-5).
+
+L_seg = L_IoU^w + L_BCE^w, both weighted per pixel by w = 1 + 5 |avgpool31(G) - G|, which
+emphasises pixels near the mask's boundary. Deep supervision:
+    L = L_seg(S_g) + L_edge(S_e) + sum over the three reverse-attention outputs of L_seg(S_i).
+
+The release computed its BCE with `reduce='none'`, an invalid argument that PyTorch read as
+"reduce to the mean", so its BCE term was unweighted; `release_bce=True` reproduces that.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def boundary_weight(mask):
+    return 1 + 5 * torch.abs(F.avg_pool2d(mask, kernel_size=31, stride=1, padding=15) - mask)
+
+
+def structure_loss(logits, mask, release_bce=False):
+    """Weighted IoU + weighted BCE, averaged over the batch. logits and mask: (N, 1, H, W)."""
+    w = boundary_weight(mask)
+    if release_bce:
+        bce = F.binary_cross_entropy_with_logits(logits, mask)  # plain mean: the release's effective loss
+    else:
+        bce = (w * F.binary_cross_entropy_with_logits(logits, mask, reduction="none")).sum((2, 3)) / w.sum((2, 3))
+    prob = torch.sigmoid(logits)
+    inter = (prob * mask * w).sum((2, 3))
+    union = ((prob + mask) * w).sum((2, 3))
+    iou = 1 - (inter + 1) / (union - inter + 1)
+    return (bce + iou).mean()
+
+
+def edge_loss(logits, edge):
+    return F.binary_cross_entropy_with_logits(logits, edge)
+
+
+def inf_net_loss(outputs, gt, edge, release_bce=False):
+    """Total deep-supervised loss and its terms {'global', 'ra5', 'ra4', 'ra3', 'edge'}.
+
+    outputs: the model's (S_g, S_5, S_4, S_3, S_e) logits.
+    """
+    s_g, s_5, s_4, s_3, s_e = outputs
+    terms = {
+        "global": structure_loss(s_g, gt, release_bce),
+        "ra5": structure_loss(s_5, gt, release_bce),
+        "ra4": structure_loss(s_4, gt, release_bce),
+        "ra3": structure_loss(s_3, gt, release_bce),
+        "edge": edge_loss(s_e, edge),
+    }
+    return sum(terms.values()), terms

@@ -1,0 +1,402 @@
+"""Semi-Inf-Net pseudo labels: Algorithm 1 of the paper (randomly selected propagation).
+
+Start from an Inf-Net trained on the doctor labels (`init`). Each round draws K unlabelled slices
+at random, predicts their infection maps (S_3 at each slice's own size, as `infer.probability_maps`
+computes them), binarises them at 0.5, derives edge maps, writes (image, pseudo mask, edge) into
+`<save_path>/{Imgs,GT,Edge}` and fine-tunes the model on the labelled seed set plus every pseudo
+label so far with the Inf-Net recipe (release `PseudoGenerator.py`: 10 epochs, Adam lr 3e-4,
+batch 16, multi-scale). The round's weights start the next round; it ends when no slice is left.
+
+Interruption: `<save_path>/pseudo_state.json` (written atomically) holds the draw order (from
+`seed`), the names labelled in each finished round, the round in progress and the current weights.
+Each sample is written image first, edge next, GT last, every file atomically, so a GT file marks a
+finished sample. Re-running with the same arguments resumes after the last finished round; a round
+that was interrupted is done again from its start (same draw, same weights, so the same labels).
+"""
+import dataclasses
+import filecmp
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import extract_state_dict
+from .data import (IMAGE_EXTENSIONS, DataError, InfectionTrainSet, _natural_key, edge_from_mask, list_images,
+                   normalize_image, read_rgb, resize)
+from .infer import load_inf_net, probability_maps, save_png
+from .runtime import pick_device
+from .train import DOCTOR_LABEL, PSEUDO_LABEL, SCALES, TrainConfig, train
+
+STATE_FILE = "pseudo_state.json"
+STATE_VERSION = 1
+THRESHOLD = 0.5               # pseudo mask = probability map >= 0.5
+ROUND_PREFIX = "Semi-Inf-Net"  # round weights: <run>/round-NNNN/Semi-Inf-Net-<epoch>.pth (release naming)
+DEFAULT_BACKBONE = "res2net50_v1b_26w_4s"
+
+
+@dataclass
+class PseudoConfig:
+    init: str                                            # Inf-Net trained on the doctor labels
+    unlabeled_path: str = PSEUDO_LABEL + "/Imgs"         # folder of unlabelled slices
+    labeled_path: str = DOCTOR_LABEL                     # seed set: Imgs/, GT/ (and Edge/)
+    save_path: str = PSEUDO_LABEL                        # output: Imgs/, GT/, Edge/ and the state file
+    k: int = 5                                           # slices labelled per round
+    max_rounds: Optional[int] = None                     # rounds in this invocation (None: until done)
+    seed: int = 2020                                     # draw order
+    overwrite: bool = False                              # may replace labels already in save_path/GT
+    # fine-tuning, per round (release `train_module`)
+    epoch: int = 10
+    lr: float = 3e-4
+    batchsize: int = 16
+    trainsize: int = 352
+    testsize: Optional[int] = None                       # inference input side (default: trainsize)
+    backbone: Optional[str] = None                       # default: init's saved config, else Res2Net-50
+    scales: tuple = SCALES
+    clip: Optional[float] = 0.5
+    decay_rate: float = 0.1
+    decay_epoch: int = 50
+    release_bce: bool = False
+    snapshot_root: str = "Snapshots"
+    train_save: str = "Semi-Inf-Net_pseudo"              # rounds: <snapshot_root>/save_weights/<train_save>/round-NNNN/
+    keep_rounds: bool = False                            # keep every round's weights (default: the current only)
+    # runtime
+    device: str = "auto"
+    amp: Optional[bool] = None
+    channels_last: bool = False
+    num_workers: Optional[int] = None
+    progress: bool = True
+
+    def as_dict(self):
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+def _atomic_write_text(text, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_copy(src, dst):
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-", suffix=dst.suffix)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _same_file(a, b):
+    a, b = Path(a), Path(b)
+    if not b.exists():
+        return False
+    return os.path.samefile(a, b) or (a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False))
+
+
+def _by_stem(folder):
+    """{stem: [image files]} of a folder (empty if it does not exist); unlike list_images, no checks."""
+    found = {}
+    if Path(folder).is_dir():
+        for p in sorted(Path(folder).iterdir()):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+                found.setdefault(p.stem, []).append(p)
+    return found
+
+
+def _remove_others(folder, stem, keep):
+    """Delete files of `stem` in `folder` other than `keep`, so every stem has one file (pairing stays unique)."""
+    for p in _by_stem(folder).get(stem, []):
+        if p.name != keep:
+            p.unlink()
+
+
+class _Layout:
+    """Where a pseudo-labelled sample lives under save_path."""
+
+    def __init__(self, save_path, pool):
+        self.root = Path(save_path)
+        self.pool = pool  # {stem: source image path}
+
+    def image(self, stem):
+        return self.root / "Imgs" / self.pool[stem].name
+
+    def gt(self, stem):
+        return self.root / "GT" / f"{stem}.png"
+
+    def edge(self, stem):
+        return self.root / "Edge" / f"{stem}.png"
+
+    def sample(self, stem):
+        return stem, self.image(stem), self.gt(stem), self.edge(stem)
+
+    def write(self, stem, mask, edge):
+        """Image first, edge next, GT last: a GT file marks a finished sample."""
+        src, dst = self.pool[stem], self.image(stem)
+        _remove_others(dst.parent, stem, dst.name)
+        if not _same_file(src, dst):  # with the default paths, Imgs/ *is* the unlabelled folder
+            _atomic_copy(src, dst)
+        _remove_others(self.root / "Edge", stem, f"{stem}.png")
+        save_png(edge, self.edge(stem))
+        _remove_others(self.root / "GT", stem, f"{stem}.png")
+        save_png(mask, self.gt(stem))
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+
+def _identity(cfg, stems):
+    """What must match for a re-run to continue a run: the pool, seed set, starting weights, K and seed."""
+    return {"init": str(Path(cfg.init).resolve()), "labeled_path": str(Path(cfg.labeled_path).resolve()),
+            "k": cfg.k, "seed": cfg.seed, "pool": sorted(stems, key=_natural_key)}
+
+
+def _new_state(cfg, stems, backbone):
+    order = sorted(stems, key=_natural_key)
+    random.Random(cfg.seed).shuffle(order)  # the whole draw: round r takes order[(r-1)K : rK]
+    return {"version": STATE_VERSION, "identity": _identity(cfg, stems), "order": order, "rounds": [],
+            "pending": None, "checkpoint": str(cfg.init), "backbone": backbone, "finished": False,
+            "config": cfg.as_dict()}
+
+
+def _differences(old, new):
+    diffs = []
+    for key in new:
+        if old.get(key) != new[key]:
+            if key == "pool":
+                a, b = set(old.get(key) or []), set(new[key])
+                diffs.append(f"unlabelled slices: {len(b - a)} new, {len(a - b)} gone")
+            else:
+                diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    return diffs
+
+
+def load_state(save_path):
+    path = Path(save_path) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable state file ({e}); delete it to start again") from e
+
+
+def _start_or_resume(cfg, stems, backbone):
+    path = Path(cfg.save_path) / STATE_FILE
+    state = load_state(cfg.save_path)
+    if state is None:
+        return _new_state(cfg, stems, backbone), False
+    diffs = (["state version"] if state.get("version") != STATE_VERSION else
+             _differences(state.get("identity", {}), _identity(cfg, stems)))
+    if diffs:
+        if not cfg.overwrite:
+            raise ValueError(f"{path} belongs to a pseudo-labelling run with other arguments ({'; '.join(diffs)}): "
+                             f"re-run with its arguments to resume it, pass --overwrite to start again, "
+                             f"or choose another --save_path")
+        warnings.warn(f"{path}: starting again (--overwrite; {'; '.join(diffs)})")
+        return _new_state(cfg, stems, backbone), False
+    if cfg.backbone and cfg.backbone != state["backbone"]:
+        raise ValueError(f"{path}: the run uses backbone {state['backbone']}, not {cfg.backbone}")
+    changed = {k: (v, cfg.as_dict()[k]) for k, v in state.get("config", {}).items()
+               if k in ("epoch", "lr", "batchsize", "trainsize", "testsize", "scales", "clip", "release_bce")
+               and cfg.as_dict().get(k) != v}
+    if changed:
+        warnings.warn("resuming with fine-tuning options that differ from the earlier rounds': " +
+                      ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    state["config"] = cfg.as_dict()
+    return state, True
+
+
+def _save_state(state, save_path):
+    _atomic_write_text(json.dumps(state, indent=1), Path(save_path) / STATE_FILE)
+
+
+def labelled_names(state):
+    """Names labelled in the finished rounds, in draw order."""
+    return [name for r in state["rounds"] for name in r["names"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_not_foreign(cfg, state, layout):
+    """Refuse to replace labels (or images) in save_path that this run did not write, unless overwrite."""
+    owned = set(labelled_names(state)) | set((state.get("pending") or {}).get("names", []))
+    todo = [s for s in state["order"] if s not in owned]
+    gts = _by_stem(layout.root / "GT")
+    imgs = _by_stem(layout.root / "Imgs")
+    foreign_gt = [gts[s][0] for s in todo if s in gts]
+    foreign_img = [p for s in todo for p in imgs.get(s, []) if not _same_file(layout.pool[s], p)]
+    if cfg.overwrite:
+        if foreign_gt:
+            print(f"[pseudo] --overwrite: replacing {len(foreign_gt)} existing label(s) in {layout.root / 'GT'}")
+        return
+    if foreign_gt:
+        raise FileExistsError(f"{layout.root / 'GT'} already holds labels for {len(foreign_gt)} of the {len(todo)} "
+                              f"slices to label (e.g. {foreign_gt[0].name}): pass --overwrite to replace them, "
+                              f"or choose another --save_path")
+    if foreign_img:
+        raise FileExistsError(f"{layout.root / 'Imgs'} holds other images named like {len(foreign_img)} of the "
+                              f"slices to label (e.g. {foreign_img[0].name}): pass --overwrite to replace them, "
+                              f"or choose another --save_path")
+
+
+def _check_finished_samples(state, layout):
+    for stem in labelled_names(state):
+        for p in (layout.image(stem), layout.gt(stem), layout.edge(stem)):
+            if not p.exists():
+                raise DataError(f"{p}: missing, though {Path(layout.root) / STATE_FILE} records '{stem}' as "
+                                f"labelled; restore it, or delete the state file to start again")
+
+
+def _clean_temporaries(root):
+    """Half-written files of a killed run (atomic writes leave only `.tmp-*` files)."""
+    for sub in ("Imgs", "GT", "Edge"):
+        for p in (root / sub).glob(".tmp-*") if (root / sub).is_dir() else []:
+            p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rounds
+# ---------------------------------------------------------------------------------------------
+
+def predict_masks(model, paths, testsize, device, amp=False, batchsize=16):
+    """(binary mask, edge) uint8 0/255 per slice, each at its slice's own size."""
+    model.eval()
+    out = []
+    for i in range(0, len(paths), max(1, batchsize)):
+        rgbs = [read_rgb(p) for p in paths[i:i + batchsize]]
+        x = torch.stack([normalize_image(resize(rgb, (testsize, testsize))) for rgb in rgbs]).to(device)
+        for prob in probability_maps(model, x, [rgb.shape[:2] for rgb in rgbs], amp, device):
+            mask = np.where(prob >= THRESHOLD, 255, 0).astype(np.uint8)
+            out.append((mask, edge_from_mask(mask)))
+    return out
+
+
+def _round_config(cfg, state, r):
+    return TrainConfig(
+        train_path=[str(cfg.labeled_path), str(cfg.save_path)], train_save=f"{cfg.train_save}/round-{r:04d}",
+        snapshot_prefix=ROUND_PREFIX, snapshot_root=cfg.snapshot_root, epoch=cfg.epoch, batchsize=cfg.batchsize,
+        save_every=cfg.epoch, lr=cfg.lr, trainsize=cfg.trainsize, scales=tuple(cfg.scales), clip=cfg.clip,
+        decay_rate=cfg.decay_rate, decay_epoch=cfg.decay_epoch, release_bce=cfg.release_bce,
+        backbone=state["backbone"], device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
+        num_workers=cfg.num_workers, seed=cfg.seed + r, overwrite=True, progress=cfg.progress)
+
+
+def _is_round_weights(path, cfg):
+    run = (Path(cfg.snapshot_root) / "save_weights" / cfg.train_save).resolve()
+    p = Path(path).resolve()
+    return p.parent.parent == run and p.parent.name.startswith("round-")
+
+
+def generate(cfg: PseudoConfig):
+    """Run (or continue) Algorithm 1; returns the state dict (see the module docstring)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise RuntimeError("pseudo-label generation runs in a single process (not under torchrun)")
+    if cfg.k < 1:
+        raise ValueError(f"k must be at least 1, got {cfg.k}")
+    if not Path(cfg.init).is_file():
+        raise FileNotFoundError(f"--init: no weights at {cfg.init} (an Inf-Net trained on the doctor labels, "
+                                f"e.g. Snapshots/save_weights/Inf-Net/Inf-Net-100.pth)")
+    save = Path(cfg.save_path)
+    pool = list_images(cfg.unlabeled_path)
+    seed_set = InfectionTrainSet([cfg.labeled_path], cfg.trainsize)
+    clash = sorted(set(pool) & {s[0] for s in seed_set.samples}, key=_natural_key)
+    if clash:
+        raise DataError(f"{cfg.unlabeled_path}: {len(clash)} slice name(s) also in the labelled set "
+                        f"{cfg.labeled_path} (e.g. '{clash[0]}'); names must be unique across both")
+    backbone = cfg.backbone or extract_state_dict(cfg.init)[2].get("backbone") or DEFAULT_BACKBONE
+    state, resumed = _start_or_resume(cfg, list(pool), backbone)
+    layout = _Layout(save, pool)
+    _check_finished_samples(state, layout)
+    _check_not_foreign(cfg, state, layout)
+    _clean_temporaries(save)
+
+    order, total = state["order"], len(state["order"])
+    n_rounds = math.ceil(total / cfg.k)
+    done = len(labelled_names(state))
+    if resumed:
+        pending = state.get("pending")
+        print(f"[pseudo] resuming {save / STATE_FILE}: {done} of {total} slices labelled in "
+              f"{len(state['rounds'])} round(s)" + (f"; redoing round {pending['round']}" if pending else ""),
+              flush=True)
+    if done >= total:
+        print(f"[pseudo] all {total} slices are labelled ({len(state['rounds'])} rounds); "
+              f"final weights {state['checkpoint']}", flush=True)
+        return state
+
+    device = pick_device(cfg.device)
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    testsize = cfg.testsize or cfg.trainsize
+    dataset = seed_set  # grows by each round's samples (its decode cache is kept across rounds)
+    dataset.samples.extend(layout.sample(s) for s in labelled_names(state))
+    model, ran = None, 0
+    while done < total and (cfg.max_rounds is None or ran < cfg.max_rounds):
+        r = len(state["rounds"]) + 1
+        names = order[done:done + cfg.k]
+        state["pending"] = {"round": r, "names": names}
+        _save_state(state, save)  # from here on these names' files are this run's to (re)write
+
+        if model is None:
+            model = load_inf_net(state["checkpoint"], state["backbone"], device)
+        for stem, (mask, edge) in zip(names, predict_masks(model, [pool[s] for s in names], testsize, device, amp,
+                                                           cfg.batchsize)):
+            layout.write(stem, mask, edge)
+
+        tcfg = _round_config(cfg, state, r)
+        shutil.rmtree(tcfg.run_dir, ignore_errors=True)  # an interrupted attempt at this round
+        shutil.rmtree(Path(cfg.snapshot_root) / "tensorboard" / tcfg.train_save, ignore_errors=True)
+        dataset.samples.extend(layout.sample(s) for s in names)
+        model = train(tcfg, model=model, dataset=dataset)
+        weights = tcfg.run_dir / f"{ROUND_PREFIX}-{cfg.epoch}.pth"
+        if not weights.is_file():
+            raise RuntimeError(f"round {r}: the fine-tuning wrote no weights at {weights}")
+        tcfg.checkpoint_path.unlink(missing_ok=True)  # a round is redone, never resumed: the optimizer state goes
+
+        previous = state["checkpoint"]
+        state["rounds"].append({"round": r, "names": names, "checkpoint": str(weights)})
+        state["checkpoint"], state["pending"] = str(weights), None
+        done += len(names)
+        state["finished"] = done >= total
+        _save_state(state, save)
+        if not cfg.keep_rounds and _is_round_weights(previous, cfg):
+            shutil.rmtree(Path(previous).parent, ignore_errors=True)
+        ran += 1
+        print(f"[pseudo] round {r}/{n_rounds}: labelled {len(names)} slice(s) ({', '.join(names[:3])}"
+              f"{', ...' if len(names) > 3 else ''}); training set {len(dataset)}; "
+              f"{total - done} of {total} unlabelled slices left; weights {weights}", flush=True)
+    if done >= total:
+        print(f"[pseudo] done: {total} pseudo labels in {save / 'GT'} after {len(state['rounds'])} rounds; "
+              f"final weights {state['checkpoint']}", flush=True)
+    else:
+        print(f"[pseudo] stopped after {ran} round(s) (max_rounds); {total - done} slices left: "
+              f"re-run with the same arguments to continue", flush=True)
+    return state

@@ -1,0 +1,139 @@
+"""The Inf-Net training recipe (paper Sec. III-A/IV-A, release `MyTrain_LungInf.py`).
+
+Adam; every batch is trained at three scales {0.75, 1, 1.25} (sides rounded to multiples of 32),
+one optimizer update per scale; deep-supervised loss (losses.py); gradient clipping by value;
+learning rate x decay_rate every decay_epoch epochs. The loop itself is engine.Engine.
+
+Stages (STAGES, `stage_config`): the runs of the paper as presets. `doctor` is Inf-Net on the 50
+doctor-labelled slices; Semi-Inf-Net is `pseudo` (step i: the pseudo-labelled slices) followed by
+`semi` (step ii: step i's weights fine-tuned on the doctor labels).
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint
+from .data import InfectionTrainSet
+from .engine import Engine, RunConfig
+from .losses import inf_net_loss
+from .registry import create_model
+
+SCALES = (0.75, 1.0, 1.25)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    train_path: List[str] = field(default_factory=lambda: ["Dataset/TrainingSet/LungInfection-Train/Doctor-label"])
+    model: str = "inf_net"
+    backbone: str = "res2net50_v1b_26w_4s"
+    pretrained: Optional[str] = None      # ImageNet weights of the encoder, from disk
+    init: Optional[str] = None            # start from these Inf-Net weights (fine-tuning)
+    lr: float = 1e-4
+    trainsize: int = 352
+    scales: tuple = SCALES
+    clip: Optional[float] = 0.5
+    decay_rate: float = 0.1
+    decay_epoch: int = 50
+    release_bce: bool = False
+
+
+DOCTOR_LABEL = "Dataset/TrainingSet/LungInfection-Train/Doctor-label"
+PSEUDO_LABEL = "Dataset/TrainingSet/LungInfection-Train/Pseudo-label"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training preset (release `MyTrain_LungInf.py` and README, Sec. 2.3)."""
+    description: str
+    train_path: tuple
+    train_save: str
+    snapshot_prefix: str
+    batchsize: int
+    epoch: int = 100
+    # Weights the stage starts from, under <snapshot_root>/save_weights/: the first that exists.
+    # Required (unless `init` is given or the run resumes) when not empty.
+    init: tuple = ()
+
+
+STAGES = {
+    "doctor": Stage("Inf-Net on the doctor-labelled slices", (DOCTOR_LABEL,), "Inf-Net", "Inf-Net", 24),
+    "pseudo": Stage("Semi-Inf-Net step (i): train on the pseudo-labelled slices", (PSEUDO_LABEL,),
+                    "Inf-Net_Pseudo", "Inf-Net_pseudo", 24),
+    "semi": Stage("Semi-Inf-Net step (ii): fine-tune step (i)'s weights on the doctor labels", (DOCTOR_LABEL,),
+                  "Semi-Inf-Net", "Semi-Inf-Net", 16,
+                  # the release's file name, then the one `--stage pseudo` writes (<prefix>-<epoch>.pth)
+                  init=("Inf-Net_Pseudo/Inf-Net_pseudo_100.pth", "Inf-Net_Pseudo/Inf-Net_pseudo-100.pth")),
+}
+PRESET_FIELDS = ("train_path", "train_save", "snapshot_prefix", "batchsize", "epoch")
+
+
+def stage_config(stage="doctor", **options):
+    """TrainConfig of the STAGES preset `stage`; every option that is not None overrides the preset."""
+    if stage not in STAGES:
+        raise ValueError(f"stage '{stage}': choose one of {', '.join(STAGES)}")
+    preset = STAGES[stage]
+    values = {f: getattr(preset, f) for f in PRESET_FIELDS}
+    values["train_path"] = list(preset.train_path)
+    values.update({k: v for k, v in options.items() if v is not None})
+    if isinstance(values["train_path"], (str, Path)):
+        values["train_path"] = [values["train_path"]]
+    cfg = TrainConfig(**values)
+    if preset.init and cfg.init is None:
+        candidates = [Path(cfg.snapshot_root) / "save_weights" / name for name in preset.init]
+        found = next((str(c) for c in candidates if c.is_file()), None)
+        if found is None and not cfg.resume:  # a resumed run takes its weights from checkpoint.pth
+            raise FileNotFoundError(
+                f"stage '{stage}' starts from {candidates[0]} (or {candidates[1].name}), which does not exist: "
+                f"train step (i) first (--stage pseudo) or give the weights with --init")
+        cfg.init = found
+    return cfg
+
+
+def scaled_size(trainsize, rate):
+    """Multi-scale side length, rounded to a multiple of 32 (as released)."""
+    return int(round(trainsize * rate / 32) * 32)
+
+
+def rescale_batch(tensors, size):
+    return [t if tuple(t.shape[-2:]) == (size, size) else
+            F.interpolate(t, size=(size, size), mode="bilinear", align_corners=True) for t in tensors]
+
+
+def multi_scale_step(cfg):
+    """The release's step: for each scale, resize the batch, forward, loss, one update."""
+    def step(engine, batch):
+        images, gts, edges = engine.to_device(*batch)
+        logged = None
+        for rate in cfg.scales:
+            x, g, e = rescale_batch((images, gts, edges), scaled_size(cfg.trainsize, rate))
+            with engine.autocast():
+                outputs = engine.net(engine.images(x))
+            loss, terms = inf_net_loss([o.float() for o in outputs], g, e, cfg.release_bce)
+            engine.optimize(loss)
+            if logged is None or rate == 1.0:  # log the losses at the base scale
+                logged = {"total": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return logged
+    return step
+
+
+def train(cfg: TrainConfig, model=None, dataset=None):
+    """Train Inf-Net; returns the bare model. Snapshots and the resumable checkpoint go to cfg.run_dir.
+
+    `dataset` (default: InfectionTrainSet(cfg.train_path)) lets a caller train on a chosen subset.
+    """
+    torch.manual_seed(cfg.seed)  # same seed on every DDP rank: identical initial weights
+    if dataset is None:
+        dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
+    if model is None:
+        model = create_model(cfg.model, backbone=cfg.backbone, pretrained=cfg.pretrained)
+    if cfg.init:
+        load_checkpoint(model, cfg.init)
+    engine = Engine(cfg, model)
+    optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
+    # A true step schedule (lr * rate^(epoch // decay_epoch)); the release compounded its decay.
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_epoch, gamma=cfg.decay_rate)
+    return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg),
+                      describe=f" from {', '.join(map(str, cfg.train_path))}; scales {cfg.scales}")

@@ -1,0 +1,47 @@
+"""Label CT slices as background / GGO / consolidation with a trained multi-class network.
+
+    # priors from Semi-Inf-Net maps written earlier by MyTest_LungInf.py:
+    python MyTest_MulClsLungInf_UNet.py --pth_path Snapshots/save_weights/Semi-Inf-Net_UNet/Semi-Inf-Net_UNet-200.pth \
+        --data_path Dataset/TestingSet/MultiClassInfection-Test
+    # only CT slices: compute the priors on the fly with a (Semi-)Inf-Net checkpoint:
+    python MyTest_MulClsLungInf_UNet.py --pth_path ... --infnet_pth Snapshots/save_weights/Semi-Inf-Net/Semi-Inf-Net-100.pth
+
+Writes, at each slice's size, under --save_path (default "Results/Multi-class lung infection segmentation"):
+  Ground-glass opacities/<model>/<slice>.png, Consolidation/<model>/<slice>.png  (8-bit maps, disjoint)
+  Overlay/<model>/<slice>.png  (the slice with GGO in red, consolidation in green)
+Priors are binarised at 128 like the training priors. Then score them:
+  python -m EvaluationTool --task multiclass --gt_root Dataset/TestingSet/MultiClassInfection-Test \
+      --pred_root "Results/Multi-class lung infection segmentation" --models Semi-Inf-Net_UNet
+"""
+import argparse
+
+from Code.model_lung_infection.cli import add_bool, add_runtime_args
+from Code.model_lung_infection.multiclass import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, run_test
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pth_path", default="Snapshots/save_weights/Semi-Inf-Net_UNet/Semi-Inf-Net_UNet-200.pth",
+                   help="multi-class U-Net / FCN8s weights: release (unet_model_200.pkl), ours, or our checkpoint.pth")
+    p.add_argument("--data_path", default="Dataset/TestingSet/MultiClassInfection-Test",
+                   help="a folder of slices, or a folder holding Imgs/ (GT is not needed)")
+    p.add_argument("--prior_path", default=str(DEFAULT_PRIOR_PATH),
+                   help="infection maps named like the slices (ignored with --infnet_pth or an image-only model)")
+    p.add_argument("--infnet_pth", default=None,
+                   help="Inf-Net / Semi-Inf-Net checkpoint: compute the priors on the fly instead of --prior_path")
+    p.add_argument("--infnet_testsize", type=int, default=352, help="input size of the Inf-Net computing the priors")
+    p.add_argument("--infnet_backbone", default=None, help="encoder of release-format Inf-Net weights")
+    p.add_argument("--save_path", default=str(DEFAULT_SAVE_ROOT), help="root of the output folders")
+    p.add_argument("--testsize", type=int, default=None,
+                   help="network input size (default: the trainsize saved in checkpoint.pth, else 352)")
+    p.add_argument("--model_name", default=None, help="output sub-folder (default: the weights' run folder or file stem)")
+    add_bool(p, "--binarize_prior", True, "binarise priors at 128, as the training priors are")
+    add_bool(p, "--progress", True, "progress bar")
+    add_runtime_args(p)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    a = parse_args()
+    run_test(a.pth_path, a.data_path, a.prior_path, a.infnet_pth, a.save_path, a.testsize, a.model_name,
+             a.device, bool(a.amp), a.binarize_prior, a.infnet_testsize, a.infnet_backbone, a.progress)

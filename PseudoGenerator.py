@@ -1,0 +1,68 @@
+"""Generate Semi-Inf-Net's pseudo labels: Algorithm 1 of the paper (randomly selected propagation).
+
+    python PseudoGenerator.py --init Snapshots/save_weights/Inf-Net/Inf-Net-100.pth --overwrite
+    python PseudoGenerator.py --init ... --save_path my_pseudo --max_rounds 20     # 20 rounds, then stop
+    python PseudoGenerator.py --init ... --save_path my_pseudo                     # same arguments: resume
+
+Each round draws --k unlabelled slices at random (--seed), labels them with the current model (mask =
+infection map >= 0.5 at the slice's size, edge from the mask), writes them into <save_path>/{Imgs,GT,Edge}
+and fine-tunes the model on the doctor labels plus all pseudo labels so far (--epoch 10, --lr 3e-4,
+--batchsize 16, multi-scale), until every slice is labelled. Round weights go to
+Snapshots/save_weights/<train_save>/round-NNNN/Semi-Inf-Net-<epoch>.pth (only the newest is kept unless
+--keep_rounds). State: <save_path>/pseudo_state.json; an interrupted round is redone from its start.
+
+The default --save_path is the release's Pseudo-label folder, whose GT/ already holds the released pseudo
+labels: they are only replaced with --overwrite. Then train Semi-Inf-Net on the result:
+    python MyTrain_LungInf.py --stage pseudo --train_path <save_path>   &&   python MyTrain_LungInf.py --stage semi
+The algorithm lives in Code/model_lung_infection/pseudo.py.
+"""
+import argparse
+import sys
+
+from Code.model_lung_infection import cli
+from Code.model_lung_infection.cli import add_bool, add_runtime_args
+from Code.model_lung_infection.data import DataError
+from Code.model_lung_infection.pseudo import PseudoConfig, generate
+
+
+def parse_args(argv=None):
+    d = PseudoConfig(init="")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", required=True, help="Inf-Net weights trained on the doctor labels "
+                   "(e.g. Snapshots/save_weights/Inf-Net/Inf-Net-100.pth)")
+    p.add_argument("--unlabeled_path", default=d.unlabeled_path, help="folder of unlabelled CT slices")
+    p.add_argument("--labeled_path", default=d.labeled_path, help="labelled seed set: Imgs/, GT/ (and Edge/)")
+    p.add_argument("--save_path", default=d.save_path,
+                   help="output Imgs/, GT/, Edge/ and pseudo_state.json (its GT/ is only replaced with --overwrite)")
+    p.add_argument("--k", type=int, default=d.k, help="slices labelled per round")
+    p.add_argument("--max_rounds", type=int, default=None, help="stop after this many rounds (re-run to continue)")
+    add_bool(p, "--overwrite", False, "replace labels already in <save_path>/GT, or a state file of other arguments")
+    g = p.add_argument_group("fine-tuning (per round)")
+    g.add_argument("--epoch", type=int, default=d.epoch)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--batchsize", type=int, default=d.batchsize)
+    g.add_argument("--trainsize", type=int, default=d.trainsize)
+    g.add_argument("--testsize", type=int, default=None, help="inference input size (default: --trainsize)")
+    g.add_argument("--backbone", default=None, help="encoder of --init (default: from its saved config, "
+                   "else res2net50_v1b_26w_4s)")
+    g.add_argument("--clip", type=float, default=d.clip, help="gradient clipping by value")
+    add_bool(g, "--multi_scale", True, "train each batch at scales 0.75, 1 and 1.25")
+    add_bool(g, "--release_bce", False, "unweighted BCE, as the released code effectively computed")
+    g.add_argument("--snapshot_root", default=d.snapshot_root)
+    g.add_argument("--train_save", default=d.train_save,
+                   help="round weights: <snapshot_root>/save_weights/<train_save>/round-NNNN/")
+    add_bool(g, "--keep_rounds", False, "keep every round's weights (default: only the newest)")
+    add_bool(p, "--progress", True, "progress bar")
+    add_runtime_args(p)
+    return p.parse_args(argv)
+
+
+def config_from_args(a):
+    return cli.config_from_args(PseudoConfig, a, **({} if a.multi_scale else {"scales": (1.0,)}))
+
+
+if __name__ == "__main__":
+    try:
+        generate(config_from_args(parse_args()))
+    except (FileNotFoundError, FileExistsError, DataError, ValueError) as e:
+        sys.exit(f"error: {e}")

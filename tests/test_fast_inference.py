@@ -1,0 +1,128 @@
+"""Fast inference (fused Conv-BN, channels-last): same outputs as the plain fp32 model."""
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from Code.model_lung_infection import Inf_Net, load_checkpoint, save_release_weights
+from Code.model_lung_infection.fast_inference import count_batchnorms, fuse_conv_bn, prepare_for_inference
+from Code.model_lung_infection.infer import run_test
+from Code.model_lung_infection.layers import ConvBN
+
+ROOT = str(Path(__file__).resolve().parents[1])
+OUTPUTS = ["lateral_map_5", "lateral_map_4", "lateral_map_3", "lateral_map_2", "lateral_edge"]
+
+
+@pytest.fixture(scope="module")
+def golden_model(reference_weights, infnet_spec):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        model = Inf_Net().eval()
+    load_checkpoint(model, reference_weights.build_state_dict(infnet_spec))
+    return model
+
+
+@pytest.fixture(scope="module")
+def golden(reference_dir):
+    return np.load(reference_dir / "infnet_res2net50_golden_352.npz")
+
+
+def test_fused_model_matches_golden_outputs(golden_model, golden, reference_weights):
+    assert count_batchnorms(golden_model) == 157
+    fast = prepare_for_inference(golden_model)  # defaults: fused BN, channels-last
+    assert count_batchnorms(fast) == 0  # every BN folded: 50 in the heads, 107 in the Res2Net encoder
+    assert not fast.training
+    x = reference_weights.reference_input(352, 352).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        outs = fast(x)
+    for name, out in zip(OUTPUTS, outs):
+        assert out.shape == (1, 1, 352, 352)
+        err = np.abs(out.numpy() - golden[name]).max()
+        assert err <= 1e-4, f"{name}: max abs error {err}"
+
+
+def test_original_model_is_untouched(golden_model):
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = golden_model(x)
+    golden_model.train()
+    before = {k: v.clone() for k, v in golden_model.state_dict().items()}
+    prepare_for_inference(golden_model)
+    assert golden_model.training  # still ready to train
+    golden_model.eval()
+    assert count_batchnorms(golden_model) == 157
+    assert all(p.requires_grad for p in golden_model.parameters())
+    after = golden_model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+        assert after[k].is_contiguous(), k  # not turned channels-last
+    with torch.no_grad():
+        for a, b in zip(golden_model(x), expected):
+            assert torch.equal(a, b)
+
+
+def test_inplace_option_modifies_the_model():
+    model = nn.Sequential(ConvBN(3, 4, 3, padding=1), ConvBN(4, 2, 1)).eval()
+    assert prepare_for_inference(model, inplace=True) is model
+    assert count_batchnorms(model) == 0
+
+
+def test_unsafe_pair_falls_back():
+    class SharedOutput(nn.Module):  # the conv's output also feeds the sum: folding the BN would be wrong
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    torch.manual_seed(0)
+    model = SharedOutput().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        with pytest.warns(UserWarning, match="only the ConvBN"):
+            fused = fuse_conv_bn(model)
+        torch.testing.assert_close(fused(x), expected)
+    assert count_batchnorms(fused) == 1
+
+
+def test_test_script_fused_maps_equal_unfused(golden_model, data_root, tmp_path):
+    src = data_root / "TestingSet/LungInfection-Test/Imgs"
+    (tmp_path / "in" / "Imgs").mkdir(parents=True)
+    names = sorted(os.listdir(src))[:2]
+    for n in names:
+        shutil.copy(src / n, tmp_path / "in" / "Imgs" / n)
+    weights = tmp_path / "save_weights" / "Golden" / "Inf-Net-100.pth"
+    save_release_weights(golden_model, weights)
+    size = 160  # the numerics at 352 are checked above; this checks the test stage's plumbing
+    run_test(weights, tmp_path / "in", tmp_path / "plain", size, fuse_bn=False, channels_last=False, progress=False)
+    run_test(weights, tmp_path / "in", tmp_path / "fast", size, progress=False)  # defaults: fused, channels-last
+    for n in names:
+        stem = os.path.splitext(n)[0]
+        a = np.array(Image.open(tmp_path / "plain" / f"{stem}.png")).astype(int)
+        b = np.array(Image.open(tmp_path / "fast" / f"{stem}.png")).astype(int)
+        assert a.shape == b.shape == np.array(Image.open(src / n)).shape[:2]
+        assert np.abs(a - b).max() <= 1, n
+
+
+def test_test_script_options():
+    sys.path.insert(0, ROOT)
+    from MyTest_LungInf import parse_args
+    a = parse_args([])
+    assert (a.fuse_bn, a.compile, a.channels_last) == (True, False, True)
+    a = parse_args(["--fuse_bn", "False", "--compile", "--channels_last", "False"])
+    assert (a.fuse_bn, a.compile, a.channels_last) == (False, True, False)
+    assert parse_args(["--no-fuse_bn"]).fuse_bn is False

@@ -1,0 +1,254 @@
+"""The multi-class pipeline on a few real slices: palette GT reading, training (engine: snapshots,
+checkpoint, resume) and the test stage with a prior folder and with priors from an Inf-Net."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from Code.model_lung_infection.checkpoint import save_release_weights
+from Code.model_lung_infection.data import DataError
+from Code.model_lung_infection.inf_net import Inf_Net
+from Code.model_lung_infection.multiclass import (MultiClassConfig, MultiClassTrainSet, build_model, class_maps,
+                                                  read_class_indices, run_test, train)
+import MyTest_MulClsLungInf_UNet as test_cli
+import MyTrain_MulClsLungInf_UNet as train_cli
+
+TRAIN_STEMS = ["0", "1", "10", "11"]
+TEST_STEMS = ["18", "21"]
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # These runs are tiny: one intra-op thread avoids oversubscribing a small, busy CPU
+    # (on 2 loaded cores it is several times faster than two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def train_root(data_root, tmp_path_factory):
+    """4 real training slices with their GT and Prior."""
+    src = data_root / "TrainingSet" / "MultiClassInfection-Train"
+    root = tmp_path_factory.mktemp("mc-train")
+    for sub, ext in (("Imgs", ".jpg"), ("GT", ".png"), ("Prior", ".png")):
+        (root / sub).mkdir()
+        for stem in TRAIN_STEMS:
+            shutil.copy(src / sub / f"{stem}{ext}", root / sub / f"{stem}{ext}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def test_slices(data_root, tmp_path_factory):
+    """2 real test slices, and prior maps for them (their GT-1 | GT-2 union, as 8-bit gray)."""
+    src = data_root / "TestingSet" / "MultiClassInfection-Test"
+    root = tmp_path_factory.mktemp("mc-test")
+    (root / "Imgs").mkdir()
+    (root / "Prior").mkdir()
+    sizes = {}
+    for stem in TEST_STEMS:
+        shutil.copy(src / "Imgs" / f"{stem}.jpg", root / "Imgs" / f"{stem}.jpg")
+        union = np.array(Image.open(src / "GT-1" / f"{stem}.png")) | np.array(Image.open(src / "GT-2" / f"{stem}.png"))
+        Image.fromarray((union > 0).astype(np.uint8) * 200).save(root / "Prior" / f"{stem}.png")
+        with Image.open(root / "Imgs" / f"{stem}.jpg") as im:
+            sizes[stem] = im.size
+    return root, sizes
+
+
+def small_config(root, run_root, **kw):
+    base = dict(train_path=str(root), snapshot_root=str(run_root), trainsize=SIZE, batchsize=2, epoch=1,
+                save_every=1, progress=False, device="cpu")
+    base.update(kw)
+    return MultiClassConfig(**base)
+
+
+def test_palette_gt_read_as_indices(data_root, tmp_path):
+    gt = data_root / "TrainingSet" / "MultiClassInfection-Train" / "GT" / "0.png"
+    with Image.open(gt) as im:
+        assert im.mode == "P"
+        gray = np.array(im.convert("L"))
+    idx = read_class_indices(gt)
+    assert set(np.unique(idx)) == {0, 1, 2}
+    assert set(np.unique(gray)) != {0, 1, 2}  # the gray values are not the classes
+
+    # Another palette with the same indices reads the same.
+    with Image.open(gt) as im:
+        other = im.copy()
+    other.putpalette([0, 0, 0, 10, 200, 30, 250, 250, 250] + [0] * (256 * 3 - 9))
+    other.save(tmp_path / "other.png")
+    np.testing.assert_array_equal(read_class_indices(tmp_path / "other.png"), idx)
+
+
+@pytest.mark.parametrize("kind", ["rgb", "gray_values", "index_too_big"])
+def test_invalid_gt_names_the_file(data_root, tmp_path, kind):
+    gt = data_root / "TrainingSet" / "MultiClassInfection-Train" / "GT" / "0.png"
+    with Image.open(gt) as im:
+        if kind == "rgb":
+            bad = im.convert("RGB")
+        elif kind == "gray_values":  # what the release's gray conversion produced
+            bad = im.convert("L")
+        else:
+            a = np.array(im)
+            a[0, 0] = 3
+            bad = Image.fromarray(a, "P")
+            bad.putpalette(im.getpalette())
+    path = tmp_path / f"bad_{kind}.png"
+    bad.save(path)
+    with pytest.raises(DataError, match=f"bad_{kind}.png"):
+        read_class_indices(path)
+
+
+def test_dataset_inputs_and_one_hot_targets(train_root):
+    ds = MultiClassTrainSet(train_root, SIZE)
+    x, y = ds[0]
+    assert x.shape == (6, SIZE, SIZE) and y.shape == (3, SIZE, SIZE)
+    assert torch.all(y.sum(0) == 1)
+    assert y[1].sum() > 0 and y[2].sum() > 0  # slice 0 has GGO and consolidation
+    x3, _ = MultiClassTrainSet(train_root, SIZE, prior=False)[0]
+    assert x3.shape == (3, SIZE, SIZE)
+    torch.testing.assert_close(x3, x[:3])
+
+
+def test_invalid_gt_stops_training_set(train_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(train_root, root)
+    with Image.open(root / "GT" / "1.png") as im:
+        im.convert("L").save(root / "GT" / "1.png")
+    with pytest.raises(DataError, match=r"GT[/\\]1\.png"):
+        MultiClassTrainSet(root, SIZE)
+
+
+def batch_loss(model, ds):
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.stack([ds[i][1] for i in range(len(ds))])
+    model.train()
+    with torch.no_grad():
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(model(x), y))
+
+
+@pytest.fixture(scope="module")
+def pair_root(train_root, tmp_path_factory):
+    """2 of the training slices: one batch of 2 per epoch."""
+    root = tmp_path_factory.mktemp("mc-pair")
+    for sub in ("Imgs", "GT", "Prior"):
+        (root / sub).mkdir()
+        for path in sorted((train_root / sub).iterdir())[:2]:
+            shutil.copy(path, root / sub / path.name)
+    return root
+
+
+def test_train_lowers_loss_and_writes_snapshot(pair_root, tmp_path):
+    cfg = small_config(pair_root, tmp_path, epoch=2)  # 2 epochs x 1 step
+    ds = MultiClassTrainSet(pair_root, SIZE)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    before = batch_loss(model, ds)
+    model = train(cfg, model)
+    assert batch_loss(model, ds) < before
+    run = tmp_path / "save_weights" / "Semi-Inf-Net_UNet"
+    assert (run / "Semi-Inf-Net_UNet-1.pth").is_file() and (run / "Semi-Inf-Net_UNet-2.pth").is_file()
+    state = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["trainsize"] == SIZE
+    with pytest.raises(FileExistsError):
+        train(cfg)
+
+
+def test_resume_continues_exactly(pair_root, tmp_path):
+    # 2 epochs in one go == 1 epoch, then resumed for the 2nd.
+    full = train(small_config(pair_root, tmp_path / "a", epoch=2, train_save="run"))
+    train(small_config(pair_root, tmp_path / "b", epoch=1, train_save="run"))
+    resumed = train(small_config(pair_root, tmp_path / "b", epoch=2, train_save="run", resume=True))
+    state = torch.load(tmp_path / "b" / "save_weights" / "run" / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 2
+    assert (tmp_path / "b" / "save_weights" / "run" / "Semi-Inf-Net_UNet-2.pth").is_file()
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_fcn8s_image_only_paper_recipe_trains_and_tests(pair_root, test_slices, tmp_path):
+    # The "FCNs" baseline: slice only (3 channels), paper recipe (Xavier, SGD 1e-10 ...) at size 64.
+    cfg = small_config(pair_root, tmp_path, arch="fcn8s", prior=False, recipe="paper", fc_width=32)
+    assert (cfg.init, cfg.lr, cfg.momentum, cfg.weight_decay) == ("xavier", 1e-10, 0.99, 5e-4)
+    model = train(cfg)
+    assert model.n_channels == 3
+    snapshot = tmp_path / "save_weights" / "FCN8s" / "FCN8s-1.pth"
+    assert snapshot.is_file()
+    root, sizes = test_slices
+    # No prior is needed for an image-only model, so the missing prior folder does not matter.
+    run_test(snapshot, root, prior_path=tmp_path / "no-such-folder", save_root=tmp_path / "out", testsize=SIZE,
+             device="cpu", progress=False)
+    check_outputs(tmp_path / "out", "FCN8s", sizes)
+
+
+def test_recipes_and_cli():
+    paper = train_cli.config_from_args(train_cli.parse_args(["--recipe", "paper", "--arch", "fcn8s", "--no-prior"]))
+    assert (paper.trainsize, paper.lr, paper.momentum, paper.weight_decay, paper.init) == (512, 1e-10, 0.99, 5e-4, "xavier")
+    assert paper.train_save == "FCN8s" and not paper.prior
+    release = train_cli.config_from_args(train_cli.parse_args(["--lr", "0.05"]))
+    assert (release.trainsize, release.lr, release.momentum, release.weight_decay) == (352, 0.05, 0.7, 0.0)
+    assert (release.batchsize, release.epoch, release.save_every) == (16, 200, 10)
+    assert release.train_save == "Semi-Inf-Net_UNet"
+    a = test_cli.parse_args([])
+    assert a.prior_path.replace("\\", "/") == "Results/Lung infection segmentation/Semi-Inf-Net"
+    assert a.save_path.replace("\\", "/") == "Results/Multi-class lung infection segmentation"
+
+
+def test_class_maps_are_disjoint_and_graded():
+    rng = np.random.default_rng(0)
+    prob = rng.random((3, 20, 30)).astype(np.float32)
+    labels, maps = class_maps(prob)
+    assert not np.any((maps[1] > 0) & (maps[2] > 0))
+    np.testing.assert_array_equal(maps[1] > 0, labels == 1)
+    np.testing.assert_array_equal(maps[2] > 0, labels == 2)
+    assert len(np.unique(maps[1])) > 10  # graded, not a 0/255 mask
+
+
+@pytest.fixture(scope="module")
+def unet_pth(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mc-weights") / "save_weights" / "MC" / "MC-1.pth"
+    save_release_weights(build_model(MultiClassConfig(trainsize=SIZE)), path)
+    return path
+
+
+def check_outputs(save_root, model, sizes):
+    for stem, size in sizes.items():
+        ggo = Image.open(save_root / "Ground-glass opacities" / model / f"{stem}.png")
+        con = Image.open(save_root / "Consolidation" / model / f"{stem}.png")
+        ovl = Image.open(save_root / "Overlay" / model / f"{stem}.png")
+        assert ggo.size == con.size == ovl.size == size
+        assert ggo.mode == con.mode == "L" and ovl.mode == "RGB"
+        g, c = np.array(ggo), np.array(con)
+        assert not np.any((g > 0) & (c > 0))
+
+
+def test_test_stage_with_prior_folder(test_slices, unet_pth, tmp_path):
+    root, sizes = test_slices
+    written = run_test(unet_pth, root, prior_path=root / "Prior", save_root=tmp_path, testsize=SIZE,
+                       device="cpu", progress=False)
+    assert sorted(p.name for p in written["GGO"]) == sorted(f"{s}.png" for s in TEST_STEMS)
+    check_outputs(tmp_path, "MC", sizes)
+
+    # A slice without a prior: an error naming it.
+    (root / "Prior" / "21.png").rename(tmp_path / "21.png")
+    try:
+        with pytest.raises(DataError, match=r"21\.jpg: no infection map"):
+            run_test(unet_pth, root, prior_path=root / "Prior", save_root=tmp_path / "x", testsize=SIZE,
+                     device="cpu", progress=False)
+    finally:
+        (tmp_path / "21.png").rename(root / "Prior" / "21.png")
+
+
+def test_test_stage_with_infnet_priors_on_the_fly(test_slices, unet_pth, tmp_path):
+    root, sizes = test_slices
+    torch.manual_seed(0)
+    infnet = tmp_path / "Inf-Net-random.pth"
+    save_release_weights(Inf_Net(), infnet)
+    run_test(unet_pth, root / "Imgs", prior_path=tmp_path / "no-such-folder", infnet_pth=infnet,
+             save_root=tmp_path / "out", testsize=SIZE, model_name="Semi-Inf-Net_UNet", infnet_testsize=SIZE,
+             device="cpu", progress=False)
+    check_outputs(tmp_path / "out", "Semi-Inf-Net_UNet", sizes)

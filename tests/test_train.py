@@ -1,0 +1,214 @@
+"""Training and testing stages: losses, data rules, training, resume, DDP, the test script."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from Code.model_lung_infection import Inf_Net, save_release_weights
+from Code.model_lung_infection.data import DataError, InfectionTrainSet, edge_from_mask, read_rgb
+from Code.model_lung_infection.infer import run_test
+from Code.model_lung_infection.losses import boundary_weight, inf_net_loss, structure_loss
+from Code.model_lung_infection.train import TrainConfig, scaled_size, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = "timm:resnet18"  # a light encoder with the same four taps, to keep the suite fast
+
+
+# ---------------------------------------------------------------- losses
+
+def test_structure_loss_on_empty_mask_by_hand():
+    logits, mask = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
+    # w = 1 everywhere; BCE(0, 0) = log 2; IoU: inter 0, union = 64 * 0.5 = 32.
+    expected = math.log(2) + 1 - 1 / 33
+    assert structure_loss(logits, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_weighted_bce_is_per_pixel_and_release_flag_is_plain_mean():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, 1, 2] = 1
+    logits = torch.linspace(-2, 2, 16).view(1, 1, 4, 4)
+    # By hand: avgpool31 with zero padding over a 4x4 map is sum/961 everywhere.
+    m, z = mask.numpy()[0, 0], logits.numpy()[0, 0]
+    w = 1 + 5 * np.abs(m.sum() / 961 - m)
+    bce = np.maximum(z, 0) - z * m + np.log1p(np.exp(-np.abs(z)))
+    p = 1 / (1 + np.exp(-z))
+    inter, union = (p * m * w).sum(), ((p + m) * w).sum()
+    iou = 1 - (inter + 1) / (union - inter + 1)
+    torch.testing.assert_close(boundary_weight(mask)[0, 0], torch.from_numpy(w).float())
+    assert structure_loss(logits, mask).item() == pytest.approx((w * bce).sum() / w.sum() + iou, rel=1e-5)
+    assert structure_loss(logits, mask, release_bce=True).item() == pytest.approx(bce.mean() + iou, rel=1e-5)
+
+
+def test_deep_supervision_sums_four_seg_terms_and_edge():
+    gt = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    outs = [torch.randn(2, 1, 32, 32) for _ in range(5)]
+    total, terms = inf_net_loss(outs, gt, gt)
+    assert set(terms) == {"global", "ra5", "ra4", "ra3", "edge"}
+    assert total.item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-6)
+
+
+def test_multi_scale_sizes_are_multiples_of_32():
+    assert [scaled_size(352, r) for r in (0.75, 1, 1.25)] == [256, 352, 448]
+
+
+# ---------------------------------------------------------------- data
+
+def _copy_slices(data_root, dst, n=4, edge=True):
+    src = data_root / "TrainingSet/LungInfection-Train/Doctor-label"
+    stems = sorted(p.stem for p in (src / "Imgs").iterdir())[:n]
+    for sub in ["Imgs", "GT"] + (["Edge"] if edge else []):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+        for s in stems:
+            f = next((src / sub).glob(s + ".*"))
+            shutil.copy(f, dst / sub / f.name)
+    return stems
+
+
+def test_pairs_by_stem_not_position(data_root, tmp_path):
+    stems = _copy_slices(data_root, tmp_path, 3)
+    # Rename the GT files so that sorted positions differ from stems: pairing must follow stems.
+    ds = InfectionTrainSet(tmp_path, trainsize=64)
+    assert [s[0] for s in ds.samples] == sorted(stems, key=int)
+    for stem, img, gt, edge in ds.samples:
+        assert img.stem == gt.stem == edge.stem == stem
+
+
+@pytest.mark.parametrize("problem", ["missing_gt", "extra_gt", "unreadable", "empty", "duplicate"])
+def test_bad_input_names_the_file(data_root, tmp_path, problem):
+    stems = _copy_slices(data_root, tmp_path, 3)
+    if problem == "missing_gt":
+        (tmp_path / "GT" / f"{stems[0]}.png").unlink()
+        match = f"{stems[0]}.jpg"
+    elif problem == "extra_gt":
+        Image.new("L", (8, 8)).save(tmp_path / "GT" / "orphan.png")
+        match = "orphan.png"
+    elif problem == "unreadable":
+        (tmp_path / "GT" / f"{stems[1]}.png").write_bytes(b"garbage")
+        match = f"{stems[1]}.png"
+    elif problem == "empty":
+        for f in (tmp_path / "Imgs").iterdir():
+            f.unlink()
+        match = "Imgs"
+    else:
+        Image.new("L", (8, 8)).save(tmp_path / "Imgs" / f"{stems[0]}.png")
+        match = stems[0]
+    with pytest.raises(DataError, match=match):
+        ds = InfectionTrainSet(tmp_path, trainsize=64)
+        [ds[i] for i in range(len(ds))]
+
+
+def test_any_image_mode_loads(tmp_path):
+    a16 = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 7)
+    Image.fromarray(a16).save(tmp_path / "s16.png")
+    Image.fromarray((a16 // 256).astype(np.uint8)).convert("RGB").save(tmp_path / "rgb.png")
+    Image.fromarray((a16 // 256).astype(np.uint8)).save(tmp_path / "gray.jpg")
+    for name in ["s16.png", "rgb.png", "gray.jpg"]:
+        rgb = read_rgb(tmp_path / name)
+        assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+    s16 = read_rgb(tmp_path / "s16.png")
+    assert s16.min() == 0 and s16.max() == 255  # 16-bit is min-max scaled, not clipped or truncated
+    assert abs(int(read_rgb(tmp_path / "rgb.png").max()) - int(a16.max()) // 256) <= 1
+
+
+def test_edges_derived_when_edge_folder_missing(data_root, tmp_path):
+    _copy_slices(data_root, tmp_path, 2, edge=False)
+    ds = InfectionTrainSet(tmp_path, trainsize=64)
+    _, gt, edge = ds.load(0)
+    assert edge.shape == (64, 64) and edge.max() > 0
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 200
+    e = edge_from_mask(mask)
+    assert e[16, 16] == 0 and e[8:24, 8:24].max() == 255 and e[:4].max() == 0
+
+
+# ---------------------------------------------------------------- training
+
+def _cfg(root, tmp_path, **kw):
+    base = dict(train_path=[str(root)], snapshot_root=str(tmp_path / "snap"), train_save="t", backbone=SMALL,
+                epoch=2, batchsize=2, trainsize=64, save_every=1, progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_lowers_the_loss_and_writes_snapshots(data_root, tmp_path):
+    _copy_slices(data_root, tmp_path / "d", 4)
+    cfg = _cfg(tmp_path / "d", tmp_path, epoch=6, lr=1e-3, backbone="res2net50_v1b_26w_4s")
+    data = InfectionTrainSet(cfg.train_path, 64)
+    batch = [torch.stack(t) for t in zip(*[data[i] for i in range(4)])]
+
+    def loss_of(model):
+        model.eval()
+        with torch.no_grad():
+            return inf_net_loss(model(batch[0]), batch[1], batch[2])[0].item()
+
+    torch.manual_seed(cfg.seed)
+    before = loss_of(Inf_Net())
+    after = loss_of(train(cfg))
+    assert after < before
+    run = tmp_path / "snap/save_weights/t"
+    assert (run / "Inf-Net-6.pth").exists() and (run / "checkpoint.pth").exists()
+    sd = torch.load(run / "Inf-Net-6.pth", weights_only=True)
+    assert "resnet.conv1.0.weight" in sd  # release format: a bare state dict
+
+
+def test_resume_equals_uninterrupted(data_root, tmp_path):
+    _copy_slices(data_root, tmp_path / "d", 4)
+    full = train(_cfg(tmp_path / "d", tmp_path, train_save="full", epoch=2))
+    train(_cfg(tmp_path / "d", tmp_path, train_save="split", epoch=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_cfg(tmp_path / "d", tmp_path, train_save="split", epoch=2))  # never overwrite silently
+    resumed = train(_cfg(tmp_path / "d", tmp_path, train_save="split", epoch=2, resume=True))
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_ddp_two_cpu_processes_end_identical(data_root, tmp_path):
+    _copy_slices(data_root, tmp_path / "d", 4)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           os.path.join(ROOT, "tests", "ddp_worker.py"), str(tmp_path / "d"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pth", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pth", weights_only=True)
+    init = Inf_Net(backbone=SMALL).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_boolean_options_parse_as_booleans():
+    sys.path.insert(0, ROOT)
+    from MyTrain_LungInf import config_from_args, parse_args
+    assert parse_args(["--release_bce", "False"]).release_bce is False
+    assert parse_args(["--release_bce"]).release_bce is True
+    assert parse_args(["--no-multi_scale"]).multi_scale is False
+    assert config_from_args(parse_args(["--multi_scale", "False"])).scales == (1.0,)
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "maybe"])
+
+
+# ---------------------------------------------------------------- testing stage
+
+def test_test_stage_names_and_sizes(data_root, tmp_path):
+    src = data_root / "TestingSet/LungInfection-Test/Imgs"
+    (tmp_path / "in" / "Imgs").mkdir(parents=True)
+    names = sorted(os.listdir(src))[:2]
+    for n in names:
+        shutil.copy(src / n, tmp_path / "in" / "Imgs" / n)
+    weights = tmp_path / "save_weights" / "MyNet" / "Inf-Net-1.pth"
+    save_release_weights(Inf_Net().eval(), weights)
+    out = tmp_path / "out"
+    run_test(weights, tmp_path / "in", out, testsize=64, progress=False)
+    for n in names:
+        pred = Image.open(out / (os.path.splitext(n)[0] + ".png"))
+        assert pred.mode == "L"
+        assert pred.size == Image.open(src / n).size
+        a = np.array(pred)
+        assert a.min() == 0 and a.max() == 255  # min-max normalised as released
