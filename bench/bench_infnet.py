@@ -149,11 +149,11 @@ def bench_training(args):
         if cl:
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(model.parameters(), 1e-4)
-        for scales, label in (((1.0,), "352 only"), (SCALES, "multi-scale")):
+        for scales, label in (((1.0,), f"{s} only"), (SCALES, "multi-scale")):
             variants[(name, label)] = (lambda m=model, o=opt, sc=scales, a=amp, c=cl:
                                        train_step(m, o, images, gts, edges, sc, a, c))
     best = interleaved(variants, args.train_repeats)
-    ref_wall, ref_cpu = best[("fp32", "multi-scale")] if ("fp32", "multi-scale") in best else next(iter(best.values()))
+    _, ref_cpu = best[("fp32", "multi-scale")] if ("fp32", "multi-scale") in best else next(iter(best.values()))
     print(f"(b) training, batch {b}, seconds per image (min of {args.train_repeats}; one step / batch size); "
           "the CPU-time ratio to fp32 multi-scale applied to the release's 0.36 s on an idle 2-core machine:")
     print(f"  {'':<38s} {'wall':>8s} {'CPU':>8s} {'speedup':>8s} {'0.36/x':>8s}")

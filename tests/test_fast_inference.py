@@ -12,8 +12,9 @@ import torch.nn as nn
 from PIL import Image
 
 from Code.model_lung_infection import Inf_Net, load_checkpoint, save_release_weights
-from Code.model_lung_infection.fast_inference import count_batchnorms, fuse_conv_bn, prepare_for_inference
-from Code.model_lung_infection.infer import run_test
+from Code.model_lung_infection.fast_inference import (count_batchnorms, cpu_has_native_bf16, fuse_conv_bn,
+                                                       prepare_for_inference)
+from Code.model_lung_infection.infer import default_amp, run_test
 from Code.model_lung_infection.layers import ConvBN
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -108,8 +109,9 @@ def test_test_script_fused_maps_equal_unfused(golden_model, data_root, tmp_path)
     weights = tmp_path / "save_weights" / "Golden" / "Inf-Net-100.pth"
     save_release_weights(golden_model, weights)
     size = 160  # the numerics at 352 are checked above; this checks the test stage's plumbing
-    run_test(weights, tmp_path / "in", tmp_path / "plain", size, fuse_bn=False, channels_last=False, progress=False)
-    run_test(weights, tmp_path / "in", tmp_path / "fast", size, progress=False)  # defaults: fused, channels-last
+    run_test(weights, tmp_path / "in", tmp_path / "plain", size, amp=False, fuse_bn=False, channels_last=False,
+             progress=False)
+    run_test(weights, tmp_path / "in", tmp_path / "fast", size, amp=False, progress=False)  # fused, channels-last
     for n in names:
         stem = os.path.splitext(n)[0]
         a = np.array(Image.open(tmp_path / "plain" / f"{stem}.png")).astype(int)
@@ -122,7 +124,13 @@ def test_test_script_options():
     sys.path.insert(0, ROOT)
     from MyTest_LungInf import parse_args
     a = parse_args([])
-    assert (a.fuse_bn, a.compile, a.channels_last) == (True, False, True)
+    assert (a.fuse_bn, a.compile, a.channels_last, a.amp) == (True, False, True, None)  # amp None: default_amp
     a = parse_args(["--fuse_bn", "False", "--compile", "--channels_last", "False"])
     assert (a.fuse_bn, a.compile, a.channels_last) == (False, True, False)
     assert parse_args(["--no-fuse_bn"]).fuse_bn is False
+    assert parse_args(["--amp", "False"]).amp is False
+
+
+def test_default_precision():
+    assert default_amp("cpu") == cpu_has_native_bf16()
+    assert default_amp("cuda") is False

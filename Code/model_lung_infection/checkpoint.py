@@ -4,27 +4,15 @@ Release format: a bare `state_dict()` (what `Inf-Net-100.pth` holds). Our traini
 checkpoints are dicts with the weights under "model" plus optimizer, epoch and RNG states.
 """
 import os
-import tempfile
 
 import torch
 
+from .atomic import atomic_write
+
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save, atomically: a crash never leaves half a checkpoint."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def unwrap(model):

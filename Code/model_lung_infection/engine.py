@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import atomic_save, load_checkpoint, save_release_weights, unwrap
-from .runtime import Distributed, autocast, pick_device, rng_state, seed_everything, set_rng_state
+from .runtime import Distributed, autocast, pick_device, rng_state, set_rng_state
 
 
 @dataclass

@@ -12,12 +12,17 @@ import torch.nn.functional as F
 
 
 def boundary_weight(mask):
-    return 1 + 5 * torch.abs(F.avg_pool2d(mask, kernel_size=31, stride=1, padding=15) - mask)
+    """1 + 5 |avgpool31(G) - G|. The 31x31 zero-padded mean is separable: two 1-D passes are ~5x faster."""
+    local_mean = F.avg_pool2d(F.avg_pool2d(mask, (31, 1), stride=1, padding=(15, 0)), (1, 31), stride=1, padding=(0, 15))
+    return 1 + 5 * torch.abs(local_mean - mask)
 
 
-def structure_loss(logits, mask, release_bce=False):
-    """Weighted IoU + weighted BCE, averaged over the batch. logits and mask: (N, 1, H, W)."""
-    w = boundary_weight(mask)
+def structure_loss(logits, mask, release_bce=False, weight=None):
+    """Weighted IoU + weighted BCE, averaged over the batch. logits and mask: (N, 1, H, W).
+
+    weight: boundary_weight(mask), if already computed (the four deep-supervised terms share it).
+    """
+    w = boundary_weight(mask) if weight is None else weight
     if release_bce:
         bce = F.binary_cross_entropy_with_logits(logits, mask)  # plain mean: the release's effective loss
     else:
@@ -39,11 +44,12 @@ def inf_net_loss(outputs, gt, edge, release_bce=False):
     outputs: the model's (S_g, S_5, S_4, S_3, S_e) logits.
     """
     s_g, s_5, s_4, s_3, s_e = outputs
+    w = boundary_weight(gt)
     terms = {
-        "global": structure_loss(s_g, gt, release_bce),
-        "ra5": structure_loss(s_5, gt, release_bce),
-        "ra4": structure_loss(s_4, gt, release_bce),
-        "ra3": structure_loss(s_3, gt, release_bce),
+        "global": structure_loss(s_g, gt, release_bce, w),
+        "ra5": structure_loss(s_5, gt, release_bce, w),
+        "ra4": structure_loss(s_4, gt, release_bce, w),
+        "ra3": structure_loss(s_3, gt, release_bce, w),
         "edge": edge_loss(s_e, edge),
     }
     return sum(terms.values()), terms

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .checkpoint import extract_state_dict
 from .data import (IMAGE_EXTENSIONS, DataError, InfectionTrainSet, _natural_key, edge_from_mask, list_images,
                    normalize_image, read_rgb, resize)
@@ -84,33 +84,11 @@ class PseudoConfig:
 # ---------------------------------------------------------------------------------------------
 
 def _atomic_write_text(text, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _atomic_copy(src, dst):
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-", suffix=dst.suffix)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _same_file(a, b):
