@@ -39,16 +39,8 @@ def write_binary_reports(results, dataset, save_dir):
     rows = [[m] + [f"{s[k]:.3f}" for _, k in TABLE_COLUMNS]
             + [f"{s['meanPrec']:.3f}", f"{s['maxDic']:.3f}", f"{s['maxEm']:.3f}"]
             for m, s in results.items()]
-    md = save_dir / f"{safe_name(dataset)}_result.md"
-    md.write_text(f"# {dataset}\n\n" + _md_table(header, rows))
-
-    csv_path = save_dir / f"{safe_name(dataset)}_result.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("dataset", "model", "n_images") + SUMMARY_KEYS)
-        for m, s in results.items():
-            writer.writerow([dataset, m, s["n_images"]] + [repr(float(s[k])) for k in SUMMARY_KEYS])
-    return [txt, md, csv_path]
+    csv_rows = [[dataset, m, s["n_images"]] + [repr(float(s[k])) for k in SUMMARY_KEYS] for m, s in results.items()]
+    return [txt, *_write_table_and_csv(save_dir, dataset, header, rows, ("dataset", "model", "n_images"), csv_rows)]
 
 
 def write_multiclass_reports(results, dataset, classes, save_dir):
@@ -66,14 +58,18 @@ def write_multiclass_reports(results, dataset, classes, save_dir):
     header = ["Model"] + [f"{SHORT.get(g, g)} {c}" for g in groups for c, _ in TABLE_COLUMNS]
     rows = [[m] + [f"{per_class[g][k]:.3f}" for g in groups for _, k in TABLE_COLUMNS]
             for m, per_class in results.items()]
+    csv_rows = [[dataset, m, g] + [repr(float(per_class[g][k])) for k in SUMMARY_KEYS]
+                for m, per_class in results.items() for g in groups]
+    return paths + _write_table_and_csv(save_dir, dataset, header, rows, ("dataset", "model", "class"), csv_rows)
+
+
+def _write_table_and_csv(save_dir, dataset, header, rows, csv_key_columns, csv_rows):
+    """`<dataset>_result.md` (rounded table) and `<dataset>_result.csv` (all scalars, full precision)."""
     md = save_dir / f"{safe_name(dataset)}_result.md"
     md.write_text(f"# {dataset}\n\n" + _md_table(header, rows))
-
     csv_path = save_dir / f"{safe_name(dataset)}_result.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(("dataset", "model", "class") + SUMMARY_KEYS)
-        for m, per_class in results.items():
-            for g in groups:
-                writer.writerow([dataset, m, g] + [repr(float(per_class[g][k])) for k in SUMMARY_KEYS])
-    return paths + [md, csv_path]
+        writer.writerow(tuple(csv_key_columns) + tuple(SUMMARY_KEYS))
+        writer.writerows(csv_rows)
+    return [md, csv_path]

@@ -48,3 +48,19 @@ def _quiet_random_init_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         yield
+
+
+@pytest.fixture
+def test_slices(data_root, tmp_path):
+    """copy(n) -> (folder holding Imgs/ with the first n LungInfection-Test slices, their names)."""
+    import shutil
+
+    def copy(n=2):
+        src = data_root / "TestingSet/LungInfection-Test/Imgs"
+        dst = tmp_path / "in"
+        (dst / "Imgs").mkdir(parents=True, exist_ok=True)
+        names = sorted(os.listdir(src))[:n]
+        for name in names:
+            shutil.copy(src / name, dst / "Imgs" / name)
+        return dst, names
+    return copy

@@ -1,6 +1,5 @@
 """Fast inference (fused Conv-BN, channels-last): same outputs as the plain fp32 model."""
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -100,12 +99,9 @@ def test_unsafe_pair_falls_back():
     assert count_batchnorms(fused) == 1
 
 
-def test_test_script_fused_maps_equal_unfused(golden_model, data_root, tmp_path):
+def test_test_script_fused_maps_equal_unfused(golden_model, data_root, tmp_path, test_slices):
+    _, names = test_slices(2)
     src = data_root / "TestingSet/LungInfection-Test/Imgs"
-    (tmp_path / "in" / "Imgs").mkdir(parents=True)
-    names = sorted(os.listdir(src))[:2]
-    for n in names:
-        shutil.copy(src / n, tmp_path / "in" / "Imgs" / n)
     weights = tmp_path / "save_weights" / "Golden" / "Inf-Net-100.pth"
     save_release_weights(golden_model, weights)
     size = 160  # the numerics at 352 are checked above; this checks the test stage's plumbing

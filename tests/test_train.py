@@ -196,12 +196,9 @@ def test_boolean_options_parse_as_booleans():
 
 # ---------------------------------------------------------------- testing stage
 
-def test_test_stage_names_and_sizes(data_root, tmp_path):
+def test_test_stage_names_and_sizes(data_root, tmp_path, test_slices):
+    _, names = test_slices(2)
     src = data_root / "TestingSet/LungInfection-Test/Imgs"
-    (tmp_path / "in" / "Imgs").mkdir(parents=True)
-    names = sorted(os.listdir(src))[:2]
-    for n in names:
-        shutil.copy(src / n, tmp_path / "in" / "Imgs" / n)
     weights = tmp_path / "save_weights" / "MyNet" / "Inf-Net-1.pth"
     save_release_weights(Inf_Net().eval(), weights)
     out = tmp_path / "out"
