@@ -9,8 +9,8 @@ its feature taps. Nothing is downloaded: ImageNet weights come from a local file
 import warnings
 
 import timm
-import torch
 
+from .checkpoint import extract_state_dict
 from .registry import ENCODERS
 
 STRIDES = (4, 8, 16, 32)
@@ -72,11 +72,7 @@ def feature_taps(model):
 
 def load_pretrained(model, path):
     """Load ImageNet weights (e.g. the official `res2net50_v1b_26w_4s-3cf99910.pth`) from disk."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read ImageNet weights ({e})") from e
-    state = state.get("state_dict", state)
+    state = extract_state_dict(path)[0]  # reads the file, naming it in any error
     own = model.state_dict()
     # The classifier is irrelevant to segmentation; keep ours where the file's differs.
     state = {k: v for k, v in state.items() if not (k.startswith("fc.") and (k not in own or own[k].shape != v.shape))}

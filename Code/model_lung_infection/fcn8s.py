@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.vgg import cfgs, make_layers
 
+from .checkpoint import extract_state_dict
 from .registry import MODELS
 
 # Indices in `features` of the max-pools whose outputs are tapped (pool3, pool4, pool5).
@@ -103,11 +104,7 @@ def load_vgg16_imagenet(model, path):
 
     The first conv is skipped, with a warning, when the model does not take 3 channels.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read ImageNet VGG-16 weights ({e})") from e
-    state = state.get("state_dict", state)
+    state = extract_state_dict(path)[0]  # reads the file, naming it in any error
     own = model.state_dict()
 
     wanted = {k: v for k, v in state.items() if k.startswith("features.")}
