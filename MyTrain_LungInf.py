@@ -58,6 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--decay_epoch", type=int, default=d.decay_epoch, help="lr *= decay_rate every decay_epoch epochs")
     add_bool(p, "--multi_scale", True, "train each batch at scales 0.75, 1 and 1.25")
     add_bool(p, "--release_bce", False, "unweighted BCE, as the released code effectively computed")
+    g = p.add_argument_group("Inf-Net components (Table IV ablations; --no-<name> switches one off, "
+                             "see Code/model_lung_infection/inf_net.py)")
+    add_bool(g, "--edge_attention", True, "edge-attention branch and its edge loss")
+    add_bool(g, "--partial_decoder", True, "RFBs + parallel partial decoder for the global map")
+    add_bool(g, "--reverse_attention", True, "the three cascaded reverse-attention branches")
     add_run_args(p, d)
     a = p.parse_args(argv)
     switched = [STAGE_SWITCHES[k] for k in STAGE_SWITCHES if getattr(a, k)]

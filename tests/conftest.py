@@ -64,3 +64,29 @@ def test_slices(data_root, tmp_path):
             shutil.copy(src / name, dst / "Imgs" / name)
         return dst, names
     return copy
+
+
+@pytest.fixture
+def mini_dataset(data_root, tmp_path):
+    """make(n_train, n_test) -> a Dataset/-like root holding the first slices of every COVID-SemiSeg folder."""
+    import shutil
+
+    def take(folder, n):
+        stems = sorted({Path(f).stem for f in os.listdir(data_root / folder / "Imgs")})[:n]
+        for sub in sorted(os.listdir(data_root / folder)):
+            src, dst = data_root / folder / sub, tmp_path / "data" / folder / sub
+            if not src.is_dir():
+                continue
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in os.listdir(src):
+                if Path(f).stem in stems:
+                    shutil.copy(src / f, dst / f)
+
+    def make(n_train=3, n_test=2):
+        for folder in ("TrainingSet/LungInfection-Train/Doctor-label", "TrainingSet/LungInfection-Train/Pseudo-label",
+                       "TrainingSet/MultiClassInfection-Train"):
+            take(folder, n_train)
+        for folder in ("TestingSet/LungInfection-Test", "TestingSet/MultiClassInfection-Test"):
+            take(folder, n_test)
+        return tmp_path / "data"
+    return make

@@ -209,3 +209,43 @@ def test_test_stage_names_and_sizes(data_root, tmp_path, test_slices):
         assert pred.size == Image.open(src / n).size
         a = np.array(pred)
         assert a.min() == 0 and a.max() == 255  # min-max normalised as released
+
+
+# ---------------------------------------------------------------- CPU budgets and ablations
+
+def test_epoch_samples_continue_through_shuffles_and_shard():
+    from Code.model_lung_infection.engine import EpochSliceSampler
+    s = EpochSliceSampler(7, 3, seed=5)
+    seen = []
+    for epoch in (1, 2, 3, 4, 5):
+        s.set_epoch(epoch)
+        seen += list(s)
+        assert len(list(s)) == len(s) == 3
+    assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:14]) == list(range(7))  # no repeat within a sweep
+    again = EpochSliceSampler(7, 3, seed=5)
+    again.set_epoch(4)
+    assert list(again) == seen[9:12]  # depends only on (seed, epoch): a resumed run continues the order
+    ranks = [EpochSliceSampler(7, 4, world_size=2, rank=r, seed=5) for r in (0, 1)]
+    assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(seen[:4])
+
+
+def test_budget_and_component_options_reach_the_config():
+    sys.path.insert(0, ROOT)
+    from MyTrain_LungInf import config_from_args, parse_args
+    args = ["--epoch_samples", "200", "--no-edge_attention", "--reverse_attention", "False"]
+    cfg = config_from_args(parse_args(args))
+    assert cfg.epoch_samples == 200
+    assert (cfg.edge_attention, cfg.partial_decoder, cfg.reverse_attention) == (False, True, False)
+
+
+@pytest.mark.parametrize("off", ["edge_attention", "partial_decoder", "reverse_attention"])
+def test_ablated_release_snapshot_loads_for_testing(tmp_path, off):
+    from Code.model_lung_infection.infer import final_logits, load_inf_net
+    torch.manual_seed(0)
+    model = Inf_Net(backbone=SMALL, **{off: False}).eval()
+    save_release_weights(model, tmp_path / "w.pth")  # a bare state dict: no config to say what it is
+    loaded = load_inf_net(tmp_path / "w.pth", backbone=SMALL)
+    assert getattr(loaded, off) is False
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(final_logits(loaded(x)), final_logits(model(x)))

@@ -40,6 +40,9 @@ def add_run_args(parser, defaults):
     add_bool(parser, "--resume", False, "continue the run from Snapshots/save_weights/<train_save>/checkpoint.pth")
     add_bool(parser, "--overwrite", False, "start again even if the run folder has a checkpoint")
     add_bool(parser, "--progress", True, "progress bar")
+    parser.add_argument("--epoch_samples", type=int, default=defaults.epoch_samples,
+                        help="CPU budget: each epoch trains on this many slices (successive epochs continue "
+                             "through a seeded shuffle of the set) instead of all of them")
     parser.add_argument("--max_steps", type=int, default=None, help=argparse.SUPPRESS)
     add_runtime_args(parser)
 

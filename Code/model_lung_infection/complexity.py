@@ -27,7 +27,8 @@ def count_complexity(model, size=352, in_channels=3):
     return {"params": params, "params_no_classifier": params - classifier, "flops": flops, "macs": flops // 2}
 
 
-def _si(n):
+def si_units(n):
+    """1234567 -> "1.235M" (the paper's Params / FLOPs style)."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3f}{unit}"
@@ -37,10 +38,10 @@ def _si(n):
 def report(name, c, size):
     return "\n".join([
         f"{name} at {size}x{size}:",
-        f"  params                  {_si(c['params'])}  (all weights, as thop counts them)",
-        f"  params w/o classifier   {_si(c['params_no_classifier'])}  (without the unused resnet.fc)",
-        f"  MACs                    {_si(c['macs'])}  (what the paper's 'FLOPs' column counts, via thop)",
-        f"  FLOPs                   {_si(c['flops'])}  (2 x MACs)",
+        f"  params                  {si_units(c['params'])}  (all weights, as thop counts them)",
+        f"  params w/o classifier   {si_units(c['params_no_classifier'])}  (without the unused resnet.fc)",
+        f"  MACs                    {si_units(c['macs'])}  (what the paper's 'FLOPs' column counts, via thop)",
+        f"  FLOPs                   {si_units(c['flops'])}  (2 x MACs)",
         "  Counted by torch.utils.flop_counter: convolutions and matrix products only; thop adds",
         "  BN, pooling and interpolation, so the paper's MACs are slightly higher. The classifier",
         "  never runs, so MACs/FLOPs are the same with or without it.",

@@ -40,6 +40,7 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False
     max_steps: Optional[int] = None       # stop after this many batches (smoke tests, benchmarks)
+    epoch_samples: Optional[int] = None   # CPU budgets: each epoch sees this many samples, not the whole set
     progress: bool = True
 
     @property
@@ -103,13 +104,18 @@ class Engine:
         cfg, ddp = self.cfg, self.ddp
         self.optimizer, self.scheduler = optimizer, scheduler
         start_epoch = self._resume() if cfg.resume else 1
-        sampler = DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True, seed=cfg.seed)
+        if cfg.epoch_samples:
+            sampler = EpochSliceSampler(len(dataset), cfg.epoch_samples, ddp.world_size, ddp.rank, cfg.seed)
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
+                                         seed=cfg.seed)
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if self.device.type == "cuda" else 0)
         loader = DataLoader(dataset, batch_size=max(1, cfg.batchsize // ddp.world_size), sampler=sampler,
                             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         writer = _tensorboard(cfg) if ddp.is_main else None
         if ddp.is_main:
-            print(f"[train] {len(dataset)} samples{describe}; device {self.device}"
+            budget = f" ({cfg.epoch_samples} per epoch)" if cfg.epoch_samples else ""
+            print(f"[train] {len(dataset)} samples{budget}{describe}; device {self.device}"
                   f"{' x' + str(ddp.world_size) if ddp.enabled else ''}; amp {self.amp}; "
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
         steps = 0
@@ -171,6 +177,37 @@ class Engine:
         atomic_save({"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "epoch": epoch, "rng": rng_state(), "config": cfg.as_dict()}, cfg.checkpoint_path)
+
+
+class EpochSliceSampler(torch.utils.data.Sampler):
+    """Epoch e visits samples [(e-1)n, en) of an endless sequence of seeded shuffles of the set.
+
+    Consecutive epochs cover the set before any sample repeats, so a CPU budget of k epochs of n
+    samples sees k*n distinct slices (up to the set size); the order depends only on (seed, epoch),
+    so a resumed run continues where it stopped. Shards the epoch over DDP ranks.
+    """
+
+    def __init__(self, size, samples, world_size=1, rank=0, seed=0):
+        self.size, self.samples, self.world_size, self.rank, self.seed = size, samples, world_size, rank, seed
+        self.epoch = 1
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def epoch_indices(self):
+        start, stop = (self.epoch - 1) * self.samples, self.epoch * self.samples
+        out = []
+        for sweep in range(start // self.size, (stop - 1) // self.size + 1):
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + sweep)).tolist()
+            lo, hi = max(start - sweep * self.size, 0), min(stop - sweep * self.size, self.size)
+            out += order[lo:hi]
+        return out
+
+    def __iter__(self):
+        return iter(self.epoch_indices()[self.rank::self.world_size])
+
+    def __len__(self):
+        return len(range(self.rank, self.samples, self.world_size))
 
 
 class _Meter:

@@ -103,6 +103,8 @@ def _fold(model, pairs):
 
 
 def _tensors(out):
+    if out is None:  # maps of switched-off Inf-Net components
+        return []
     return [out] if torch.is_tensor(out) else [t for o in out for t in _tensors(o)]
 
 

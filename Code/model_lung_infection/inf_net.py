@@ -9,6 +9,17 @@ Data flow, for an input of H x W (multiples of 32):
   outputs (logits, all resized to H x W): S_g, S_5, S_4, S_3 (final), S_e
 
 Module names follow the release so `Inf-Net-100.pth` / `Semi-Inf-Net-100.pth` load as they are.
+
+Ablation switches (paper Table IV); what the network is with a component off:
+  partial_decoder=False: no RFBs / PPD; S_g is a 1x1 convolution of f5 (the backbone's own head).
+  reverse_attention=False: no reverse-attention branches; S_5 and S_4 are absent (None) and the
+      prediction is S_g, refined by the edge features when edge attention is on (below); with
+      neither, S_g is returned once, as the prediction.
+  edge_attention=False: no edge branch, no S_e (None), and the branches' conv2 take only their
+      erased features (no +64 edge channels).
+  edge attention without reverse attention: the prediction is S_g plus a 3x3 convolution of
+      [edge features, S_g] at f2's scale (edge_fuse), the simplest use of the edge features that
+      keeps the paper's "EA feeds the prediction" without its RA branches.
 """
 import torch
 import torch.nn as nn
@@ -27,13 +38,14 @@ def reverse_attention(prior, feature):
 class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users import
     """Inf-Net. `forward(x)` returns logits `(lateral_map_5, lateral_map_4, lateral_map_3,
     lateral_map_2, lateral_edge)` = (S_g, S_5, S_4, S_3, S_e), each of x's height and width;
-    `lateral_map_2` is the prediction.
+    `lateral_map_2` is the prediction. Maps of components switched off are None (module docstring).
 
     backbone: an encoder name from `encoders.ENCODERS` (or `timm:<name>`);
     pretrained: path of the encoder's ImageNet weights; without it the encoder is random.
     """
 
-    def __init__(self, channel=32, n_class=1, backbone="res2net50_v1b_26w_4s", pretrained=None):
+    def __init__(self, channel=32, n_class=1, backbone="res2net50_v1b_26w_4s", pretrained=None,
+                 edge_attention=True, partial_decoder=True, reverse_attention=True):
         super().__init__()
         if n_class != 1:
             # Reverse attention erases with one foreground map, as in the paper and release.
@@ -42,33 +54,42 @@ class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users
         # Attribute named `resnet` whatever the encoder: that is the release's checkpoint key prefix.
         self.resnet = create_encoder(backbone, pretrained=pretrained)
         self.taps, (c2, c3, c4, c5) = feature_taps(self.resnet)
+        self.edge_attention, self.partial_decoder, self.reverse_attention = \
+            edge_attention, partial_decoder, reverse_attention
 
-        self.rfb2_1 = ReceptiveFieldBlock(c3, channel)
-        self.rfb3_1 = ReceptiveFieldBlock(c4, channel)
-        self.rfb4_1 = ReceptiveFieldBlock(c5, channel)
-        self.ParDec = ParallelPartialDecoder(channel, n_class)
+        if partial_decoder:
+            self.rfb2_1 = ReceptiveFieldBlock(c3, channel)
+            self.rfb3_1 = ReceptiveFieldBlock(c4, channel)
+            self.rfb4_1 = ReceptiveFieldBlock(c5, channel)
+            self.ParDec = ParallelPartialDecoder(channel, n_class)
+        else:
+            self.backbone_head = nn.Conv2d(c5, n_class, 1)
 
-        # Reverse-attention branch on f5 (5x5 convs), then on f4 and f3 (3x3 convs);
-        # each conv2 input adds the 64 edge-attention channels.
-        self.ra4_conv1 = ConvBN(c5, 256, 1)
-        self.ra4_conv2 = ConvBN(256 + 64, 256, 5, padding=2)
-        self.ra4_conv3 = ConvBN(256, 256, 5, padding=2)
-        self.ra4_conv4 = ConvBN(256, 256, 5, padding=2)
-        self.ra4_conv5 = ConvBN(256, n_class, 1)
-        self.ra3_conv1 = ConvBN(c4, 64, 1)
-        self.ra3_conv2 = ConvBN(64 + 64, 64, 3, padding=1)
-        self.ra3_conv3 = ConvBN(64, 64, 3, padding=1)
-        self.ra3_conv4 = ConvBN(64, n_class, 3, padding=1)
-        self.ra2_conv1 = ConvBN(c3, 64, 1)
-        self.ra2_conv2 = ConvBN(64 + 64, 64, 3, padding=1)
-        self.ra2_conv3 = ConvBN(64, 64, 3, padding=1)
-        self.ra2_conv4 = ConvBN(64, n_class, 3, padding=1)
+        edge_ch = 64 if edge_attention else 0
+        if reverse_attention:
+            # Branch on f5 (5x5 convs), then on f4 and f3 (3x3 convs); conv2 adds the edge channels.
+            self.ra4_conv1 = ConvBN(c5, 256, 1)
+            self.ra4_conv2 = ConvBN(256 + edge_ch, 256, 5, padding=2)
+            self.ra4_conv3 = ConvBN(256, 256, 5, padding=2)
+            self.ra4_conv4 = ConvBN(256, 256, 5, padding=2)
+            self.ra4_conv5 = ConvBN(256, n_class, 1)
+            self.ra3_conv1 = ConvBN(c4, 64, 1)
+            self.ra3_conv2 = ConvBN(64 + edge_ch, 64, 3, padding=1)
+            self.ra3_conv3 = ConvBN(64, 64, 3, padding=1)
+            self.ra3_conv4 = ConvBN(64, n_class, 3, padding=1)
+            self.ra2_conv1 = ConvBN(c3, 64, 1)
+            self.ra2_conv2 = ConvBN(64 + edge_ch, 64, 3, padding=1)
+            self.ra2_conv3 = ConvBN(64, 64, 3, padding=1)
+            self.ra2_conv4 = ConvBN(64, n_class, 3, padding=1)
 
-        # Edge attention on the low-level feature f2 (no activations between, as released).
-        self.edge_conv1 = ConvBN(c2, 64, 1)
-        self.edge_conv2 = ConvBN(64, 64, 3, padding=1)
-        self.edge_conv3 = ConvBN(64, 64, 3, padding=1)
-        self.edge_conv4 = ConvBN(64, n_class, 3, padding=1)
+        if edge_attention:
+            # Edge attention on the low-level feature f2 (no activations between, as released).
+            self.edge_conv1 = ConvBN(c2, 64, 1)
+            self.edge_conv2 = ConvBN(64, 64, 3, padding=1)
+            self.edge_conv3 = ConvBN(64, 64, 3, padding=1)
+            self.edge_conv4 = ConvBN(64, n_class, 3, padding=1)
+            if not reverse_attention:
+                self.edge_fuse = ConvBN(64 + n_class, n_class, 3, padding=1)
 
     def encode(self, x):
         return self.resnet.forward_intermediates(x, indices=self.taps, intermediates_only=True, stop_early=True)
@@ -77,15 +98,31 @@ class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users
         f2, f3, f4, f5 = self.encode(x)
         size = x.shape[-2:]
 
-        edge_feat = self.edge_conv3(self.edge_conv2(self.edge_conv1(f2)))
-        lateral_edge = upsample_to(self.edge_conv4(edge_feat), size)
+        edge_feat = lateral_edge = None
+        if self.edge_attention:
+            edge_feat = self.edge_conv3(self.edge_conv2(self.edge_conv1(f2)))
+            lateral_edge = upsample_to(self.edge_conv4(edge_feat), size)
 
-        global_map = self.ParDec(self.rfb4_1(f5), self.rfb3_1(f4), self.rfb2_1(f3))
+        if self.partial_decoder:
+            global_map = self.ParDec(self.rfb4_1(f5), self.rfb3_1(f4), self.rfb2_1(f3))
+        else:
+            global_map = self.backbone_head(f5)
         lateral_map_5 = upsample_to(global_map, size)
+
+        if not self.reverse_attention:
+            final = global_map
+            if self.edge_attention:
+                final = upsample_to(global_map, f2)
+                final = final + self.edge_fuse(torch.cat((edge_feat, final), 1))
+            # Backbone-only heads give one map: supervise it once, as the prediction.
+            return (lateral_map_5 if self.edge_attention else None), None, None, upsample_to(final, size), lateral_edge
+
+        def with_edges(erased, feature):
+            return erased if edge_feat is None else torch.cat((erased, upsample_to(edge_feat, feature)), 1)
 
         # Branch on f5: prior = S_g shrunk to f5's scale.
         prior = upsample_to(global_map, f5)
-        x = torch.cat((self.ra4_conv1(reverse_attention(prior, f5)), upsample_to(edge_feat, f5)), 1)
+        x = with_edges(self.ra4_conv1(reverse_attention(prior, f5)), f5)
         x = F.relu(self.ra4_conv2(x))
         x = F.relu(self.ra4_conv3(x))
         x = F.relu(self.ra4_conv4(x))
@@ -93,14 +130,14 @@ class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users
         lateral_map_4 = upsample_to(s5, size)
 
         prior = upsample_to(s5, f4)
-        x = torch.cat((self.ra3_conv1(reverse_attention(prior, f4)), upsample_to(edge_feat, f4)), 1)
+        x = with_edges(self.ra3_conv1(reverse_attention(prior, f4)), f4)
         x = F.relu(self.ra3_conv2(x))
         x = F.relu(self.ra3_conv3(x))
         s4 = self.ra3_conv4(x) + prior
         lateral_map_3 = upsample_to(s4, size)
 
         prior = upsample_to(s4, f3)
-        x = torch.cat((self.ra2_conv1(reverse_attention(prior, f3)), upsample_to(edge_feat, f3)), 1)
+        x = with_edges(self.ra2_conv1(reverse_attention(prior, f3)), f3)
         x = F.relu(self.ra2_conv2(x))
         x = F.relu(self.ra2_conv3(x))
         s3 = self.ra2_conv4(x) + prior

@@ -17,31 +17,49 @@ from .atomic import atomic_write
 from .checkpoint import extract_state_dict, load_checkpoint
 from .data import SliceSet
 from .fast_inference import cpu_has_native_bf16, prepare_for_inference
-from .registry import create_model
 from .runtime import autocast, pick_device
+from .train import build_model
 
 PREDICTION_INDEX = 3  # lateral_map_2, the output of the shallowest reverse-attention branch
 
 
-def load_inf_net(pth_path, backbone=None, device="cpu"):
-    """Inf-Net with the weights of a release snapshot or one of our checkpoints, in eval mode.
+def components_from_state(state):
+    """Inf-Net's component switches read off its weights (release-format files carry no config)."""
+    return {"partial_decoder": not any(k.startswith("backbone_head.") for k in state),
+            "reverse_attention": any(k.startswith("ra4_conv1.") for k in state),
+            "edge_attention": any(k.startswith("edge_conv1.") for k in state)}
 
-    The backbone is read from our checkpoints' saved config when `backbone` is None.
+
+def load_inf_net(pth_path, backbone=None, device="cpu"):
+    """The network of a release snapshot or one of our checkpoints, with its weights, in eval mode.
+
+    Our checkpoint.pth carries its training config (model, backbone, Inf-Net components), which
+    says what to build; a release-format file is an Inf-Net whose components are read off its keys
+    (the Table II baselines need their checkpoint.pth). `backbone` overrides the saved one.
     """
     state, _, config = extract_state_dict(pth_path)
-    backbone = backbone or config.get("backbone", "res2net50_v1b_26w_4s")
+    config = dict(config) if config.get("model") else {"model": "inf_net", **components_from_state(state)}
+    config["pretrained"] = None  # the weights come from the checkpoint
+    if backbone:
+        config["backbone"] = backbone
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")  # weights come from the checkpoint
-        model = create_model("inf_net", backbone=backbone)
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        model = build_model(config)
     load_checkpoint(model, state)
     return model.to(device).eval()
 
 
+def final_logits(outputs):
+    """The prediction among a model's outputs: Inf-Net's S_3, or a baseline's single map."""
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[PREDICTION_INDEX]
+
+
 def probability_maps(model, images, sizes, amp=False, device=None):
-    """Sigmoid maps of S_3 for a batch, each resized to its (h, w) and min-max normalised (float32, [0, 1])."""
+    """Sigmoid maps of the prediction (Inf-Net's S_3) for a batch, each resized to its (h, w) and
+    min-max normalised (float32, [0, 1])."""
     device = device or images.device
     with torch.inference_mode(), autocast(device, amp):
-        logits = model(images)[PREDICTION_INDEX].float()
+        logits = final_logits(model(images)).float()
     maps = []
     for logit, (h, w) in zip(logits, sizes):
         p = torch.sigmoid(F.interpolate(logit[None], size=(int(h), int(w)), mode="bilinear", align_corners=False))[0, 0]

@@ -41,15 +41,22 @@ def edge_loss(logits, edge):
 def inf_net_loss(outputs, gt, edge, release_bce=False):
     """Total deep-supervised loss and its terms {'global', 'ra5', 'ra4', 'ra3', 'edge'}.
 
-    outputs: the model's (S_g, S_5, S_4, S_3, S_e) logits.
+    outputs: the model's (S_g, S_5, S_4, S_3, S_e) logits; maps of switched-off components
+    (None, see inf_net.py) have no term.
     """
     s_g, s_5, s_4, s_3, s_e = outputs
     w = boundary_weight(gt)
-    terms = {
-        "global": structure_loss(s_g, gt, release_bce, w),
-        "ra5": structure_loss(s_5, gt, release_bce, w),
-        "ra4": structure_loss(s_4, gt, release_bce, w),
-        "ra3": structure_loss(s_3, gt, release_bce, w),
-        "edge": edge_loss(s_e, edge),
-    }
+    terms = {name: structure_loss(s, gt, release_bce, w)
+             for name, s in (("global", s_g), ("ra5", s_5), ("ra4", s_4), ("ra3", s_3)) if s is not None}
+    if s_e is not None:
+        terms["edge"] = edge_loss(s_e, edge)
     return sum(terms.values()), terms
+
+
+def segmentation_loss(outputs, gt, edge, release_bce=False):
+    """Inf-Net's loss for its tuple of maps; plain BCE for a single-map baseline (Table II's
+    U-Net family: the pixel-wise cross-entropy of the original U-Net)."""
+    if isinstance(outputs, torch.Tensor):
+        bce = F.binary_cross_entropy_with_logits(outputs.float(), gt)
+        return bce, {"bce": bce}
+    return inf_net_loss([None if o is None else o.float() for o in outputs], gt, edge, release_bce)

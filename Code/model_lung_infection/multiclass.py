@@ -54,7 +54,9 @@ DEFAULT_SAVE_ROOT = Path("Results") / "Multi-class lung infection segmentation"
 DEFAULT_PRIOR_PATH = Path("Results") / "Lung infection segmentation" / "Semi-Inf-Net"
 PRIOR_THRESHOLD = 128  # 8-bit infection maps are binarised as `map >= 128` (0.5), to 0 / 255
 
-ARCHS = {"unet": "unet_multiclass", "fcn8s": "fcn8s"}  # --arch -> MODELS registry name
+# --arch -> MODELS registry name (DeepLabV3+: Table III's baselines, segmentation-models-pytorch)
+ARCHS = {"unet": "unet_multiclass", "fcn8s": "fcn8s",
+         "deeplabv3plus_os8": "deeplabv3plus_os8", "deeplabv3plus_os16": "deeplabv3plus_os16"}
 RECIPES = {
     "release": dict(trainsize=352, lr=1e-2, momentum=0.7, weight_decay=0.0, init="default"),
     "paper": dict(trainsize=512, lr=1e-10, momentum=0.99, weight_decay=5e-4, init="xavier"),
@@ -64,8 +66,9 @@ INITS = ("default", "xavier")
 
 def run_name(arch, prior):
     """Default run / model name: the Table III row the network stands for."""
-    return {("unet", True): "Semi-Inf-Net_UNet", ("fcn8s", True): "Semi-Inf-Net_FCN8s",
-            ("unet", False): "Multi-class_UNet", ("fcn8s", False): "FCN8s"}[(arch, bool(prior))]
+    names = {("unet", True): "Semi-Inf-Net_UNet", ("fcn8s", True): "Semi-Inf-Net_FCN8s",
+             ("unet", False): "Multi-class_UNet", ("fcn8s", False): "FCN8s"}
+    return names.get((arch, bool(prior)), f"{'Semi-Inf-Net_' if prior else ''}{arch}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +199,8 @@ class MultiClassConfig(RunConfig):
                 setattr(self, k, v)
         if self.init not in INITS:
             raise ValueError(f"init '{self.init}': choose one of {', '.join(INITS)}")
-        if self.arch == "fcn8s" and self.trainsize % 32:
-            raise ValueError(f"FCN8s needs a trainsize that is a multiple of 32, got {self.trainsize}")
+        if self.arch != "unet" and self.trainsize % 32:
+            raise ValueError(f"{self.arch} needs a trainsize that is a multiple of 32, got {self.trainsize}")
         if self.pretrained and self.arch != "fcn8s":
             raise ValueError("pretrained (ImageNet VGG-16 weights) applies to arch fcn8s only")
         name = run_name(self.arch, self.prior)
@@ -272,7 +275,11 @@ def load_multiclass(pth_path, device="cpu"):
     and trainsize when the file is our checkpoint.pth (which carries its config).
     """
     state, name, config = extract_state_dict(pth_path)
-    if "inc.double_conv.0.weight" in state:
+    if config.get("arch") in ARCHS:  # our checkpoint.pth says what it is
+        arch, n_channels = config["arch"], 6 if config.get("prior", True) else 3
+        kw = {"fc_width": config.get("fc_width", 4096)} if arch == "fcn8s" else {}
+        n_classes = N_CLASSES
+    elif "inc.double_conv.0.weight" in state:
         arch, n_channels, kw = "unet", state["inc.double_conv.0.weight"].shape[1], {}
         n_classes = state["outc.conv.weight"].shape[0]
     elif "features.0.weight" in state and "fc6.weight" in state:
@@ -280,7 +287,8 @@ def load_multiclass(pth_path, device="cpu"):
         kw = {"fc_width": state["fc6.weight"].shape[0]}
         n_classes = state["score_fr.weight"].shape[0]
     else:
-        raise ValueError(f"{name}: neither a multi-class U-Net nor an FCN8s checkpoint")
+        raise ValueError(f"{name}: neither a multi-class U-Net nor an FCN8s checkpoint (other architectures: "
+                         f"give their checkpoint.pth, which records the architecture)")
     if n_classes != N_CLASSES or n_channels not in (3, 6):
         raise ValueError(f"{name}: expected {N_CLASSES} classes and 3 or 6 input channels, "
                          f"got {n_classes} classes, {n_channels} channels")
@@ -390,8 +398,8 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
     slices = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))
     model, info = load_multiclass(pth_path, device)
     testsize = testsize or info["trainsize"] or 352
-    if info["arch"] == "fcn8s" and testsize % 32:
-        raise ValueError(f"FCN8s needs a testsize that is a multiple of 32, got {testsize}")
+    if info["arch"] != "unet" and testsize % 32:
+        raise ValueError(f"{info['arch']} needs a testsize that is a multiple of 32, got {testsize}")
     model_name = model_name or default_model_name(pth_path)
 
     priors = {}

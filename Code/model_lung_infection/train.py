@@ -8,6 +8,7 @@ Stages (STAGES, `stage_config`): the runs of the paper as presets. `doctor` is I
 doctor-labelled slices; Semi-Inf-Net is `pseudo` (step i: the pseudo-labelled slices) followed by
 `semi` (step ii: step i's weights fine-tuned on the doctor labels).
 """
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint
 from .data import InfectionTrainSet
 from .engine import Engine, RunConfig
-from .losses import inf_net_loss
+from .losses import segmentation_loss
 from .registry import create_model
 
 SCALES = (0.75, 1.0, 1.25)
@@ -38,6 +39,10 @@ class TrainConfig(RunConfig):
     decay_rate: float = 0.1
     decay_epoch: int = 50
     release_bce: bool = False
+    # Inf-Net components (Table IV ablations; inf_net.py says what the network is with one off)
+    edge_attention: bool = True
+    partial_decoder: bool = True
+    reverse_attention: bool = True
 
 
 DOCTOR_LABEL = "Dataset/TrainingSet/LungInfection-Train/Doctor-label"
@@ -92,6 +97,22 @@ def stage_config(stage="doctor", **options):
     return cfg
 
 
+INF_NET_COMPONENTS = ("edge_attention", "partial_decoder", "reverse_attention")
+
+
+def build_model(cfg):
+    """The network a TrainConfig (or a checkpoint's saved config, a dict) describes.
+
+    Inf-Net takes its encoder and component switches; the single-map baselines of Table II
+    (unet, unetplusplus, attention_unet, ...) only their optional ImageNet file."""
+    c = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    name = c.get("model", "inf_net")
+    if name == "inf_net":
+        return create_model(name, backbone=c.get("backbone", TrainConfig.backbone), pretrained=c.get("pretrained"),
+                            **{k: c.get(k, True) for k in INF_NET_COMPONENTS})
+    return create_model(name, pretrained=c.get("pretrained"))
+
+
 def scaled_size(trainsize, rate):
     """Multi-scale side length, rounded to a multiple of 32 (as released)."""
     return int(round(trainsize * rate / 32) * 32)
@@ -111,7 +132,7 @@ def multi_scale_step(cfg):
             x, g, e = rescale_batch((images, gts, edges), scaled_size(cfg.trainsize, rate))
             with engine.autocast():
                 outputs = engine.net(engine.images(x))
-            loss, terms = inf_net_loss([o.float() for o in outputs], g, e, cfg.release_bce)
+            loss, terms = segmentation_loss(outputs, g, e, cfg.release_bce)
             engine.optimize(loss)
             if logged is None or rate == 1.0:  # log the losses at the base scale
                 logged = {"total": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
@@ -128,7 +149,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     if dataset is None:
         dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
     if model is None:
-        model = create_model(cfg.model, backbone=cfg.backbone, pretrained=cfg.pretrained)
+        model = build_model(cfg)
     if cfg.init:
         load_checkpoint(model, cfg.init)
     engine = Engine(cfg, model)

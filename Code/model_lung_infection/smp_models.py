@@ -1,0 +1,68 @@
+"""Baselines of Tables II and III built from segmentation-models-pytorch (smp), registered by name.
+
+Each constructor takes (n_channels, n_classes, pretrained) like the project's other models and
+returns one logit map of the input's size. smp never downloads here: encoders start from random
+weights unless `pretrained` names a local torchvision ImageNet file (vgg16-397923af.pth,
+densenet161-8d451a50.pth, resnet50-0676ba61.pth), whose key names smp's encoders share.
+
+Table II: unet (VGG-16), unetplusplus (VGG-16), dense_unet (U-Net on DenseNet-161).
+Table III: deeplabv3plus_os8 / deeplabv3plus_os16 (ResNet-50 encoder, output stride 8 / 16).
+"""
+import warnings
+
+import segmentation_models_pytorch as smp
+
+from .checkpoint import extract_state_dict
+from .registry import MODELS
+
+_CLASSIFIER_PREFIXES = ("classifier.", "fc.")  # ImageNet heads the encoders do not have
+
+
+def smp_encoder(name, n_channels=3):
+    return smp.encoders.get_encoder(name, in_channels=n_channels, weights=None)
+
+
+def load_encoder_weights(encoder, path):
+    """Load a local torchvision ImageNet file into an smp encoder (its classifier dropped); strict otherwise."""
+    state, name, _ = extract_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{name} does not fit the {type(encoder).__name__} encoder: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return encoder
+
+
+def _build(arch, encoder_name, n_channels, n_classes, pretrained, **kw):
+    if not pretrained:
+        warnings.warn(f"{arch}/{encoder_name}: encoder starts from RANDOM weights (no local ImageNet file given)")
+    model = getattr(smp, arch)(encoder_name=encoder_name, encoder_weights=None, in_channels=n_channels,
+                               classes=n_classes, **kw)
+    if pretrained:
+        load_encoder_weights(model.encoder, pretrained)
+    return model
+
+
+@MODELS.register("unet")
+def unet(n_channels=3, n_classes=1, pretrained=None):
+    return _build("Unet", "vgg16", n_channels, n_classes, pretrained)
+
+
+@MODELS.register("unetplusplus")
+def unetplusplus(n_channels=3, n_classes=1, pretrained=None):
+    return _build("UnetPlusPlus", "vgg16", n_channels, n_classes, pretrained)
+
+
+@MODELS.register("dense_unet")
+def dense_unet(n_channels=3, n_classes=1, pretrained=None):
+    return _build("Unet", "densenet161", n_channels, n_classes, pretrained)
+
+
+@MODELS.register("deeplabv3plus_os8")
+def deeplabv3plus_os8(n_channels=3, n_classes=3, pretrained=None):
+    return _build("DeepLabV3Plus", "resnet50", n_channels, n_classes, pretrained, encoder_output_stride=8)
+
+
+@MODELS.register("deeplabv3plus_os16")
+def deeplabv3plus_os16(n_channels=3, n_classes=3, pretrained=None):
+    return _build("DeepLabV3Plus", "resnet50", n_channels, n_classes, pretrained, encoder_output_stride=16)

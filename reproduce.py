@@ -1,0 +1,59 @@
+"""Reproduce one of the paper's tables: train (or reuse), test and evaluate every row, then write it.
+
+    python reproduce.py --table II                     # Table II with the paper's recipe (GPU: days)
+    python reproduce.py --table IV --budget cpu        # Table IV scaled down for a CPU
+    python reproduce.py --table II --budget cpu --epochs 4 --rows "Inf-Net" "U-Net"
+    python reproduce.py --table II --retrain           # ignore finished rows and trained runs
+
+Writes Results/tables/table_<X>.md and .csv (ours beside the paper's figures, Params / FLOPs at
+352 x 352, the budget of each row). Finished rows and trained runs are reused, and an interrupted
+run continues at the first unfinished row (training resumes from its checkpoint.pth). The stages
+and folders are described in Code/model_lung_infection/tables.py.
+"""
+import argparse
+import dataclasses
+import sys
+
+from Code.model_lung_infection.cli import add_bool
+from Code.model_lung_infection.tables import BUDGETS, TABLE_ROWS, TableRunner
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", required=True, choices=list(TABLE_ROWS), help="the paper's table")
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS),
+                   help="; ".join(f"{k}: {v.describe('semi')}, multi-class {v.multiclass_epochs} ep"
+                                  for k, v in BUDGETS.items()))
+    p.add_argument("--epochs", type=int, default=None,
+                   help="override the budget's epochs (doctor-label training and Semi-Inf-Net step ii)")
+    p.add_argument("--trainsize", type=int, default=None, help="override the budget's train/test size")
+    p.add_argument("--rows", nargs="+", default=None, help="only these rows (names as in the table)")
+    p.add_argument("--data_root", default="Dataset", help="folder laid out like Dataset/ (COVID-SemiSeg)")
+    p.add_argument("--snapshot_root", default="Snapshots")
+    p.add_argument("--results_root", default="Results/tables")
+    add_bool(p, "--retrain", False, "train, test and evaluate every row again")
+    p.add_argument("--device", default="auto")
+    add_bool(p, "--amp", None, "mixed precision: float16 on CUDA, bfloat16 on CPU; default on for CUDA only")
+    add_bool(p, "--channels_last", False, "channels-last memory format")
+    add_bool(p, "--progress", True, "progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    budget = BUDGETS[a.budget]
+    overrides = {k: v for k, v in (("epochs", a.epochs), ("trainsize", a.trainsize)) if v is not None}
+    if overrides:
+        budget = dataclasses.replace(budget, **overrides)  # the tag and the table state the change
+    runner = TableRunner(budget, a.data_root, a.snapshot_root, a.results_root, a.retrain, a.device, a.amp,
+                         a.channels_last, a.progress)
+    try:
+        paths = runner.run_table(a.table, a.rows)
+    except (ValueError, FileNotFoundError) as e:  # bad rows, missing data: the message names it
+        sys.exit(f"error: {e}")
+    for path in paths:
+        print(f"[reproduce] wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""reproduce.py / tables.py: every registered model builds, rows run stage by stage, tables are written,
+and a second run reuses finished rows."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from Code.model_lung_infection import create_model, list_models, tables
+from Code.model_lung_infection.tables import TABLE_ROWS, Budget, Row, TableRunner
+
+TINY = Budget("tiny", trainsize=64, epochs=1, pseudo_epochs=1, pseudo_samples=2, multiclass_epochs=1)
+MULTICLASS_INPUTS = {"unet_multiclass": 6, "fcn8s": 6, "deeplabv3plus_os8": 3, "deeplabv3plus_os16": 3}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_builds_at_64(name):
+    torch.manual_seed(0)
+    channels = MULTICLASS_INPUTS.get(name, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, 64, 64))
+    maps = [out] if isinstance(out, torch.Tensor) else [o for o in out if o is not None]
+    n_classes = 3 if name in MULTICLASS_INPUTS else 1
+    assert maps and all(tuple(m.shape) == (2, n_classes, 64, 64) for m in maps)
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_rows_name_the_paper_rows():
+    for table, rows in TABLE_ROWS.items():
+        paper = tables.PAPER[tables.PAPER_KEYS[table]]["rows"]
+        assert [r.name for r in rows] == list(paper)
+    # rows of the same configuration share one run: Table II's Semi-Inf-Net is Table IV's No.7
+    assert TABLE_ROWS["II"][-1].run == TABLE_ROWS["IV"][-1].run == "semi_inf_net"
+    assert len({r.run for r in TABLE_ROWS["IV"]}) == 7
+
+
+def test_table_rows_run_then_resume_skips_them(mini_dataset, tmp_path, monkeypatch):
+    data = mini_dataset(n_train=3, n_test=2)
+    kw = dict(snapshot_root=tmp_path / "snap", results_root=tmp_path / "tables", progress=False, log=lambda *a: None)
+    rows = ["Gated-UNet", "Semi-Inf-Net"]
+    md, csv_path = TableRunner(TINY, data, **kw).run_table("II", rows)
+
+    text = md.read_text()
+    assert "Gated-UNet" in text and "Semi-Inf-Net" in text and "0.739" in text  # the paper's Semi-Inf-Net Dice
+    assert "33.122M / 33.122M" in text  # our Inf-Net's parameter count beside the paper's
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 3 and "dice_ours" in lines[0] and "dice_paper" in lines[0]
+    row = json.loads((tmp_path / "tables" / TINY.tag / "rows" / "semi_inf_net.json").read_text())
+    assert set(row["metrics"]) == set(tables.METRICS) and all(0 <= v <= 1 for v in row["metrics"].values())
+    assert row["budget"]["epochs"] == 1 and "pseudo 1 ep x 2 slices" in row["budget_text"]
+    run_dir = tmp_path / "snap" / "save_weights" / "tables" / TINY.tag
+    assert (run_dir / "pseudo_inf_net" / "pseudo_inf_net-1.pth").exists()
+    assert (run_dir / "semi_inf_net" / "semi_inf_net-1.pth").exists()
+
+    # A second run reuses both rows: nothing is trained or tested again.
+    def forbidden(*a, **k):
+        raise AssertionError("a finished row was run again")
+    monkeypatch.setattr(tables, "train", forbidden)
+    monkeypatch.setattr(tables, "run_test", forbidden)
+    md2, _ = TableRunner(TINY, data, **kw).run_table("II", rows)
+    assert md2.read_text() == text
+
+    # A row whose result was lost but whose training finished is tested again, not retrained.
+    (tmp_path / "tables" / TINY.tag / "rows" / "gated_unet.json").unlink()
+    monkeypatch.undo()
+    monkeypatch.setattr(tables, "train", forbidden)
+    TableRunner(TINY, data, **kw).run_table("II", ["Gated-UNet"])
+    assert (tmp_path / "tables" / TINY.tag / "rows" / "gated_unet.json").exists()
+
+
+def test_unknown_row_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no row"):
+        TableRunner(TINY, tmp_path).run_table("II", ["V-Net"])
+
+
+def test_table_writer_on_fake_results(tmp_path):
+    rows = TABLE_ROWS["III"][:1]
+    metrics = {cls: dict.fromkeys(tables.METRICS, 0.5) for cls in tables.CLASSES}
+    fake = {rows[0].name: {"row": rows[0].name, "run": rows[0].run, "metrics": metrics, "params": 1234567,
+                           "macs": 2 * 10 ** 9, "budget": {"name": "fake"}, "budget_text": "1 ep, 64 px",
+                           "device": "cpu", "pretrained": False}}
+    md, csv_path = tables.write_table("III", rows, fake, tmp_path)
+    text = md.read_text()
+    assert "| DeepLabV3+ (stride=8) | ResNet-50 | 1.235M / - | 2.000G / - |" in text
+    assert "**0.500** / 0.375" in text  # GGO Dice: ours / the paper's
+    assert text.count("**0.500**") == 18
+    header = csv_path.read_text().splitlines()[0]
+    assert "ggo_dice_ours" in header and "avg_mae_paper" in header
+
+
+def test_ablation_row_trains_inf_net_without_its_components(mini_dataset, tmp_path):
+    data = mini_dataset(n_train=2, n_test=1)
+    row = Row("No.1 Backbone", "semi", options=tables._ablation())
+    runner = TableRunner(TINY, data, snapshot_root=tmp_path / "snap", results_root=tmp_path / "tables",
+                         progress=False, log=lambda *a: None)
+    result = runner.row(row)
+    state = torch.load(tmp_path / "snap" / "save_weights" / "tables" / TINY.tag / row.run / f"{row.run}-1.pth",
+                       weights_only=True)
+    assert not any(k.startswith(("ParDec", "ra4_conv", "edge_conv")) for k in state)
+    assert any(k.startswith("backbone_head") for k in state)
+    assert result["run"] == "semi_inf_net-no_edge_attention-no_partial_decoder-no_reverse_attention"
+
+
+def test_infection_guided_multiclass_row_uses_semi_inf_net_maps(mini_dataset, tmp_path):
+    data = mini_dataset(n_train=2, n_test=2)
+    runner = TableRunner(TINY, data, snapshot_root=tmp_path / "snap", results_root=tmp_path / "tables",
+                         progress=False, log=lambda *a: None)
+    md, _ = runner.run_table("III", ["Semi-Inf-Net & MC"])
+    out = tmp_path / "tables" / TINY.tag
+    assert (out / "rows" / "semi_inf_net.json").exists()  # the priors' row ran first
+    assert len(list((out / "maps" / "semi_inf_net").glob("*.png"))) == 2
+    row = json.loads((out / "rows" / "mc_unet_prior.json").read_text())
+    assert set(row["metrics"]) == set(tables.CLASSES)
+    assert "**" in md.read_text() and "0.541" in md.read_text()  # the paper's average Dice for this row
+
+
+def test_interrupted_row_resumes_its_training(mini_dataset, tmp_path, monkeypatch, capsys):
+    import dataclasses
+    data = mini_dataset(n_train=3, n_test=1)
+    budget = dataclasses.replace(TINY, epochs=2)
+    kw = dict(snapshot_root=tmp_path / "snap", results_root=tmp_path / "tables", progress=False, log=lambda *a: None)
+    real_train = tables.train
+
+    def killed_after_one_epoch(cfg):
+        cfg.max_steps = 1  # one batch = one epoch of 3 slices
+        real_train(cfg)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tables, "train", killed_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        TableRunner(budget, data, **kw).run_table("II", ["Gated-UNet"])
+    run = tmp_path / "snap" / "save_weights" / "tables" / budget.tag / "gated_unet"
+    assert (run / "checkpoint.pth").exists() and not (run / "gated_unet-2.pth").exists()
+    assert not (tmp_path / "tables" / budget.tag / "rows" / "gated_unet.json").exists()
+
+    monkeypatch.setattr(tables, "train", real_train)
+    capsys.readouterr()
+    TableRunner(budget, data, **kw).run_table("II", ["Gated-UNet"])
+    out = capsys.readouterr().out
+    assert "resumed" in out and "after epoch 1" in out
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    assert (run / "gated_unet-2.pth").exists()
