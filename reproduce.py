@@ -31,6 +31,10 @@ def parse_args(argv=None):
     p.add_argument("--data_root", default="Dataset", help="folder laid out like Dataset/ (COVID-SemiSeg)")
     p.add_argument("--snapshot_root", default="Snapshots")
     p.add_argument("--results_root", default="Results/tables")
+    p.add_argument("--imagenet_dir", default=None,
+                   help="folder with the encoders' ImageNet files (res2net50_v1b_26w_4s-3cf99910.pth, "
+                        "vgg16-397923af.pth, densenet161-8d451a50.pth, resnet50-0676ba61.pth), as the paper "
+                        "initialised them; without it every encoder starts from random weights")
     add_bool(p, "--retrain", False, "train, test and evaluate every row again")
     p.add_argument("--device", default="auto")
     add_bool(p, "--amp", None, "mixed precision: float16 on CUDA, bfloat16 on CPU; default on for CUDA only")
@@ -46,7 +50,7 @@ def main(argv=None):
     if overrides:
         budget = dataclasses.replace(budget, **overrides)  # the tag and the table state the change
     runner = TableRunner(budget, a.data_root, a.snapshot_root, a.results_root, a.retrain, a.device, a.amp,
-                         a.channels_last, a.progress)
+                         a.channels_last, a.progress, imagenet_dir=a.imagenet_dir)
     try:
         paths = runner.run_table(a.table, a.rows)
     except (ValueError, FileNotFoundError) as e:  # bad rows, missing data: the message names it

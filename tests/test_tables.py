@@ -142,3 +142,40 @@ def test_interrupted_row_resumes_its_training(mini_dataset, tmp_path, monkeypatc
     assert "resumed" in out and "after epoch 1" in out
     assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2
     assert (run / "gated_unet-2.pth").exists()
+
+
+def test_imagenet_dir_initialises_the_encoders(tmp_path):
+    import torchvision
+
+    from Code.model_lung_infection.train import TrainConfig, build_model
+    vgg = torchvision.models.vgg16().state_dict()
+    torch.save(vgg, tmp_path / "vgg16-397923af.pth")
+    runner = TableRunner(TINY, tmp_path, imagenet_dir=tmp_path)
+    assert runner.tag == TINY.tag + "-imagenet"  # never mixed with randomly initialised runs
+    by_name = {r.name: r for r in TABLE_ROWS["II"]}
+    unet, gated, dense = by_name["U-Net"], by_name["Gated-UNet"], by_name["Dense-UNet"]
+    model = build_model(TrainConfig(model="unet", pretrained=runner._imagenet_file(unet)))
+    for key in ("features.0.weight", "features.28.bias"):
+        torch.testing.assert_close(model.encoder.state_dict()[key], vgg[key], rtol=0, atol=0)
+    assert runner._imagenet_file(gated) is None  # no ImageNet encoder
+    with pytest.raises(FileNotFoundError, match="densenet161-8d451a50.pth"):
+        runner._imagenet_file(dense)
+
+
+def test_torchvision_densenet_file_loads_with_its_old_key_names(tmp_path):
+    import re
+
+    import torchvision
+
+    from Code.model_lung_infection.smp_models import load_encoder_weights, smp_encoder
+    sd = torchvision.models.densenet161().state_dict()
+    # the published densenet161-8d451a50.pth: "norm.1" key names and no BN step counters
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)", r"\1.\2", k): v for k, v in sd.items()
+           if "num_batches" not in k}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    torch.save(old, tmp_path / "densenet161-8d451a50.pth")
+    encoder = load_encoder_weights(smp_encoder("densenet161"), tmp_path / "densenet161-8d451a50.pth")
+    key = "features.denseblock4.denselayer24.conv2.weight"
+    torch.testing.assert_close(encoder.state_dict()[key], sd[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="densenet161-8d451a50.pth does not fit"):
+        load_encoder_weights(smp_encoder("vgg16"), tmp_path / "densenet161-8d451a50.pth")

@@ -71,5 +71,6 @@ def load_checkpoint(model, source):
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): {few(shapes)}")
         raise ValueError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
+    # nn.Module's own method: some libraries' modules override load_state_dict with other semantics
+    torch.nn.Module.load_state_dict(model, state, strict=True)
     return model

@@ -37,13 +37,31 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import extract_state_dict, load_checkpoint
-from .data import (CachedSampleSet, DataError, SliceSet, _natural_key, find_test_images, list_images, normalize_image,
-                   pair_by_stem, read_mask, read_rgb, resize)
+from .data import (
+    CachedSampleSet,
+    DataError,
+    SliceSet,
+    _natural_key,
+    find_test_images,
+    list_images,
+    normalize_image,
+    pair_by_stem,
+    read_mask,
+    read_rgb,
+    resize,
+)
 from .engine import Engine, RunConfig
 from .fcn8s import load_vgg16_imagenet
-from .infer import default_model_name, load_inf_net, probability_maps, save_png, to_uint8
+from .infer import (
+    default_model_name,
+    load_inf_net,
+    probability_maps,
+    save_png,
+    to_uint8,
+)
 from .registry import create_model
 from .runtime import autocast, pick_device
+from .smp_models import load_encoder_weights
 
 CLASSES = ("background", "GGO", "consolidation")
 N_CLASSES = len(CLASSES)
@@ -201,8 +219,8 @@ class MultiClassConfig(RunConfig):
             raise ValueError(f"init '{self.init}': choose one of {', '.join(INITS)}")
         if self.arch != "unet" and self.trainsize % 32:
             raise ValueError(f"{self.arch} needs a trainsize that is a multiple of 32, got {self.trainsize}")
-        if self.pretrained and self.arch != "fcn8s":
-            raise ValueError("pretrained (ImageNet VGG-16 weights) applies to arch fcn8s only")
+        if self.pretrained and self.arch not in IMAGENET_LOADERS:
+            raise ValueError(f"pretrained (ImageNet encoder weights): arch {self.arch} has no ImageNet encoder")
         name = run_name(self.arch, self.prior)
         self.train_save = self.train_save or name
         self.snapshot_prefix = self.snapshot_prefix or name
@@ -221,7 +239,7 @@ def xavier_init(model):
 
 
 def build_model(cfg: MultiClassConfig):
-    """The multi-class network of `cfg` (arch, prior -> channels, init, FCN8s ImageNet weights)."""
+    """The multi-class network of `cfg` (arch, prior -> channels, init, ImageNet encoder weights)."""
     kw = {"fc_width": cfg.fc_width} if cfg.arch == "fcn8s" else {}
     with warnings.catch_warnings():
         if cfg.pretrained:  # loaded below, after the initialisation
@@ -230,8 +248,17 @@ def build_model(cfg: MultiClassConfig):
     if cfg.init == "xavier":
         xavier_init(model)
     if cfg.pretrained:
-        load_vgg16_imagenet(model, cfg.pretrained)
+        IMAGENET_LOADERS[cfg.arch](model, cfg.pretrained)
     return model
+
+
+def _load_smp_encoder(model, path):
+    load_encoder_weights(model.encoder, path)
+
+
+# --arch -> how a local ImageNet file goes into the network (after its initialisation)
+IMAGENET_LOADERS = {"fcn8s": load_vgg16_imagenet, "deeplabv3plus_os8": _load_smp_encoder,
+                    "deeplabv3plus_os16": _load_smp_encoder}
 
 
 def bce_step(engine, batch):

@@ -8,14 +8,18 @@ densenet161-8d451a50.pth, resnet50-0676ba61.pth), whose key names smp's encoders
 Table II: unet (VGG-16), unetplusplus (VGG-16), dense_unet (U-Net on DenseNet-161).
 Table III: deeplabv3plus_os8 / deeplabv3plus_os16 (ResNet-50 encoder, output stride 8 / 16).
 """
+import re
 import warnings
 
 import segmentation_models_pytorch as smp
 
-from .checkpoint import extract_state_dict
+from .checkpoint import extract_state_dict, load_checkpoint
 from .registry import MODELS
 
 _CLASSIFIER_PREFIXES = ("classifier.", "fc.")  # ImageNet heads the encoders do not have
+# torchvision's published DenseNet files name "norm.1" what the modules call "norm1" (torchvision remaps too)
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def smp_encoder(name, n_channels=3):
@@ -25,12 +29,14 @@ def smp_encoder(name, n_channels=3):
 def load_encoder_weights(encoder, path):
     """Load a local torchvision ImageNet file into an smp encoder (its classifier dropped); strict otherwise."""
     state, name, _ = extract_state_dict(path)
-    state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{name} does not fit the {type(encoder).__name__} encoder: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return encoder
+    state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    # files saved before PyTorch 0.4.1 have no BN step counters; they only matter for momentum=None
+    own = encoder.state_dict()
+    state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state})
+    try:
+        return load_checkpoint(encoder, state)
+    except ValueError as e:  # name the file, not "<state dict>"
+        raise ValueError(str(e).replace("<state dict>", name, 1)) from None
 
 
 def _build(arch, encoder_name, n_channels, n_classes, pretrained, **kw):

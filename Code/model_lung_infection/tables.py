@@ -110,6 +110,13 @@ def _ablation(*on):
     return tuple((k, k in on) for k in ("edge_attention", "partial_decoder", "reverse_attention"))
 
 
+# ImageNet weights each network's encoder loads from `--imagenet_dir` (the files torchvision and
+# the Res2Net authors publish); networks not listed have no ImageNet encoder.
+IMAGENET_FILES = {"inf_net": "res2net50_v1b_26w_4s-3cf99910.pth", "unet": "vgg16-397923af.pth",
+                  "unetplusplus": "vgg16-397923af.pth", "attention_unet": "vgg16-397923af.pth",
+                  "fcn8s": "vgg16-397923af.pth", "dense_unet": "densenet161-8d451a50.pth",
+                  "deeplabv3plus_os8": "resnet50-0676ba61.pth", "deeplabv3plus_os16": "resnet50-0676ba61.pth"}
+
 SEMI_INF_NET = Row("Semi-Inf-Net", "semi")
 TABLE_ROWS = {
     "II": [Row("U-Net", "supervised", "unet", "VGG16"),
@@ -158,8 +165,12 @@ class TableRunner:
     """Runs rows stage by stage under one budget; see the module docstring for the folders."""
 
     def __init__(self, budget, data_root="Dataset", snapshot_root="Snapshots", results_root="Results/tables",
-                 retrain=False, device="auto", amp=None, channels_last=False, progress=True, log=print):
+                 retrain=False, device="auto", amp=None, channels_last=False, progress=True, log=print,
+                 imagenet_dir=None):
         self.budget, self.data = budget, DataPaths(data_root)
+        self.imagenet_dir = Path(imagenet_dir) if imagenet_dir else None
+        # runs with and without ImageNet initialisation never share a folder
+        self.tag = budget.tag + ("-imagenet" if imagenet_dir else "")
         self.snapshot_root, self.results_root = Path(snapshot_root), Path(results_root)
         self.retrain, self.log = retrain, log
         self.runtime = dict(device=device, amp=amp, channels_last=channels_last, progress=progress)
@@ -168,7 +179,7 @@ class TableRunner:
     # ---- folders ----
     @property
     def out_dir(self):
-        return self.results_root / self.budget.tag
+        return self.results_root / self.tag
 
     def row_file(self, run):
         return self.out_dir / "rows" / f"{run}.json"
@@ -206,11 +217,20 @@ class TableRunner:
                   "options": dict(row.options), "metrics": metrics,
                   "params": complexity["params"], "macs": complexity["macs"],
                   "budget": dataclasses.asdict(self.budget), "budget_text": self.budget.describe(row.recipe),
-                  "device": str(self._device()), "pretrained": False,
+                  "device": str(self._device()), "pretrained": self._imagenet_file(row) is not None,
                   "minutes": round((time.time() - started) / 60, 1)}
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         self._fresh.add(row.run)
         return result
+
+    def _imagenet_file(self, row):
+        """The row's encoder weights in imagenet_dir (an error names a missing one); None without a dir."""
+        if self.imagenet_dir is None or row.model not in IMAGENET_FILES:
+            return None
+        path = self.imagenet_dir / IMAGENET_FILES[row.model]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the ImageNet weights of {row.name}'s encoder are not there")
+        return str(path)
 
     def _redo(self, run):
         return self.retrain and run not in self._fresh
@@ -229,17 +249,17 @@ class TableRunner:
                       **{k: v for k, v in opts.items() if k in TrainConfig.__dataclass_fields__})
         if row.recipe == "supervised":
             return self._fit(TrainConfig(train_path=[str(self.data.doctor)], epoch=b.epochs, batchsize=24,
-                                         **self._run_fields(row.run), **common))
+                                         pretrained=self._imagenet_file(row), **self._run_fields(row.run), **common))
         step1 = self._fit(TrainConfig(train_path=[str(self.data.pseudo)], epoch=b.pseudo_epochs, batchsize=24,
-                                      epoch_samples=b.pseudo_samples, **self._run_fields("pseudo_" + row.run[5:]),
-                                      **common))
+                                      epoch_samples=b.pseudo_samples, pretrained=self._imagenet_file(row),
+                                      **self._run_fields(row.run.replace("semi_", "pseudo_", 1)), **common))
         return self._fit(TrainConfig(train_path=[str(self.data.doctor)], epoch=b.epochs, batchsize=16,
                                      init=str(step1.with_name(final_name(step1))), **self._run_fields(row.run),
                                      **common))
 
     def _run_fields(self, run):
         # Only the last snapshot is kept (save_every beyond any budget); checkpoint.pth resumes.
-        return dict(train_save=f"tables/{self.budget.tag}/{run}", snapshot_prefix=run,
+        return dict(train_save=f"tables/{self.tag}/{run}", snapshot_prefix=run,
                     snapshot_root=str(self.snapshot_root), save_every=10 ** 6, **self._engine_runtime())
 
     def _engine_runtime(self):
@@ -267,7 +287,8 @@ class TableRunner:
         opts = dict(row.options)
         cfg = multiclass.MultiClassConfig(train_path=str(self.data.multiclass_train), arch=row.model,
                                           prior=opts.get("prior", True), trainsize=self.budget.trainsize,
-                                          epoch=self.budget.multiclass_epochs, **self._run_fields(row.run))
+                                          epoch=self.budget.multiclass_epochs, pretrained=self._imagenet_file(row),
+                                          **self._run_fields(row.run))
         return self._fit(cfg)
 
     # ---- test and evaluate ----
@@ -338,9 +359,13 @@ def write_table(table, rows, results, results_root="Results/tables"):
     """Results/tables/table_<X>.md and .csv from row results; returns the two paths."""
     root = Path(results_root)
     budgets = sorted({f"{r['budget']['name']} ({r['budget_text']}, {r['device']})" for r in results.values()})
+    inits = {r["pretrained"] for r in results.values()}
+    init = ("mixed initialisation (see the csv's pretrained column)" if len(inits) > 1 else
+            "ImageNet-initialised encoders (local files)" if True in inits else
+            "encoders from random weights (no ImageNet file)")
     md = [f"# {TITLES[table]}", "",
           "Each cell: **ours** / paper. Ours: measured by `reproduce.py` with the budget in the last column, "
-          "encoders from random weights (no ImageNet file), on the 48 test slices with EvaluationTool. "
+          f"{init}, on the 48 test slices with EvaluationTool. "
           "Paper: Fan et al., IEEE TMI 2020 (ImageNet-pretrained encoders, full recipe). "
           "Params / FLOPs: ours at 352 x 352 (FLOPs = multiply-accumulates, as the paper's thop counts) "
           "/ paper.", "", "Budget(s): " + "; ".join(budgets), ""]
