@@ -358,7 +358,7 @@ def _fmt(x):
 def write_table(table, rows, results, results_root="Results/tables"):
     """Results/tables/table_<X>.md and .csv from row results; returns the two paths."""
     root = Path(results_root)
-    budgets = sorted({f"{r['budget']['name']} ({r['budget_text']}, {r['device']})" for r in results.values()})
+    budgets = sorted({f"`{r['budget']['name']}` ({r['budget_text']}) on {r['device']}" for r in results.values()})
     inits = {r["pretrained"] for r in results.values()}
     init = ("mixed initialisation (see the csv's pretrained column)" if len(inits) > 1 else
             "ImageNet-initialised encoders (local files)" if True in inits else
