@@ -4,7 +4,8 @@
     python MyTest_MulClsLungInf_UNet.py --pth_path Snapshots/save_weights/Semi-Inf-Net_UNet/Semi-Inf-Net_UNet-200.pth \
         --data_path Dataset/TestingSet/MultiClassInfection-Test
     # only CT slices: compute the priors on the fly with a (Semi-)Inf-Net checkpoint:
-    python MyTest_MulClsLungInf_UNet.py --pth_path ... --infnet_pth Snapshots/save_weights/Semi-Inf-Net/Semi-Inf-Net-100.pth
+    python MyTest_MulClsLungInf_UNet.py --pth_path ... \
+        --infnet_pth Snapshots/save_weights/Semi-Inf-Net/Semi-Inf-Net-100.pth
 
 Writes, at each slice's size, under --save_path (default "Results/Multi-class lung infection segmentation"):
   Ground-glass opacities/<model>/<slice>.png, Consolidation/<model>/<slice>.png  (8-bit maps, disjoint)
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--save_path", default=str(DEFAULT_SAVE_ROOT), help="root of the output folders")
     p.add_argument("--testsize", type=int, default=None,
                    help="network input size (default: the trainsize saved in checkpoint.pth, else 352)")
-    p.add_argument("--model_name", default=None, help="output sub-folder (default: the weights' run folder or file stem)")
+    p.add_argument("--model_name", default=None,
+                   help="output sub-folder (default: the weights' run folder or file stem)")
     add_bool(p, "--binarize_prior", True, "binarise priors at 128, as the training priors are")
     add_bool(p, "--progress", True, "progress bar")
     add_runtime_args(p)

@@ -25,12 +25,14 @@ def parse_args(argv=None):
     p.add_argument("--train_path", default=d.train_path, help="folder with Imgs/, GT/ and Prior/")
     p.add_argument("--train_save", default=None,
                    help="run name: Snapshots/save_weights/<train_save>/ (default after --arch/--prior)")
-    p.add_argument("--snapshot_prefix", default=None, help="snapshot file names: <prefix>-<epoch>.pth (default: run name)")
+    p.add_argument("--snapshot_prefix", default=None,
+                   help="snapshot file names: <prefix>-<epoch>.pth (default: run name)")
     p.add_argument("--snapshot_root", default=d.snapshot_root)
     p.add_argument("--arch", choices=sorted(ARCHS), default=d.arch)
     add_bool(p, "--prior", d.prior, "feed the infection map with the slice (6 channels); --no-prior: slice only")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=d.recipe,
-                   help="release: 352, SGD lr 1e-2 momentum 0.7; paper: 512, Xavier, SGD lr 1e-10 momentum 0.99 wd 5e-4")
+                   help="release: 352, SGD lr 1e-2 momentum 0.7; "
+                        "paper: 512, Xavier, SGD lr 1e-10 momentum 0.99 wd 5e-4")
     p.add_argument("--epoch", type=int, default=d.epoch)
     p.add_argument("--lr", type=float, default=None, help="default from --recipe")
     p.add_argument("--momentum", type=float, default=None, help="default from --recipe")
@@ -40,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--trainsize", type=int, default=None, help="default from --recipe (352 release, 512 paper)")
     p.add_argument("--clip", type=float, default=d.clip, help="gradient clipping by value (default: none, as released)")
     p.add_argument("--fc_width", type=int, default=d.fc_width, help="FCN8s fc6/fc7 channels")
-    p.add_argument("--pretrained", default=None, help="FCN8s: ImageNet VGG-16 weights (local file, e.g. vgg16-397923af.pth)")
+    p.add_argument("--pretrained", default=None,
+                   help="FCN8s: ImageNet VGG-16 weights (local file, e.g. vgg16-397923af.pth)")
     add_bool(p, "--binarize_prior", d.binarize_prior, "binarise priors at 128 (the released ones are already 0/255)")
     add_run_args(p, d)
     return p.parse_args(argv)

@@ -3,7 +3,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .folder import EvaluationError, safe_name, evaluate_folder, extra_line, release_line, write_per_image_csv
+from .folder import (
+    EvaluationError,
+    evaluate_folder,
+    extra_line,
+    release_line,
+    safe_name,
+    write_per_image_csv,
+)
 from .report import average, write_binary_reports, write_multiclass_reports
 
 # main.m's multi-class layout: prediction sub-folder -> GT folder inside MultiClassInfection-Test.

@@ -2,7 +2,7 @@
 import csv
 from pathlib import Path
 
-from .folder import SUMMARY_KEYS, safe_name, release_line
+from .folder import SUMMARY_KEYS, release_line, safe_name
 
 # Columns of the paper's tables (Table II / III) and their summary keys.
 TABLE_COLUMNS = (("Dice", "meanDic"), ("Sen.", "meanSen"), ("Spec.", "meanSpe"),

@@ -11,8 +11,12 @@ import torch.nn as nn
 from PIL import Image
 
 from Code.model_lung_infection import Inf_Net, load_checkpoint, save_release_weights
-from Code.model_lung_infection.fast_inference import (count_batchnorms, cpu_has_native_bf16, fuse_conv_bn,
-                                                       prepare_for_inference)
+from Code.model_lung_infection.fast_inference import (
+    count_batchnorms,
+    cpu_has_native_bf16,
+    fuse_conv_bn,
+    prepare_for_inference,
+)
 from Code.model_lung_infection.infer import default_amp, run_test
 from Code.model_lung_infection.layers import ConvBN
 

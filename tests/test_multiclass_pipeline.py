@@ -7,13 +7,20 @@ import pytest
 import torch
 from PIL import Image
 
+import MyTest_MulClsLungInf_UNet as test_cli
+import MyTrain_MulClsLungInf_UNet as train_cli
 from Code.model_lung_infection.checkpoint import save_release_weights
 from Code.model_lung_infection.data import DataError
 from Code.model_lung_infection.inf_net import Inf_Net
-from Code.model_lung_infection.multiclass import (MultiClassConfig, MultiClassTrainSet, build_model, class_maps,
-                                                  read_class_indices, run_test, train)
-import MyTest_MulClsLungInf_UNet as test_cli
-import MyTrain_MulClsLungInf_UNet as train_cli
+from Code.model_lung_infection.multiclass import (
+    MultiClassConfig,
+    MultiClassTrainSet,
+    build_model,
+    class_maps,
+    read_class_indices,
+    run_test,
+    train,
+)
 
 TRAIN_STEMS = ["0", "1", "10", "11"]
 TEST_STEMS = ["18", "21"]
@@ -179,8 +186,8 @@ def test_fcn8s_image_only_paper_recipe_trains_and_tests(pair_root, test_slices, 
     assert snapshot.is_file()
     root, sizes = test_slices
     # No prior is needed for an image-only model, so the missing prior folder does not matter.
-    run_test(snapshot, root, prior_path=tmp_path / "no-such-folder", save_root=tmp_path / "out", testsize=SIZE,
-             device="cpu", progress=False)
+    run_test(snapshot, root, prior_path=tmp_path / "no-such-folder", save_root=tmp_path / "out",
+             testsize=SIZE, device="cpu", progress=False)
     check_outputs(tmp_path / "out", "FCN8s", sizes)
 
 

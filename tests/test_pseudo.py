@@ -8,9 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from Code.model_lung_infection import Inf_Net, save_release_weights
-from Code.model_lung_infection import pseudo
-from Code.model_lung_infection.pseudo import STATE_FILE, PseudoConfig, generate, load_state
+from Code.model_lung_infection import Inf_Net, pseudo, save_release_weights
+from Code.model_lung_infection.pseudo import (
+    STATE_FILE,
+    PseudoConfig,
+    generate,
+    load_state,
+)
 from Code.model_lung_infection.train import STAGES, stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -59,7 +59,8 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random init is fine for counting
         model = create_model(a.model, **kw)
-    print(report(a.model + (f" ({a.backbone})" if a.backbone else ""), count_complexity(model, a.size, a.in_channels), a.size))
+    name = a.model + (f" ({a.backbone})" if a.backbone else "")
+    print(report(name, count_complexity(model, a.size, a.in_channels), a.size))
 
 
 if __name__ == "__main__":

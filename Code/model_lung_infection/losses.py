@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 def boundary_weight(mask):
     """1 + 5 |avgpool31(G) - G|. The 31x31 zero-padded mean is separable: two 1-D passes are ~5x faster."""
-    local_mean = F.avg_pool2d(F.avg_pool2d(mask, (31, 1), stride=1, padding=(15, 0)), (1, 31), stride=1, padding=(0, 15))
+    column_mean = F.avg_pool2d(mask, (31, 1), stride=1, padding=(15, 0))
+    local_mean = F.avg_pool2d(column_mean, (1, 31), stride=1, padding=(0, 15))
     return 1 + 5 * torch.abs(local_mean - mask)
 
 

@@ -30,8 +30,17 @@ import torch
 
 from .atomic import atomic_write
 from .checkpoint import extract_state_dict
-from .data import (IMAGE_EXTENSIONS, DataError, InfectionTrainSet, _natural_key, edge_from_mask, list_images,
-                   normalize_image, read_rgb, resize)
+from .data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    InfectionTrainSet,
+    _natural_key,
+    edge_from_mask,
+    list_images,
+    normalize_image,
+    read_rgb,
+    resize,
+)
 from .infer import load_inf_net, probability_maps, save_png
 from .runtime import pick_device
 from .train import DOCTOR_LABEL, PSEUDO_LABEL, SCALES, TrainConfig, train
