@@ -91,6 +91,18 @@ def test_table_writer_on_fake_results(tmp_path):
     assert "ggo_dice_ours" in header and "avg_mae_paper" in header
 
 
+def test_shared_run_gets_the_paper_figures_of_each_table_it_appears_in(tmp_path):
+    # Table IV's run of No.7 records its Table IV name; Table II reads the same run as "Semi-Inf-Net".
+    semi = next(r for r in TABLE_ROWS["II"] if r.name == "Semi-Inf-Net")
+    no7 = next(r for r in TABLE_ROWS["IV"] if r.run == semi.run)
+    assert no7.name != semi.name
+    fake = {semi.name: {"row": no7.name, "run": semi.run, "metrics": dict.fromkeys(tables.METRICS, 0.5),
+                        "params": 1, "macs": 1, "budget": {"name": "fake"}, "budget_text": "1 ep, 64 px",
+                        "device": "cpu", "pretrained": False}}
+    md, _ = tables.write_table("II", [semi], fake, tmp_path)
+    assert "**0.500** / 0.739 | **0.500** / 0.725 |" in md.read_text()  # Semi-Inf-Net's Dice, Sen in Table II
+
+
 def test_ablation_row_trains_inf_net_without_its_components(mini_dataset, tmp_path):
     data = mini_dataset(n_train=2, n_test=1)
     row = Row("No.1 Backbone", "semi", options=tables._ablation())

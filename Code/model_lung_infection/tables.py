@@ -337,9 +337,10 @@ def _paper_row(table, name):
     return dict(zip(t["columns"], values)) if values else {}
 
 
-def _metric_pairs(table, result):
-    """[(column label, ours, paper)] for the row's figures."""
-    paper = _paper_row(table, result["row"])
+def _metric_pairs(table, name, result):
+    """[(column label, ours, paper)] for row `name`'s figures. The name is the table's own: a shared
+    run (Table II's Semi-Inf-Net is Table IV's No.7) records the name of the table that trained it."""
+    paper = _paper_row(table, name)
     if table != "III":
         return [(label, result["metrics"][key], paper.get(p))
                 for (label, key), p in zip(TABLE_COLUMNS, PAPER_METRICS)]
@@ -370,14 +371,14 @@ def write_table(table, rows, results, results_root="Results/tables"):
           "Params / FLOPs: ours at 352 x 352 (FLOPs = multiply-accumulates, as the paper's thop counts) "
           "/ paper.", "", "Budget(s): " + "; ".join(budgets), ""]
     first = results[rows[0].name]
-    labels = [label for label, _, _ in _metric_pairs(table, first)]
+    labels = [label for label, _, _ in _metric_pairs(table, rows[0].name, first)]
     md.append("| Method | Backbone | Params | FLOPs | " + " | ".join(labels) + " | Budget |")
     md.append("|" + "---|" * (len(labels) + 5))
     csv_rows = []
     for row in rows:
         r = results[row.name]
         paper = _paper_row(table, row.name)
-        pairs = _metric_pairs(table, r)
+        pairs = _metric_pairs(table, row.name, r)
         cells = [row.name, row.backbone, f"{si_units(r['params'])} / {paper.get('params', '-')}",
                  f"{si_units(r['macs'])} / {paper.get('flops', '-')}"]
         cells += [f"**{_fmt(ours)}** / {_fmt(p)}" for _, ours, p in pairs]
