@@ -337,10 +337,8 @@ def _paper_row(table, name):
     return dict(zip(t["columns"], values)) if values else {}
 
 
-def _metric_pairs(table, name, result):
-    """[(column label, ours, paper)] for row `name`'s figures. The name is the table's own: a shared
-    run (Table II's Semi-Inf-Net is Table IV's No.7) records the name of the table that trained it."""
-    paper = _paper_row(table, name)
+def _metric_pairs(table, paper, result):
+    """[(column label, ours, paper)] for one row; `paper` is that row's `_paper_row`."""
     if table != "III":
         return [(label, result["metrics"][key], paper.get(p))
                 for (label, key), p in zip(TABLE_COLUMNS, PAPER_METRICS)]
@@ -371,14 +369,16 @@ def write_table(table, rows, results, results_root="Results/tables"):
           "Params / FLOPs: ours at 352 x 352 (FLOPs = multiply-accumulates, as the paper's thop counts) "
           "/ paper.", "", "Budget(s): " + "; ".join(budgets), ""]
     first = results[rows[0].name]
-    labels = [label for label, _, _ in _metric_pairs(table, rows[0].name, first)]
+    labels = [label for label, _, _ in _metric_pairs(table, {}, first)]
     md.append("| Method | Backbone | Params | FLOPs | " + " | ".join(labels) + " | Budget |")
     md.append("|" + "---|" * (len(labels) + 5))
     csv_rows = []
     for row in rows:
         r = results[row.name]
+        # By the table's own row name: a shared run (Table II's Semi-Inf-Net is Table IV's No.7)
+        # records the name of the table that trained it.
         paper = _paper_row(table, row.name)
-        pairs = _metric_pairs(table, row.name, r)
+        pairs = _metric_pairs(table, paper, r)
         cells = [row.name, row.backbone, f"{si_units(r['params'])} / {paper.get('params', '-')}",
                  f"{si_units(r['macs'])} / {paper.get('flops', '-')}"]
         cells += [f"**{_fmt(ours)}** / {_fmt(p)}" for _, ours, p in pairs]
