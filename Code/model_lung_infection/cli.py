@@ -1,5 +1,68 @@
 """Command-line helpers shared by the entry-point scripts."""
 import argparse
+import os
+import sys
+
+from .errors import UserError
+
+# What a user can fix: printed as one line, not a traceback (run_main).
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def add_debug(parser):
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+
+
+def run_main(main, argv=None):
+    """Run a script's `main(argv)`: a user error prints `error: ...` on one line and exits 2; Ctrl-C prints
+    what was saved and how to continue (if the stage says) and exits 130. `--debug` (or INFNET_DEBUG=1)
+    shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("INFNET_DEBUG", "") not in ("", "0")
+    try:
+        return main(argv)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"interrupted{': ' + one_line(e) if str(e) else ''}", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(error):
+    """An exception's message on one line (OSError's 'strerror: filename' included)."""
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error.args[0]):
+        text = f"{error.strerror or error.args[0]}: {error.filename}"
+    else:
+        text = str(error.args[0]) if len(error.args) == 1 else str(error)
+    return " ".join(text.split())
+
+
+def positive_int(value):
+    """argparse type: an integer >= 1 (batch sizes, epochs, sizes)."""
+    return _bounded(value, int, 1, "an integer >= 1")
+
+
+def nonnegative_int(value):
+    return _bounded(value, int, 0, "an integer >= 0")
+
+
+def positive_float(value):
+    return _bounded(value, float, None, "a number > 0", strict=True)
+
+
+def _bounded(value, kind, low, what, strict=False):
+    try:
+        v = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{value}'") from None
+    if (strict and not v > 0) or (low is not None and v < low):
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{value}'")
+    return v
 
 
 def str2bool(value):

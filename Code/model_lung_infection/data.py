@@ -17,13 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .errors import DataError  # noqa: F401  (raised here; re-exported for callers)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file or folder and the problem."""
 
 
 def list_images(folder):
