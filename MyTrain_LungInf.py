@@ -2,7 +2,8 @@
 
     python MyTrain_LungInf.py                               # 50 doctor-labelled slices, paper recipe
     python MyTrain_LungInf.py --train_path /data/COVID-SemiSeg/TrainingSet/LungInfection-Train/Doctor-label
-    python MyTrain_LungInf.py --resume                      # continue an interrupted run
+    python MyTrain_LungInf.py --resume                      # continue an interrupted run (of the stage)
+    python MyTrain_LungInf.py --resume --train_save NAME    # ... the run NAME, with all its options
     torchrun --nproc_per_node=2 MyTrain_LungInf.py          # DistributedDataParallel
 
 Semi-Inf-Net (pseudo labels from PseudoGenerator.py, or the release's):
@@ -11,21 +12,27 @@ Semi-Inf-Net (pseudo labels from PseudoGenerator.py, or the release's):
 
 Stages (--stage; the release's --is_pseudo / --is_semi select the same): data, run name, snapshot
 prefix, batch size, epochs and initial weights come from the preset; any of them given explicitly wins.
+--resume continues a run with the options it was started with (saved in its checkpoint.pth); an
+option given that differs is an error, except --epoch (extend a finished run) and runtime options
+(--device, --num_workers, --progress).
 Snapshots: Snapshots/save_weights/<train_save>/<prefix>-<epoch>.pth (release format) and checkpoint.pth
 (resumable). The recipe lives in Code/model_lung_infection/train.py.
 """
 import argparse
-import sys
 
-from Code.model_lung_infection.cli import add_bool, add_run_args
+from Code.model_lung_infection import cli
+from Code.model_lung_infection.cli import add_bool, add_debug, add_run_args, given_options, run_main
 from Code.model_lung_infection.encoders import ENCODERS
+from Code.model_lung_infection.engine import restore_config
 from Code.model_lung_infection.train import STAGES, TrainConfig, stage_config, train
 
 # The release's boolean switches and the stage each selects.
 STAGE_SWITCHES = {"is_pseudo": "pseudo", "is_semi": "semi"}
+# Options whose config field has another name (the rest share theirs).
+OPTION_FIELDS = {"multi_scale": "scales", "is_pseudo": "stage", "is_semi": "stage"}
 
 
-def parse_args(argv=None):
+def build_parser():
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=list(STAGES), default=None,
@@ -48,14 +55,15 @@ def parse_args(argv=None):
                    "res2net50_v1b_26w_4s-3cf99910.pth); without it the encoder starts from random weights")
     p.add_argument("--init", default=None,
                    help="start from these Inf-Net weights (fine-tuning); --stage semi defaults to step (i)'s")
-    p.add_argument("--epoch", type=int, default=None, help="default from --stage")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batchsize", type=int, default=None,
+    p.add_argument("--epoch", type=cli.positive_int, default=None, help="default from --stage")
+    p.add_argument("--lr", type=cli.positive_float, default=d.lr)
+    p.add_argument("--batchsize", type=cli.positive_int, default=None,
                    help="global batch size (split over DDP processes); default from --stage")
-    p.add_argument("--trainsize", type=int, default=d.trainsize)
-    p.add_argument("--clip", type=float, default=d.clip, help="gradient clipping by value")
-    p.add_argument("--decay_rate", type=float, default=d.decay_rate)
-    p.add_argument("--decay_epoch", type=int, default=d.decay_epoch, help="lr *= decay_rate every decay_epoch epochs")
+    p.add_argument("--trainsize", type=cli.positive_int, default=d.trainsize)
+    p.add_argument("--clip", type=cli.nonnegative_float, default=d.clip, help="gradient clipping by value (0: none)")
+    p.add_argument("--decay_rate", type=cli.positive_float, default=d.decay_rate)
+    p.add_argument("--decay_epoch", type=cli.positive_int, default=d.decay_epoch,
+                   help="lr *= decay_rate every decay_epoch epochs")
     add_bool(p, "--multi_scale", True, "train each batch at scales 0.75, 1 and 1.25")
     add_bool(p, "--release_bce", False, "unweighted BCE, as the released code effectively computed")
     g = p.add_argument_group("Inf-Net components (Table IV ablations; --no-<name> switches one off, "
@@ -64,6 +72,13 @@ def parse_args(argv=None):
     add_bool(g, "--partial_decoder", True, "RFBs + parallel partial decoder for the global map")
     add_bool(g, "--reverse_attention", True, "the three cascaded reverse-attention branches")
     add_run_args(p, d)
+    add_debug(p)
+    return p
+
+
+def parse_args(argv=None):
+    """Parsed options; `.given` holds the names of those given explicitly (what --resume checks)."""
+    p = build_parser()
     a = p.parse_args(argv)
     switched = [STAGE_SWITCHES[k] for k in STAGE_SWITCHES if getattr(a, k)]
     if len(switched) > 1:
@@ -71,22 +86,27 @@ def parse_args(argv=None):
     if switched and a.stage not in (None, switched[0]):
         p.error(f"--stage {a.stage} contradicts --is_{switched[0]} (stage {switched[0]})")
     a.stage = a.stage or (switched[0] if switched else "doctor")
+    a.given = given_options(p, argv)
     return a
 
 
 def config_from_args(a):
-    """TrainConfig of the parsed options: the --stage preset, overridden by every option given."""
+    """TrainConfig of the parsed options: the --stage preset, overridden by every option given;
+    with --resume, the run's saved config, which options given may only extend (restore_config)."""
     fields = set(TrainConfig.__dataclass_fields__)
     cfg = stage_config(getattr(a, "stage", None) or "doctor",
-                       **{k: v for k, v in vars(a).items() if k in fields})
+                       **{k: v for k, v in vars(a).items() if k in fields and k != "stage"})
     if not a.multi_scale:
         cfg.scales = (1.0,)
-    return cfg
+    if not a.resume:
+        return cfg
+    given = {OPTION_FIELDS.get(k, k) for k in getattr(a, "given", ())} & fields
+    return restore_config(TrainConfig, cfg.checkpoint_path, {k: getattr(cfg, k) for k in given})
+
+
+def main(argv=None):
+    train(config_from_args(parse_args(argv)))
 
 
 if __name__ == "__main__":
-    try:
-        config = config_from_args(parse_args())
-    except FileNotFoundError as e:  # e.g. --stage semi before step (i)
-        sys.exit(f"error: {e}")
-    train(config)
+    run_main(main)

@@ -4,7 +4,7 @@
     python MyTrain_MulClsLungInf_UNet.py --arch fcn8s       # "Semi-Inf-Net & FCN8s"
     python MyTrain_MulClsLungInf_UNet.py --no-prior         # "Multi-class U-Net" baseline (slice only)
     python MyTrain_MulClsLungInf_UNet.py --recipe paper     # 512x512, Xavier, SGD lr 1e-10, momentum 0.99, wd 5e-4
-    python MyTrain_MulClsLungInf_UNet.py --resume           # continue an interrupted run
+    python MyTrain_MulClsLungInf_UNet.py --resume           # continue an interrupted run, with its options
 
 Data: <train_path>/{Imgs,GT,Prior}; GT are palette PNGs whose indices are the classes
 (0 background, 1 GGO, 2 consolidation); Prior is the binary infection map.
@@ -15,11 +15,12 @@ or FCN8s after --arch and --prior. The recipe lives in Code/model_lung_infection
 import argparse
 
 from Code.model_lung_infection import cli
-from Code.model_lung_infection.cli import add_bool, add_run_args
+from Code.model_lung_infection.cli import add_bool, add_debug, add_run_args, given_options, run_main
+from Code.model_lung_infection.engine import restore_config
 from Code.model_lung_infection.multiclass import ARCHS, INITS, RECIPES, MultiClassConfig, train
 
 
-def parse_args(argv=None):
+def build_parser():
     d = MultiClassConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_path", default=d.train_path, help="folder with Imgs/, GT/ and Prior/")
@@ -33,25 +34,46 @@ def parse_args(argv=None):
     p.add_argument("--recipe", choices=sorted(RECIPES), default=d.recipe,
                    help="release: 352, SGD lr 1e-2 momentum 0.7; "
                         "paper: 512, Xavier, SGD lr 1e-10 momentum 0.99 wd 5e-4")
-    p.add_argument("--epoch", type=int, default=d.epoch)
-    p.add_argument("--lr", type=float, default=None, help="default from --recipe")
-    p.add_argument("--momentum", type=float, default=None, help="default from --recipe")
-    p.add_argument("--weight_decay", type=float, default=None, help="default from --recipe")
+    p.add_argument("--epoch", type=cli.positive_int, default=d.epoch)
+    p.add_argument("--lr", type=cli.positive_float, default=None, help="default from --recipe")
+    p.add_argument("--momentum", type=cli.nonnegative_float, default=None, help="default from --recipe")
+    p.add_argument("--weight_decay", type=cli.nonnegative_float, default=None, help="default from --recipe")
     p.add_argument("--init", choices=INITS, default=None, help="weight initialisation (default from --recipe)")
-    p.add_argument("--batchsize", type=int, default=d.batchsize, help="global batch size (split over DDP processes)")
-    p.add_argument("--trainsize", type=int, default=None, help="default from --recipe (352 release, 512 paper)")
-    p.add_argument("--clip", type=float, default=d.clip, help="gradient clipping by value (default: none, as released)")
-    p.add_argument("--fc_width", type=int, default=d.fc_width, help="FCN8s fc6/fc7 channels")
+    p.add_argument("--batchsize", type=cli.positive_int, default=d.batchsize,
+                   help="global batch size (split over DDP processes)")
+    p.add_argument("--trainsize", type=cli.positive_int, default=None,
+                   help="default from --recipe (352 release, 512 paper)")
+    p.add_argument("--clip", type=cli.nonnegative_float, default=d.clip,
+                   help="gradient clipping by value (default: none, as released)")
+    p.add_argument("--fc_width", type=cli.positive_int, default=d.fc_width, help="FCN8s fc6/fc7 channels")
     p.add_argument("--pretrained", default=None,
                    help="FCN8s: ImageNet VGG-16 weights (local file, e.g. vgg16-397923af.pth)")
     add_bool(p, "--binarize_prior", d.binarize_prior, "binarise priors at 128 (the released ones are already 0/255)")
     add_run_args(p, d)
-    return p.parse_args(argv)
+    add_debug(p)
+    return p
+
+
+def parse_args(argv=None):
+    """Parsed options; `.given` holds the names of those given explicitly (what --resume checks)."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    a.given = given_options(p, argv)
+    return a
 
 
 def config_from_args(a):
-    return cli.config_from_args(MultiClassConfig, a)
+    """MultiClassConfig of the options; with --resume, the run's saved config (engine.restore_config)."""
+    cfg = cli.config_from_args(MultiClassConfig, a)
+    if not a.resume:
+        return cfg
+    given = set(getattr(a, "given", ())) & set(MultiClassConfig.__dataclass_fields__)
+    return restore_config(MultiClassConfig, cfg.checkpoint_path, {k: getattr(cfg, k) for k in given})
+
+
+def main(argv=None):
+    train(config_from_args(parse_args(argv)))
 
 
 if __name__ == "__main__":
-    train(config_from_args(parse_args()))
+    run_main(main)

@@ -1,4 +1,9 @@
-"""Run under torchrun by tests/test_train.py: a few DDP steps, then each rank saves its weights."""
+"""Run under torchrun by tests/test_train.py: DDP training, then each rank saves its weights.
+
+The release's encoder (res2net50_v1b_26w_4s, which keeps an unused classifier) at 64 px, multi-scale
+(three updates per batch), two batches per rank: what `torchrun MyTrain_LungInf.py` runs.
+"""
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,8 +17,7 @@ if __name__ == "__main__":
     data, out = sys.argv[1], Path(sys.argv[2])
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    cfg = TrainConfig(train_path=[data], snapshot_root=str(out), train_save="ddp", backbone="timm:resnet18",
-                      epoch=1, batchsize=4, trainsize=64, max_steps=2, progress=False)
+    cfg = TrainConfig(train_path=[data], snapshot_root=str(out), train_save="ddp", backbone="res2net50_v1b_26w_4s",
+                      epoch=1, batchsize=2, trainsize=64, progress=False)
     model = train(cfg)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(__import__("os").environ["RANK"])
-    torch.save(model.state_dict(), out / f"rank{rank}.pth")
+    torch.save(model.state_dict(), out / f"rank{os.environ['RANK']}.pth")

@@ -55,6 +55,10 @@ def positive_float(value):
     return _bounded(value, float, None, "a number > 0", strict=True)
 
 
+def nonnegative_float(value):
+    return _bounded(value, float, 0, "a number >= 0")
+
+
 def _bounded(value, kind, low, what, strict=False):
     try:
         v = kind(value)
@@ -91,23 +95,38 @@ def add_runtime_args(parser):
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     add_bool(g, "--amp", None, "mixed precision: float16 on CUDA, bfloat16 on CPU; default on for CUDA only")
     add_bool(g, "--channels_last", False, "channels-last memory format (faster on recent CPUs and GPUs)")
-    g.add_argument("--num_workers", type=int, default=None, help="data-loading processes (default 4 on CUDA, 0 on CPU)")
+    g.add_argument("--num_workers", type=nonnegative_int, default=None,
+                   help="data-loading processes (default 4 on CUDA, 0 on CPU)")
     g.add_argument("--seed", type=int, default=2020)
     return g
 
 
 def add_run_args(parser, defaults):
     """Options of every training run (engine.RunConfig): snapshots, resume, progress, runtime."""
-    parser.add_argument("--save_every", type=int, default=defaults.save_every,
+    parser.add_argument("--save_every", type=positive_int, default=defaults.save_every,
                         help="snapshot every N epochs (and the last)")
     add_bool(parser, "--resume", False, "continue the run from Snapshots/save_weights/<train_save>/checkpoint.pth")
     add_bool(parser, "--overwrite", False, "start again even if the run folder has a checkpoint")
     add_bool(parser, "--progress", True, "progress bar")
-    parser.add_argument("--epoch_samples", type=int, default=defaults.epoch_samples,
+    parser.add_argument("--epoch_samples", type=positive_int, default=defaults.epoch_samples,
                         help="CPU budget: each epoch trains on this many slices (successive epochs continue "
                              "through a seeded shuffle of the set) instead of all of them")
-    parser.add_argument("--max_steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--max_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
     add_runtime_args(parser)
+
+
+def given_options(parser, argv):
+    """The dests of the options given explicitly in `argv` (a default, even an equal one, is not given).
+
+    Parses `argv` again with every default suppressed, so what is left was on the command line."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in defaults:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
 
 
 def config_from_args(config_class, args, **overrides):

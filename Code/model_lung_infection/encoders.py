@@ -28,8 +28,12 @@ def _timm(name, keep_classifier=False, **kw):
 @ENCODERS.register("res2net50_v1b_26w_4s")
 def res2net50_v1b_26w_4s(**kw):
     # timm's res2net50d is the release's Res2Net-50 v1b 26w*4s: same keys, shapes and outputs.
-    # The release kept the unused ImageNet classifier (`resnet.fc.*`), so we do too.
-    return _timm("res2net50d", keep_classifier=True, **kw)
+    # The release kept the unused ImageNet classifier (`resnet.fc.*`), so we do too (same 946 keys),
+    # frozen: it never gets a gradient, and DistributedDataParallel fails on trainable parameters
+    # that get none.
+    model = _timm("res2net50d", keep_classifier=True, **kw)
+    model.fc.requires_grad_(False)
+    return model
 
 
 @ENCODERS.register("resnet50")

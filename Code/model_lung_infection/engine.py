@@ -4,21 +4,25 @@ A trainer supplies a model, a dataset, its optimizer/scheduler and a `step(batch
 computes losses and calls `engine.optimize(loss)` (once, or once per scale for multi-scale steps).
 
 Resume is exact: the shuffle depends only on (seed, epoch) and the checkpoint written atomically
-after every epoch holds the model, optimizer, scheduler, grad-scaler and RNG states.
+after every epoch holds the model, optimizer, scheduler, grad-scaler and RNG states, and the run's
+config, which `restore_config` gives back to a `--resume` that names only the run.
 """
 import dataclasses
 import json
+import os
+import shlex
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import atomic_save, load_checkpoint, save_release_weights, unwrap
+from .errors import CheckpointError, TrainingInterrupted, UserError
 from .runtime import Distributed, autocast, pick_device, rng_state, set_rng_state
 
 
@@ -42,6 +46,12 @@ class RunConfig:
     max_steps: Optional[int] = None       # stop after this many batches (smoke tests, benchmarks)
     epoch_samples: Optional[int] = None   # CPU budgets: each epoch sees this many samples, not the whole set
     progress: bool = True
+    # False: no checkpoint.pth (runs that are redone from their start, e.g. pseudo-label rounds: a full
+    # optimizer checkpoint per epoch would be hundreds of MB written and deleted for nothing).
+    resumable: bool = True
+
+    # The script that trains this config: the command that continues an interrupted run names it.
+    SCRIPT: ClassVar[str] = "MyTrain_LungInf.py"
 
     @property
     def run_dir(self):
@@ -55,24 +65,97 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
-# Options that may change between an interrupted run and its resumption without a warning.
-_RESUMABLE_CHANGES = {"resume", "overwrite", "epoch", "progress", "num_workers", "max_steps", "device"}
+# Options that may change between an interrupted run and its resumption: where the run is now, how
+# long it goes (--epoch extends a finished run) and how this process runs (not what it computes).
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epoch", "progress", "num_workers", "max_steps", "device",
+                               "snapshot_root", "train_save"})
+
+
+def read_checkpoint(path, mmap=False):
+    """torch.load of a training checkpoint; a missing, truncated or foreign file is one error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}: start the run without --resume "
+                                f"(or give the --train_save/--snapshot_root of the run to continue)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise CheckpointError(f"{path}: cannot be read (truncated or not a checkpoint: {_first_line(e)}); "
+                              f"start the run again with --overwrite") from e
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "rng") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (no {', '.join(missing)}; release weights "
+                              f"start a run with --init); start the run again with --overwrite")
+    return state
+
+
+def _first_line(error):
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def restore_config(config_class, path, given):
+    """The config `path` (a checkpoint.pth) was trained with, for --resume.
+
+    `given`: {field: value} of the options given explicitly on the command line. One that differs
+    from the saved run is an error naming it, except RESUMABLE_CHANGES, which win."""
+    saved = read_checkpoint(path, mmap=True).get("config")
+    if not isinstance(saved, dict) or not saved:
+        raise CheckpointError(f"{path}: holds no run config to resume from: start the run again with --overwrite")
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    given = json.loads(json.dumps(given, default=str))  # as the checkpoint stores them (tuples as lists)
+    for name, value in given.items():
+        if name in saved and name not in RESUMABLE_CHANGES and saved[name] != value:
+            raise UserError(f"--{name} {_show(value)} differs from {_show(saved[name])}, which the run in {path} "
+                            f"was started with: drop --{name} to continue that run, or start a new one "
+                            f"(another --train_save, or --overwrite)")
+    values = {k: _as_field(fields[k], v) for k, v in saved.items() if k in fields}
+    values.update({k: v for k, v in given.items() if k in RESUMABLE_CHANGES and k in fields})
+    values.update(resume=True, overwrite=False)
+    return config_class(**values)
+
+
+def _show(value):
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _as_field(field, value):
+    # JSON gave lists back; fields whose default is a tuple (scales) take tuples again.
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    return tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+
+
+def resume_command(cfg, world_size=1):
+    """The command that continues `cfg`'s run (restore_config gives back every other option)."""
+    launcher = ["python"]
+    if world_size > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        launcher = ["torchrun", f"--nproc_per_node={per_node}"] + (
+            [f"--nnodes={world_size // per_node}"] if per_node != world_size else [])
+    args = [cfg.SCRIPT, "--resume", "--train_save", cfg.train_save]
+    if cfg.snapshot_root != RunConfig.snapshot_root:
+        args += ["--snapshot_root", cfg.snapshot_root]
+    return shlex.join(launcher + args)
 
 
 class Engine:
     def __init__(self, cfg: RunConfig, model):
         self.cfg = cfg
-        self.ddp = Distributed()
-        self.device = self.ddp.setup(pick_device(cfg.device))
-        self.amp = self.device.type == "cuda" if cfg.amp is None else bool(cfg.amp)
-        if self.ddp.is_main and cfg.checkpoint_path.exists() and not (cfg.resume or cfg.overwrite):
+        # Checked on every rank before any process group exists: an error stops them all, none waits.
+        if cfg.checkpoint_path.exists() and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(f"{cfg.checkpoint_path} exists: pass --resume to continue that run, "
                                   f"--overwrite to start it again, or choose another --train_save")
         if cfg.resume and not cfg.checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {cfg.checkpoint_path}")
+            read_checkpoint(cfg.checkpoint_path)  # the error that says what to do
+        self.ddp = Distributed()
+        self.device = self.ddp.setup(pick_device(cfg.device))
+        self.amp = self.device.type == "cuda" if cfg.amp is None else bool(cfg.amp)
         self.model = model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # DDP reduces the gradients of parameters that require them; frozen ones (the release's unused
+        # classifier, encoders.py) are neither reduced nor waited for.
         self.net = DistributedDataParallel(self.model) if self.ddp.enabled else self.model
         self.optimizer = self.scheduler = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
@@ -118,8 +201,23 @@ class Engine:
             print(f"[train] {len(dataset)} samples{budget}{describe}; device {self.device}"
                   f"{' x' + str(ddp.world_size) if ddp.enabled else ''}; amp {self.amp}; "
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
+        self.saved_epoch = start_epoch - 1 if cfg.resumable else None
+        self.epoch = start_epoch
+        try:
+            self._epochs(loader, sampler, step, writer, start_epoch)
+        except KeyboardInterrupt as e:
+            raise TrainingInterrupted(self._interrupted_message(self.epoch)) from e
+        finally:
+            if writer:
+                writer.close()
+            ddp.cleanup()
+        return unwrap(self.model)
+
+    def _epochs(self, loader, sampler, step, writer, start_epoch):
+        cfg, ddp = self.cfg, self.ddp
         steps = 0
         for epoch in range(start_epoch, cfg.epoch + 1):
+            self.epoch = epoch
             self.net.train()
             sampler.set_epoch(epoch)
             meter = _Meter()
@@ -132,27 +230,35 @@ class Engine:
                 steps += 1
                 if cfg.max_steps and steps >= cfg.max_steps:
                     break
-            scheduler.step()
+            self.scheduler.step()
             ddp.sync_buffers(self.model)
             if ddp.is_main:
                 self._end_of_epoch(epoch, meter, writer)
+            if cfg.resumable:
+                self.saved_epoch = epoch
             ddp.barrier()
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
-        if writer:
-            writer.close()
-        ddp.cleanup()
-        return unwrap(self.model)
+
+    def _interrupted_message(self, epoch):
+        cfg = self.cfg
+        stopped = f"training stopped in epoch {epoch} of {cfg.epoch}"
+        if self.saved_epoch is None:
+            return f"{stopped}; this run keeps no checkpoint (resumable=False): start it again"
+        if self.saved_epoch == 0:
+            return f"{stopped}; no epoch was finished, nothing is saved: run the same command to start again"
+        return (f"{stopped}; {cfg.checkpoint_path} holds epoch {self.saved_epoch}; continue with: "
+                f"{resume_command(cfg, self.ddp.world_size)}")
 
     def _resume(self):
-        state = torch.load(self.cfg.checkpoint_path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(self.cfg.checkpoint_path)
         load_checkpoint(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         changed = {k: (v, self.cfg.as_dict()[k]) for k, v in state.get("config", {}).items()
-                   if k in self.cfg.as_dict() and k not in _RESUMABLE_CHANGES and self.cfg.as_dict()[k] != v}
+                   if k in self.cfg.as_dict() and k not in RESUMABLE_CHANGES and self.cfg.as_dict()[k] != v}
         if changed:
             warnings.warn("resuming with options that differ from the checkpoint's: " +
                           ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
@@ -174,9 +280,10 @@ class Engine:
             writer.flush()
         if epoch % cfg.save_every == 0 or epoch == cfg.epoch:
             save_release_weights(self.model, cfg.run_dir / f"{cfg.snapshot_prefix}-{epoch}.pth")
-        atomic_save({"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "epoch": epoch, "rng": rng_state(), "config": cfg.as_dict()}, cfg.checkpoint_path)
+        if cfg.resumable:
+            atomic_save({"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                         "epoch": epoch, "rng": rng_state(), "config": cfg.as_dict()}, cfg.checkpoint_path)
 
 
 class EpochSliceSampler(torch.utils.data.Sampler):
@@ -204,10 +311,12 @@ class EpochSliceSampler(torch.utils.data.Sampler):
         return out
 
     def __iter__(self):
-        return iter(self.epoch_indices()[self.rank::self.world_size])
+        indices = self.epoch_indices()
+        padded = (indices * (-(-len(self) * self.world_size // len(indices))))[:len(self) * self.world_size]
+        return iter(padded[self.rank::self.world_size])
 
     def __len__(self):
-        return len(range(self.rank, self.samples, self.world_size))
+        return -(-self.samples // self.world_size)  # per rank, the same on every rank
 
 
 class _Meter:

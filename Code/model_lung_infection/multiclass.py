@@ -28,7 +28,7 @@ Testing: see `run_test` and `class_maps`.
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -206,6 +206,8 @@ class MultiClassConfig(RunConfig):
     epoch: int = 200
     batchsize: int = 16
     save_every: int = 10
+
+    SCRIPT: ClassVar[str] = "MyTrain_MulClsLungInf_UNet.py"  # named in the command that resumes a run
 
     def __post_init__(self):
         if self.arch not in ARCHS:

@@ -295,7 +295,8 @@ def _round_config(cfg, state, r):
         save_every=cfg.epoch, lr=cfg.lr, trainsize=cfg.trainsize, scales=tuple(cfg.scales), clip=cfg.clip,
         decay_rate=cfg.decay_rate, decay_epoch=cfg.decay_epoch, release_bce=cfg.release_bce,
         backbone=state["backbone"], device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
-        num_workers=cfg.num_workers, seed=cfg.seed + r, overwrite=True, progress=cfg.progress)
+        num_workers=cfg.num_workers, seed=cfg.seed + r, overwrite=True, progress=cfg.progress,
+        resumable=False)  # an interrupted round is redone from its start: no per-epoch optimizer checkpoint
 
 
 def _is_round_weights(path, cfg):
@@ -366,7 +367,6 @@ def generate(cfg: PseudoConfig):
         weights = tcfg.run_dir / f"{ROUND_PREFIX}-{cfg.epoch}.pth"
         if not weights.is_file():
             raise RuntimeError(f"round {r}: the fine-tuning wrote no weights at {weights}")
-        tcfg.checkpoint_path.unlink(missing_ok=True)  # a round is redone, never resumed: the optimizer state goes
 
         previous = state["checkpoint"]
         state["rounds"].append({"round": r, "names": names, "checkpoint": str(weights)})

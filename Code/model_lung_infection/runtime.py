@@ -43,7 +43,10 @@ def set_rng_state(state):
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU visible at save time; restore those that exist now (a run may resume
+        # with fewer or more GPUs visible: the others keep their seeded state).
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 class Distributed:
@@ -63,11 +66,18 @@ class Distributed:
         return self.rank == 0
 
     def setup(self, device):
+        """The device this process trains on: under torchrun, GPU LOCAL_RANK (torchrun decides the GPU
+        of each process; restrict them with CUDA_VISIBLE_DEVICES); otherwise the one asked for,
+        `cuda:N` included, made the current CUDA device."""
+        if device.type == "cuda":
+            index = self.local_rank if self.enabled else device.index
+            if index is None:
+                index = torch.cuda.current_device()
+            device = torch.device("cuda", index)
+            torch.cuda.set_device(device)
         if self.enabled and not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(self.local_rank)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return torch.device("cuda", self.local_rank) if device.type == "cuda" else device
+        return device
 
     def sync_buffers(self, model):
         """Copy rank 0's buffers (BatchNorm running statistics) to every rank.

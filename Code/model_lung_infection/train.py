@@ -43,6 +43,7 @@ class TrainConfig(RunConfig):
     edge_attention: bool = True
     partial_decoder: bool = True
     reverse_attention: bool = True
+    stage: Optional[str] = None           # the STAGES preset the run was made from (stage_config)
 
 
 DOCTOR_LABEL = "Dataset/TrainingSet/LungInfection-Train/Doctor-label"
@@ -82,6 +83,7 @@ def stage_config(stage="doctor", **options):
     preset = STAGES[stage]
     values = {f: getattr(preset, f) for f in PRESET_FIELDS}
     values["train_path"] = list(preset.train_path)
+    values["stage"] = stage
     values.update({k: v for k, v in options.items() if v is not None})
     if isinstance(values["train_path"], (str, Path)):
         values["train_path"] = [values["train_path"]]
@@ -150,7 +152,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
         dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
     if model is None:
         model = build_model(cfg)
-    if cfg.init:
+    if cfg.init and not cfg.resume:  # a resumed run takes its weights from checkpoint.pth
         load_checkpoint(model, cfg.init)
     engine = Engine(cfg, model)
     optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
