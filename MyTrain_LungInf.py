@@ -34,7 +34,7 @@ OPTION_FIELDS = {"multi_scale": "scales", "is_pseudo": "stage", "is_semi": "stag
 
 def build_parser():
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=list(STAGES), default=None,
                    help="preset (default doctor): " + "; ".join(
                        f"{k}: {v.description} ({', '.join(v.train_path)}, run {v.train_save}, batch {v.batchsize}, "

@@ -22,7 +22,7 @@ from Code.model_lung_infection.multiclass import ARCHS, INITS, RECIPES, MultiCla
 
 def build_parser():
     d = MultiClassConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_path", default=d.train_path, help="folder with Imgs/, GT/ and Prior/")
     p.add_argument("--train_save", default=None,
                    help="run name: Snapshots/save_weights/<train_save>/ (default after --arch/--prior)")

@@ -9,6 +9,14 @@ from .errors import UserError
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (`prog: error: ... (see --help)`), exit status 2,
+    without the usage text that scripts with many options spread over a screen."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def add_debug(parser):
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 

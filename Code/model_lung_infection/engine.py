@@ -71,6 +71,15 @@ RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epoch", "progress", "num_
                                "snapshot_root", "train_save"})
 
 
+def check_run_folder(cfg):
+    """Never overwrite a run silently, never resume one that is not there (trainers call this first)."""
+    if cfg.checkpoint_path.exists() and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"{cfg.checkpoint_path} exists: pass --resume to continue that run, "
+                              f"--overwrite to start it again, or choose another --train_save")
+    if cfg.resume and not cfg.checkpoint_path.exists():
+        read_checkpoint(cfg.checkpoint_path)  # the error that says what to do
+
+
 def read_checkpoint(path, mmap=False):
     """torch.load of a training checkpoint; a missing, truncated or foreign file is one error naming it."""
     path = Path(path)
@@ -142,12 +151,7 @@ def resume_command(cfg, world_size=1):
 class Engine:
     def __init__(self, cfg: RunConfig, model):
         self.cfg = cfg
-        # Checked on every rank before any process group exists: an error stops them all, none waits.
-        if cfg.checkpoint_path.exists() and not (cfg.resume or cfg.overwrite):
-            raise FileExistsError(f"{cfg.checkpoint_path} exists: pass --resume to continue that run, "
-                                  f"--overwrite to start it again, or choose another --train_save")
-        if cfg.resume and not cfg.checkpoint_path.exists():
-            read_checkpoint(cfg.checkpoint_path)  # the error that says what to do
+        check_run_folder(cfg)  # on every rank before any process group exists: an error stops them all
         self.ddp = Distributed()
         self.device = self.ddp.setup(pick_device(cfg.device))
         self.amp = self.device.type == "cuda" if cfg.amp is None else bool(cfg.amp)

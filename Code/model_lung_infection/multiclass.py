@@ -50,7 +50,7 @@ from .data import (
     read_rgb,
     resize,
 )
-from .engine import Engine, RunConfig
+from .engine import Engine, RunConfig, check_run_folder
 from .fcn8s import load_vgg16_imagenet
 from .infer import (
     default_model_name,
@@ -277,6 +277,7 @@ def train(cfg: MultiClassConfig, model=None):
     """Train the multi-class network; returns the bare model. Snapshots
     (`<snapshot_root>/save_weights/<train_save>/<prefix>-<epoch>.pth`, release format), the resumable
     checkpoint and TensorBoard logs are written by engine.Engine."""
+    check_run_folder(cfg)  # an existing run or a missing checkpoint: said before reading any data
     torch.manual_seed(cfg.seed)  # same seed on every DDP rank: identical initial weights
     dataset = MultiClassTrainSet(cfg.train_path, cfg.trainsize, cfg.prior, cfg.binarize_prior)
     if model is None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
 from .data import InfectionTrainSet
-from .engine import Engine, RunConfig
+from .engine import Engine, RunConfig, check_run_folder
 from .losses import segmentation_loss
 from .registry import create_model
 
@@ -147,6 +147,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
 
     `dataset` (default: InfectionTrainSet(cfg.train_path)) lets a caller train on a chosen subset.
     """
+    check_run_folder(cfg)  # before reading data or building the model
     torch.manual_seed(cfg.seed)  # same seed on every DDP rank: identical initial weights
     if dataset is None:
         dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
