@@ -42,10 +42,12 @@ from .data import (
     DataError,
     SliceSet,
     _natural_key,
+    check_pairs,
     find_test_images,
     list_images,
     normalize_image,
     pair_by_stem,
+    raise_problems,
     read_mask,
     read_rgb,
     resize,
@@ -152,8 +154,9 @@ class MultiClassTrainSet(CachedSampleSet):
     """`<root>/Imgs`, `<root>/GT` (palette indices) and, with `prior=True`, `<root>/Prior`:
     (input (6 or 3, s, s), one-hot target (3, s, s)) at s = trainsize.
 
-    Every GT is checked (readable, index image, indices in 0..2) when the set is built, so a bad
-    file stops the run before training starts. Decoded, resized samples are cached as uint8.
+    Every file is checked when the set is built (readable, GT and prior of the slice's size, GT an
+    index image with indices in 0..2); all problems stop the run together, before training starts.
+    Decoded, resized samples are cached as uint8.
     """
 
     def __init__(self, root, trainsize=352, prior=True, binarize_prior=True, cache=True):
@@ -161,9 +164,17 @@ class MultiClassTrainSet(CachedSampleSet):
         root = Path(root)
         self.root, self.trainsize, self.prior, self.binarize_prior = root, trainsize, prior, binarize_prior
         folders = [root / "Imgs", root / "GT"] + ([root / "Prior"] if prior else [])
-        self.samples = pair_by_stem(folders)  # [(stem, image, gt[, prior])]
+        problems = []
+        self.samples = pair_by_stem(folders, problems)  # [(stem, image, gt[, prior])]
+        # Every file is checked before the first step (readable, sizes, GT indices); all problems at once.
+        problems += check_pairs(self.samples)
         for _, _, gt_path, *_ in self.samples:
-            read_class_indices(gt_path)
+            try:
+                read_class_indices(gt_path)
+            except DataError as e:
+                if not any(p.startswith(f"{gt_path} cannot be read") for p in problems):  # said once
+                    problems.append(str(e))
+        raise_problems(problems)
 
     def __len__(self):
         return len(self.samples)
