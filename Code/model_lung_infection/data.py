@@ -51,8 +51,8 @@ def pair_by_stem(folders, problems=None):
     found = [] if problems is None else problems
     stems = set(listings[0])
     for folder, listing in zip(folders[1:], listings[1:]):
-        found += [f"{listings[0][stem]}: no partner named '{stem}.*' in {folder}" for stem in sorted(stems - set(listing))]
-        found += [f"{listing[stem]}: no partner named '{stem}.*' in {folders[0]}" for stem in sorted(set(listing) - stems)]
+        found += [f"{listings[0][s]}: no partner named '{s}.*' in {folder}" for s in sorted(stems - set(listing))]
+        found += [f"{listing[s]}: no partner named '{s}.*' in {folders[0]}" for s in sorted(set(listing) - stems)]
     if problems is None:
         raise_problems(found)
     paired = set.intersection(*(set(listing) for listing in listings))

@@ -53,6 +53,7 @@ from .data import (
     resize,
 )
 from .engine import Engine, RunConfig
+from .errors import CheckpointError
 from .fcn8s import load_vgg16_imagenet
 from .infer import (
     default_model_name,
@@ -325,11 +326,11 @@ def load_multiclass(pth_path, device="cpu"):
         kw = {"fc_width": state["fc6.weight"].shape[0]}
         n_classes = state["score_fr.weight"].shape[0]
     else:
-        raise ValueError(f"{name}: neither a multi-class U-Net nor an FCN8s checkpoint (other architectures: "
-                         f"give their checkpoint.pth, which records the architecture)")
+        raise CheckpointError(f"{name}: neither a multi-class U-Net nor an FCN8s checkpoint (other architectures: "
+                              f"give their checkpoint.pth, which records the architecture)")
     if n_classes != N_CLASSES or n_channels not in (3, 6):
-        raise ValueError(f"{name}: expected {N_CLASSES} classes and 3 or 6 input channels, "
-                         f"got {n_classes} classes, {n_channels} channels")
+        raise CheckpointError(f"{name}: expected {N_CLASSES} classes and 3 or 6 input channels, "
+                              f"got {n_classes} classes, {n_channels} channels")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")  # weights come from the file
         model = create_model(ARCHS[arch], n_channels=int(n_channels), n_classes=N_CLASSES, **kw)
