@@ -15,9 +15,20 @@ Priors are binarised at 128 like the training priors. Then score them:
       --pred_root "Results/Multi-class lung infection segmentation" --models Semi-Inf-Net_UNet
 """
 import argparse
+import os
 
-from Code.model_lung_infection.cli import add_bool, add_runtime_args
+from Code.model_lung_infection.cli import add_bool, add_debug, add_runtime_args, positive_int, run_main
+from Code.model_lung_infection.errors import CheckpointError
 from Code.model_lung_infection.multiclass import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, run_test
+
+# Where each weights option comes from, said when the file is not there.
+WEIGHT_HINTS = {
+    "--pth_path": "give --pth_path the weights of a trained multi-class network: MyTrain_MulClsLungInf_UNet.py "
+                  "writes Snapshots/save_weights/<run>/<run>-<epoch>.pth (and checkpoint.pth); the release's "
+                  "unet_model_200.pkl loads too",
+    "--infnet_pth": "give --infnet_pth an Inf-Net / Semi-Inf-Net checkpoint (MyTrain_LungInf.py writes "
+                    "Snapshots/save_weights/<run>/<run>-<epoch>.pth), or leave it out to read priors from --prior_path",
+}
 
 
 def parse_args(argv=None):
@@ -30,20 +41,35 @@ def parse_args(argv=None):
                    help="infection maps named like the slices (ignored with --infnet_pth or an image-only model)")
     p.add_argument("--infnet_pth", default=None,
                    help="Inf-Net / Semi-Inf-Net checkpoint: compute the priors on the fly instead of --prior_path")
-    p.add_argument("--infnet_testsize", type=int, default=352, help="input size of the Inf-Net computing the priors")
+    p.add_argument("--infnet_testsize", type=positive_int, default=352,
+                   help="input size of the Inf-Net computing the priors")
     p.add_argument("--infnet_backbone", default=None, help="encoder of release-format Inf-Net weights")
     p.add_argument("--save_path", default=str(DEFAULT_SAVE_ROOT), help="root of the output folders")
-    p.add_argument("--testsize", type=int, default=None,
+    p.add_argument("--testsize", type=positive_int, default=None,
                    help="network input size (default: the trainsize saved in checkpoint.pth, else 352)")
     p.add_argument("--model_name", default=None,
                    help="output sub-folder (default: the weights' run folder or file stem)")
     add_bool(p, "--binarize_prior", True, "binarise priors at 128, as the training priors are")
     add_bool(p, "--progress", True, "progress bar")
     add_runtime_args(p)
+    add_debug(p)
     return p.parse_args(argv)
 
 
+def check_weights(option, path):
+    """A missing weights file is named with the option that gave it and where such weights come from."""
+    if path and not os.path.isfile(path):
+        raise CheckpointError(f"no weights at {path}: {'not a file' if os.path.exists(path) else 'no such file'}; "
+                              f"{WEIGHT_HINTS[option]}")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    check_weights("--pth_path", a.pth_path)
+    check_weights("--infnet_pth", a.infnet_pth)
+    return run_test(a.pth_path, a.data_path, a.prior_path, a.infnet_pth, a.save_path, a.testsize, a.model_name,
+                    a.device, bool(a.amp), a.binarize_prior, a.infnet_testsize, a.infnet_backbone, a.progress)
+
+
 if __name__ == "__main__":
-    a = parse_args()
-    run_test(a.pth_path, a.data_path, a.prior_path, a.infnet_pth, a.save_path, a.testsize, a.model_name,
-             a.device, bool(a.amp), a.binarize_prior, a.infnet_testsize, a.infnet_backbone, a.progress)
+    run_main(main)

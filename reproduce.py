@@ -12,9 +12,8 @@ and folders are described in Code/model_lung_infection/tables.py.
 """
 import argparse
 import dataclasses
-import sys
 
-from Code.model_lung_infection.cli import add_bool
+from Code.model_lung_infection.cli import add_bool, add_debug, positive_int, run_main
 from Code.model_lung_infection.tables import BUDGETS, TABLE_ROWS, TableRunner
 
 
@@ -24,9 +23,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", default="paper", choices=list(BUDGETS),
                    help="; ".join(f"{k}: {v.describe('semi')}, multi-class {v.multiclass_epochs} ep"
                                   for k, v in BUDGETS.items()))
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="override the budget's epochs (doctor-label training and Semi-Inf-Net step ii)")
-    p.add_argument("--trainsize", type=int, default=None, help="override the budget's train/test size")
+    p.add_argument("--trainsize", type=positive_int, default=None, help="override the budget's train/test size")
     p.add_argument("--rows", nargs="+", default=None, help="only these rows (names as in the table)")
     p.add_argument("--data_root", default="Dataset", help="folder laid out like Dataset/ (COVID-SemiSeg)")
     p.add_argument("--snapshot_root", default="Snapshots")
@@ -40,7 +39,13 @@ def parse_args(argv=None):
     add_bool(p, "--amp", None, "mixed precision: float16 on CUDA, bfloat16 on CPU; default on for CUDA only")
     add_bool(p, "--channels_last", False, "channels-last memory format")
     add_bool(p, "--progress", True, "progress bars")
-    return p.parse_args(argv)
+    add_debug(p)
+    a = p.parse_args(argv)
+    names = [r.name for r in TABLE_ROWS[a.table]]
+    unknown = [r for r in a.rows or () if r not in names]
+    if unknown:  # said now, not after the rows before it have trained
+        p.error(f"Table {a.table} has no row(s) {unknown}; rows: {', '.join(names)}")
+    return a
 
 
 def main(argv=None):
@@ -51,13 +56,9 @@ def main(argv=None):
         budget = dataclasses.replace(budget, **overrides)  # the tag and the table state the change
     runner = TableRunner(budget, a.data_root, a.snapshot_root, a.results_root, a.retrain, a.device, a.amp,
                          a.channels_last, a.progress, imagenet_dir=a.imagenet_dir)
-    try:
-        paths = runner.run_table(a.table, a.rows)
-    except (ValueError, FileNotFoundError) as e:  # bad rows, missing data: the message names it
-        sys.exit(f"error: {e}")
-    for path in paths:
+    for path in runner.run_table(a.table, a.rows):  # missing data, bad weights: one line (cli.run_main)
         print(f"[reproduce] wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,5 +1,6 @@
 """Command line: python -m EvaluationTool --gt_root ... --pred_root ... --models A B"""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -80,15 +81,44 @@ def parse_args(argv=None):
     p.add_argument("--em_strict", action="store_true",
                    help="binarise with pred > t for E-phi (one main.m revision) instead of >=")
     p.add_argument("--workers", type=int, default=None, help="threads (default: up to 4)")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     return p.parse_args(argv)
 
 
+def check_roots(gt_root, pred_root, task):
+    """The two roots exist: said before anything is evaluated, with the option that names each."""
+    gt_what = "GT folder" if task == "binary" else "MultiClassInfection-Test folder (holding GT-1 and GT-2)"
+    for option, path, what, hint in (
+            ("--gt_root", gt_root, gt_what, "check the path"),
+            ("--pred_root", pred_root, "prediction root", "write the maps first (MyTest_LungInf.py / "
+                                                          "MyTest_MulClsLungInf_UNet.py) or check the path")):
+        if not Path(path).is_dir():
+            raise EvaluationError(f"{option}: {what} not found: {path}; {hint}")
+
+
+# What a user can fix: one line on stderr and exit status 2 (the same contract as
+# Code/model_lung_infection/cli.run_main, kept here so the toolbox runs without PyTorch).
+USER_ERRORS = (EvaluationError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
 def main(argv=None):
+    """Run the command line; returns 0, or 2 after printing a user error on one line (130 on Ctrl-C).
+    `--debug` (or INFNET_DEBUG=1) shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    debug = args.debug or os.environ.get("INFNET_DEBUG", "") not in ("", "0")
     try:
+        check_roots(args.gt_root, args.pred_root, args.task)
         run(args.gt_root, args.pred_root, args.models, args.task, args.dataset, args.save_dir,
             args.em_strict, args.workers)
-    except EvaluationError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0

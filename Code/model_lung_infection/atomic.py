@@ -3,16 +3,29 @@
 A crash or Ctrl-C mid-write leaves the old file (or none), never half a file.
 """
 import os
-import tempfile
+import secrets
 from pathlib import Path
+
+
+def _create_temp(folder, suffix):
+    """A new empty file beside the target, created with mode 0o666 so that the kernel applies the
+    user's umask (and any default ACL), as a plain open() would. (tempfile.mkstemp creates 0600
+    files: colleagues on a shared server could not read our weights, maps or tables.)"""
+    for _ in range(100):
+        tmp = Path(folder) / f".tmp-{secrets.token_hex(8)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(f"{folder}: could not create a temporary file (100 names taken)")
 
 
 def atomic_write(path, write):
     """Call `write(tmp_path)` to produce the file, then move it to `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
+    tmp = _create_temp(path.parent, path.suffix)
     try:
         write(tmp)
         with open(tmp, "rb") as f:

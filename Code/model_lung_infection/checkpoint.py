@@ -2,12 +2,15 @@
 
 Release format: a bare `state_dict()` (what `Inf-Net-100.pth` holds). Our training
 checkpoints are dicts with the weights under "model" plus optimizer, epoch and RNG states.
+Every error while reading or fitting weights is a CheckpointError naming the file, on one line.
 """
 import os
+from collections import OrderedDict
 
 import torch
 
 from .atomic import atomic_write
+from .errors import CheckpointError
 
 
 def atomic_save(obj, path):
@@ -26,34 +29,92 @@ def save_release_weights(model, path):
     atomic_save(unwrap(model).state_dict(), path)
 
 
-def extract_state_dict(source, name="<state dict>"):
+# A state dict passed in memory, when nothing says which file it came from.
+UNNAMED = "<state dict>"
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """No file at the given path (also a FileNotFoundError, for callers that test for one)."""
+
+
+class NamedStateDict(OrderedDict):
+    """A state dict that remembers the file it was read from, so a later error names that file."""
+
+    source_name = UNNAMED
+
+    def __reduce__(self):
+        # saved as a plain OrderedDict, so the file loads with torch.load(weights_only=True)
+        plain = OrderedDict(self)
+        plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != "source_name"})
+        return plain.__reduce__()
+
+
+def _named(state, name):
+    named = NamedStateDict(state)
+    metadata = getattr(state, "_metadata", None)  # module versions, used by load_state_dict
+    if metadata is not None:
+        named._metadata = metadata
+    named.source_name = name
+    return named
+
+
+def _reason(error, limit=160):
+    """The first sentence of an exception's message, shortened: torch's unpickling errors run to pages."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = (lines[0] if lines else type(error).__name__).split(". ")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_checkpoint(path, mmap=False):
+    """torch.load of a weights or training-checkpoint file (on the CPU, weights only), with errors that
+    name the file: CheckpointError (a missing file is also a FileNotFoundError)."""
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise MissingCheckpointError(f"no weights at {name}: the file does not exist (train a model first, "
+                                     f"or give the path of a trained one)")
+    if os.path.isdir(name):
+        raise CheckpointError(f"no weights at {name}: it is a folder; give the path of a .pth / .pkl file in it")
+    try:
+        return torch.load(name, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise CheckpointError(f"{name} cannot be read as a PyTorch checkpoint (truncated or not a checkpoint): "
+                              f"{_reason(e)}") from e
+
+
+def extract_state_dict(source, name=None):
     """(weights, name, config) from a path, a release state dict, a DataParallel one or our checkpoint.
 
-    `config` is the training config our checkpoints carry ({} for release files).
+    `config` is the training config our checkpoints carry ({} for release files). `name` is the file
+    the weights came from: the path itself, the `name` given, or the one a state dict returned by this
+    function remembers; the weights returned remember it too, so `load_checkpoint(model, weights)`
+    names the file in its errors.
     """
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"checkpoint not found: {name}")
-        try:
-            source = torch.load(name, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{name}: not a readable PyTorch checkpoint ({e})") from e
+        source = read_checkpoint(name)
+    name = name or getattr(source, "source_name", UNNAMED)
     if not isinstance(source, dict):
-        raise ValueError(f"{name}: expected a state dict, got {type(source).__name__}")
+        raise CheckpointError(f"{name} holds a {type(source).__name__}, not a state dict; expected network "
+                              f"weights (a state dict, or our checkpoint.pth)")
     config = source.get("config", {}) if isinstance(source.get("config"), dict) else {}
     if "model" in source and isinstance(source["model"], dict):
         source = source["model"]  # our training checkpoint
     elif "state_dict" in source and isinstance(source["state_dict"], dict):
         source = source["state_dict"]
     if source and all(k.startswith("module.") for k in source):
-        source = {k[len("module."):]: v for k, v in source.items()}
-    return source, name, config
+        source = OrderedDict((k[len("module."):], v) for k, v in source.items())
+    return _named(source, name), name, config
 
 
-def load_checkpoint(model, source):
-    """Strictly load weights into `model`; any missing, unexpected or mis-shaped key is an error naming it."""
-    state, name, _ = extract_state_dict(source)
+def _few(items, n=8):
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_checkpoint(model, source, name=None):
+    """Strictly load weights into `model`; any missing, unexpected or mis-shaped key is a CheckpointError
+    naming the file (`source` if a path, else `name`, else the file a state dict from extract_state_dict
+    remembers) and the keys."""
+    state, name, _ = extract_state_dict(source, name)
     model = unwrap(model)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -61,16 +122,12 @@ def load_checkpoint(model, source):
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        def few(items):
-            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-        lines = [f"{name} does not fit {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {few(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {few(unexpected)}")
-        if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {few(shapes)}")
-        raise ValueError("\n".join(lines))
+        problems = [f"{len(items)} {what} ({_few(items)})" for what, items in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+                    if items]
+        kind = type(model).__name__
+        raise CheckpointError(f"{name} does not fit {kind}: {'; '.join(problems)}; expected {kind} weights "
+                              f"with the same options (encoder, components, channels) as the network built")
     # nn.Module's own method: some libraries' modules override load_state_dict with other semantics
     torch.nn.Module.load_state_dict(model, state, strict=True)
     return model

@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import atomic_save, load_checkpoint, save_release_weights, unwrap
+from .checkpoint import atomic_save, load_checkpoint, read_checkpoint, save_release_weights, unwrap
 from .errors import CheckpointError, TrainingInterrupted, UserError
 from .runtime import Distributed, autocast, pick_device, rng_state, set_rng_state
 
@@ -77,20 +77,19 @@ def check_run_folder(cfg):
         raise FileExistsError(f"{cfg.checkpoint_path} exists: pass --resume to continue that run, "
                               f"--overwrite to start it again, or choose another --train_save")
     if cfg.resume and not cfg.checkpoint_path.exists():
-        read_checkpoint(cfg.checkpoint_path)  # the error that says what to do
+        read_training_checkpoint(cfg.checkpoint_path)  # the error that says what to do
 
 
-def read_checkpoint(path, mmap=False):
-    """torch.load of a training checkpoint; a missing, truncated or foreign file is one error naming it."""
+def read_training_checkpoint(path, mmap=False):
+    """A run's checkpoint.pth for --resume; a missing, truncated or foreign file is one error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}: start the run without --resume "
                                 f"(or give the --train_save/--snapshot_root of the run to continue)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        raise CheckpointError(f"{path}: cannot be read (truncated or not a checkpoint: {_first_line(e)}); "
-                              f"start the run again with --overwrite") from e
+        state = read_checkpoint(path, mmap=mmap)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; start the run again with --overwrite") from e
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "rng") if not isinstance(state, dict)
                or k not in state]
     if missing:
@@ -99,17 +98,12 @@ def read_checkpoint(path, mmap=False):
     return state
 
 
-def _first_line(error):
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def restore_config(config_class, path, given):
     """The config `path` (a checkpoint.pth) was trained with, for --resume.
 
     `given`: {field: value} of the options given explicitly on the command line. One that differs
     from the saved run is an error naming it, except RESUMABLE_CHANGES, which win."""
-    saved = read_checkpoint(path, mmap=True).get("config")
+    saved = read_training_checkpoint(path, mmap=True).get("config")
     if not isinstance(saved, dict) or not saved:
         raise CheckpointError(f"{path}: holds no run config to resume from: start the run again with --overwrite")
     fields = {f.name: f for f in dataclasses.fields(config_class)}
@@ -255,8 +249,8 @@ class Engine:
                 f"{resume_command(cfg, self.ddp.world_size)}")
 
     def _resume(self):
-        state = read_checkpoint(self.cfg.checkpoint_path)
-        load_checkpoint(self.model, state["model"])
+        state = read_training_checkpoint(self.cfg.checkpoint_path)
+        load_checkpoint(self.model, state["model"], name=self.cfg.checkpoint_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

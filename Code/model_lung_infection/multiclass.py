@@ -42,15 +42,18 @@ from .data import (
     DataError,
     SliceSet,
     _natural_key,
+    check_pairs,
     find_test_images,
     list_images,
     normalize_image,
     pair_by_stem,
+    raise_problems,
     read_mask,
     read_rgb,
     resize,
 )
 from .engine import Engine, RunConfig, check_run_folder
+from .errors import CheckpointError
 from .fcn8s import load_vgg16_imagenet
 from .infer import (
     default_model_name,
@@ -152,8 +155,9 @@ class MultiClassTrainSet(CachedSampleSet):
     """`<root>/Imgs`, `<root>/GT` (palette indices) and, with `prior=True`, `<root>/Prior`:
     (input (6 or 3, s, s), one-hot target (3, s, s)) at s = trainsize.
 
-    Every GT is checked (readable, index image, indices in 0..2) when the set is built, so a bad
-    file stops the run before training starts. Decoded, resized samples are cached as uint8.
+    Every file is checked when the set is built (readable, GT and prior of the slice's size, GT an
+    index image with indices in 0..2); all problems stop the run together, before training starts.
+    Decoded, resized samples are cached as uint8.
     """
 
     def __init__(self, root, trainsize=352, prior=True, binarize_prior=True, cache=True):
@@ -161,9 +165,17 @@ class MultiClassTrainSet(CachedSampleSet):
         root = Path(root)
         self.root, self.trainsize, self.prior, self.binarize_prior = root, trainsize, prior, binarize_prior
         folders = [root / "Imgs", root / "GT"] + ([root / "Prior"] if prior else [])
-        self.samples = pair_by_stem(folders)  # [(stem, image, gt[, prior])]
+        problems = []
+        self.samples = pair_by_stem(folders, problems)  # [(stem, image, gt[, prior])]
+        # Every file is checked before the first step (readable, sizes, GT indices); all problems at once.
+        problems += check_pairs(self.samples)
         for _, _, gt_path, *_ in self.samples:
-            read_class_indices(gt_path)
+            try:
+                read_class_indices(gt_path)
+            except DataError as e:
+                if not any(p.startswith(f"{gt_path} cannot be read") for p in problems):  # said once
+                    problems.append(str(e))
+        raise_problems(problems)
 
     def __len__(self):
         return len(self.samples)
@@ -317,11 +329,11 @@ def load_multiclass(pth_path, device="cpu"):
         kw = {"fc_width": state["fc6.weight"].shape[0]}
         n_classes = state["score_fr.weight"].shape[0]
     else:
-        raise ValueError(f"{name}: neither a multi-class U-Net nor an FCN8s checkpoint (other architectures: "
-                         f"give their checkpoint.pth, which records the architecture)")
+        raise CheckpointError(f"{name}: neither a multi-class U-Net nor an FCN8s checkpoint (other architectures: "
+                              f"give their checkpoint.pth, which records the architecture)")
     if n_classes != N_CLASSES or n_channels not in (3, 6):
-        raise ValueError(f"{name}: expected {N_CLASSES} classes and 3 or 6 input channels, "
-                         f"got {n_classes} classes, {n_channels} channels")
+        raise CheckpointError(f"{name}: expected {N_CLASSES} classes and 3 or 6 input channels, "
+                              f"got {n_classes} classes, {n_channels} channels")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")  # weights come from the file
         model = create_model(ARCHS[arch], n_channels=int(n_channels), n_classes=N_CLASSES, **kw)

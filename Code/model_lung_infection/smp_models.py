@@ -33,10 +33,7 @@ def load_encoder_weights(encoder, path):
     # files saved before PyTorch 0.4.1 have no BN step counters; they only matter for momentum=None
     own = encoder.state_dict()
     state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state})
-    try:
-        return load_checkpoint(encoder, state)
-    except ValueError as e:  # name the file, not "<state dict>"
-        raise ValueError(str(e).replace("<state dict>", name, 1)) from None
+    return load_checkpoint(encoder, state, name=name)
 
 
 def _build(arch, encoder_name, n_channels, n_classes, pretrained, **kw):

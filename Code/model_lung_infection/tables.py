@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from EvaluationTool.cli import MULTICLASS
 from EvaluationTool.folder import evaluate_folder
 from EvaluationTool.report import TABLE_COLUMNS, average
 
 from . import multiclass
 from .atomic import atomic_write
+from .checkpoint import read_checkpoint
 from .complexity import count_complexity, si_units
 from .infer import load_inf_net, run_test
 from .runtime import pick_device
@@ -319,7 +318,7 @@ class TableRunner:
 
 def final_name(checkpoint_path):
     """The last snapshot of a run, from the config its checkpoint.pth carries."""
-    config = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["config"]
+    config = read_checkpoint(checkpoint_path)["config"]
     return f"{config['snapshot_prefix']}-{config['epoch']}.pth"
 
 
