@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from Code.model_lung_infection import Inf_Net, pseudo, save_release_weights
+from Code.model_lung_infection.data import edge_from_mask
 from Code.model_lung_infection.pseudo import (
     STATE_FILE,
     PseudoConfig,
@@ -104,8 +105,10 @@ def test_algorithm1_labels_every_slice_once_and_resumes_exactly(tiny, monkeypatc
     assert set(masks_a) == stems and all(p.suffix == ".png" for p in (out_a / "GT").iterdir())
     for stem, m in masks_a.items():
         w, h = tiny["sizes"][stem]
-        assert m.shape == (h, w) and set(np.unique(m)) <= {0, 255}
-        assert np.array(Image.open(out_a / "Edge" / f"{stem}.png")).shape == (h, w)
+        # soft GT (the probability in 8 bits); its edge map is the mask probability >= 0.5's, i.e. GT >= 128
+        assert m.shape == (h, w) and m.dtype == np.uint8
+        edge = np.array(Image.open(out_a / "Edge" / f"{stem}.png"))
+        np.testing.assert_array_equal(edge, edge_from_mask(np.where(m >= 128, 255, 0).astype(np.uint8)), err_msg=stem)
         assert Image.open(next((out_a / "Imgs").glob(stem + ".*"))).size == (w, h)
     # only the newest round's weights are kept
     runs = sorted(p.name for p in (tiny["tmp"] / "a/snap/save_weights/Semi-Inf-Net_pseudo").iterdir())
