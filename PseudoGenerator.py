@@ -4,10 +4,11 @@
     python PseudoGenerator.py --init ... --save_path my_pseudo --max_rounds 20     # 20 rounds, then stop
     python PseudoGenerator.py --init ... --save_path my_pseudo                     # same arguments: resume
 
-Each round draws --k unlabelled slices at random (--seed), labels them with the current model (mask =
-infection map >= 0.5 at the slice's size, edge from the mask), writes them into <save_path>/{Imgs,GT,Edge}
-and fine-tunes the model on the doctor labels plus all pseudo labels so far (--epoch 10, --lr 3e-4,
---batchsize 16, multi-scale), until every slice is labelled. Round weights go to
+Each round draws --k unlabelled slices at random (--seed), labels them with the current model (GT = the
+infection probability map at the slice's size, 8-bit and soft as the release saved it; edge from the mask
+probability >= 0.5; --release_pseudo: the release's per-slice stretched map), writes them into
+<save_path>/{Imgs,GT,Edge} and fine-tunes the model on the doctor labels plus all pseudo labels so far
+(--epoch 10, --lr 3e-4, --batchsize 16, multi-scale), until every slice is labelled. Round weights go to
 Snapshots/save_weights/<train_save>/round-NNNN/Semi-Inf-Net-<epoch>.pth (only the newest is kept unless
 --keep_rounds). State: <save_path>/pseudo_state.json; an interrupted round is redone from its start.
 
@@ -17,11 +18,17 @@ labels: they are only replaced with --overwrite. Then train Semi-Inf-Net on the 
 The algorithm lives in Code/model_lung_infection/pseudo.py.
 """
 import argparse
-import sys
 
 from Code.model_lung_infection import cli
-from Code.model_lung_infection.cli import add_bool, add_runtime_args
-from Code.model_lung_infection.data import DataError
+from Code.model_lung_infection.cli import (
+    add_bool,
+    add_debug,
+    add_runtime_args,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    run_main,
+)
 from Code.model_lung_infection.pseudo import PseudoConfig, generate
 
 
@@ -34,15 +41,19 @@ def parse_args(argv=None):
     p.add_argument("--labeled_path", default=d.labeled_path, help="labelled seed set: Imgs/, GT/ (and Edge/)")
     p.add_argument("--save_path", default=d.save_path,
                    help="output Imgs/, GT/, Edge/ and pseudo_state.json (its GT/ is only replaced with --overwrite)")
-    p.add_argument("--k", type=int, default=d.k, help="slices labelled per round")
-    p.add_argument("--max_rounds", type=int, default=None, help="stop after this many rounds (re-run to continue)")
+    p.add_argument("--k", type=positive_int, default=d.k, help="slices labelled per round")
+    p.add_argument("--max_rounds", type=nonnegative_int, default=None,
+                   help="stop after this many rounds (re-run to continue)")
+    add_bool(p, "--release_pseudo", False, "labels exactly as the release made them: GT = the per-slice min-max "
+             "stretched map (so even an infection-free slice gets a full-range label), edges by its binary2edge; "
+             "default: GT = the probability map itself")
     add_bool(p, "--overwrite", False, "replace labels already in <save_path>/GT, or a state file of other arguments")
     g = p.add_argument_group("fine-tuning (per round)")
-    g.add_argument("--epoch", type=int, default=d.epoch)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--batchsize", type=int, default=d.batchsize)
-    g.add_argument("--trainsize", type=int, default=d.trainsize)
-    g.add_argument("--testsize", type=int, default=None, help="inference input size (default: --trainsize)")
+    g.add_argument("--epoch", type=positive_int, default=d.epoch)
+    g.add_argument("--lr", type=positive_float, default=d.lr)
+    g.add_argument("--batchsize", type=positive_int, default=d.batchsize)
+    g.add_argument("--trainsize", type=positive_int, default=d.trainsize)
+    g.add_argument("--testsize", type=positive_int, default=None, help="inference input size (default: --trainsize)")
     g.add_argument("--backbone", default=None, help="encoder of --init (default: from its saved config, "
                    "else res2net50_v1b_26w_4s)")
     g.add_argument("--clip", type=float, default=d.clip, help="gradient clipping by value")
@@ -54,6 +65,7 @@ def parse_args(argv=None):
     add_bool(g, "--keep_rounds", False, "keep every round's weights (default: only the newest)")
     add_bool(p, "--progress", True, "progress bar")
     add_runtime_args(p)
+    add_debug(p)
     return p.parse_args(argv)
 
 
@@ -61,8 +73,9 @@ def config_from_args(a):
     return cli.config_from_args(PseudoConfig, a, **({} if a.multi_scale else {"scales": (1.0,)}))
 
 
+def main(argv=None):
+    return generate(config_from_args(parse_args(argv)))
+
+
 if __name__ == "__main__":
-    try:
-        generate(config_from_args(parse_args()))
-    except (FileNotFoundError, FileExistsError, DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

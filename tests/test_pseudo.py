@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from Code.model_lung_infection import Inf_Net, pseudo, save_release_weights
+from Code.model_lung_infection.data import edge_from_mask
 from Code.model_lung_infection.pseudo import (
     STATE_FILE,
     PseudoConfig,
@@ -104,8 +105,10 @@ def test_algorithm1_labels_every_slice_once_and_resumes_exactly(tiny, monkeypatc
     assert set(masks_a) == stems and all(p.suffix == ".png" for p in (out_a / "GT").iterdir())
     for stem, m in masks_a.items():
         w, h = tiny["sizes"][stem]
-        assert m.shape == (h, w) and set(np.unique(m)) <= {0, 255}
-        assert np.array(Image.open(out_a / "Edge" / f"{stem}.png")).shape == (h, w)
+        # soft GT (the probability in 8 bits); its edge map is the mask probability >= 0.5's, i.e. GT >= 128
+        assert m.shape == (h, w) and m.dtype == np.uint8
+        edge = np.array(Image.open(out_a / "Edge" / f"{stem}.png"))
+        np.testing.assert_array_equal(edge, edge_from_mask(np.where(m >= 128, 255, 0).astype(np.uint8)), err_msg=stem)
         assert Image.open(next((out_a / "Imgs").glob(stem + ".*"))).size == (w, h)
     # only the newest round's weights are kept
     runs = sorted(p.name for p in (tiny["tmp"] / "a/snap/save_weights/Semi-Inf-Net_pseudo").iterdir())
@@ -193,3 +196,70 @@ def test_stage_presets_and_explicit_overrides(tmp_path):
         parse_args(["--stage", "doctor", "--is_semi"])
     with pytest.raises(SystemExit):
         parse_args(["--is_semi", "maybe"])
+
+
+def _negative_init(path):
+    """Weights of an Inf-Net whose final logits are all about -9 (see tests/test_maps.py): no infection anywhere."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_maps import negative_infnet
+    save_release_weights(negative_infnet(SMALL), path)
+    return path
+
+
+def test_infection_free_slices_get_empty_pseudo_labels_unless_release_pseudo(tiny):
+    sys.path.insert(0, ROOT)
+    import PseudoGenerator
+    init = _negative_init(tiny["tmp"] / "negative.pth")
+
+    def run(name, *extra):
+        save = tiny["tmp"] / name / "out"
+        PseudoGenerator.main(["--init", str(init), "--unlabeled_path", str(tiny["pool"]), "--labeled_path",
+                              str(tiny["seed"]), "--save_path", str(save), "--snapshot_root", str(tiny["tmp"] / name),
+                              "--k", str(K), "--seed", "5", "--epoch", "1", "--batchsize", "4", "--trainsize", "32",
+                              "--backbone", SMALL, "--no-progress", "--device", "cpu", "--max_rounds", "1", *extra])
+        return save, _masks(save)
+
+    # default: the labels are the (unstretched) probabilities, ~1e-4 -> 0: an empty label and no edge
+    save, gts = run("ours")
+    assert len(gts) == K
+    for stem, gt in gts.items():
+        assert gt.max() == 0, stem
+        assert np.array(Image.open(save / "Edge" / f"{stem}.png")).max() == 0, stem
+    # the release's labels: each slice's map stretched to the full range, whatever the model's confidence
+    save, gts = run("release", "--release_pseudo")
+    assert len(gts) == K
+    for stem, gt in gts.items():
+        assert (gt.min(), gt.max()) == (0, 255), stem
+        edge = np.array(Image.open(save / "Edge" / f"{stem}.png"))
+        assert edge.max() == 255, stem  # a confident false mask, with its edge (binary2edge: > 128, Canny 10/150)
+
+
+def test_release_label_is_the_release_conversion():
+    # misc.imsave's bytescale of the stretched map: a second stretch to 0..255, rounded half up
+    stretched = np.array([[0.0, 0.25, 0.5], [0.75, 0.999999, 0.5 / 255]], np.float32)
+    gt, edge = pseudo.release_label(stretched)
+    assert gt.dtype == np.uint8 and gt.tolist() == [[0, 64, 128], [191, 255, 1]]
+    assert edge.shape == gt.shape
+    gt, edge = pseudo.probability_label(np.full((4, 4), 0.4, np.float32))
+    assert gt.max() == 102 and edge.max() == 0  # soft, and below 0.5: no mask, no edge
+
+
+def test_each_round_predicts_with_the_previous_rounds_weights(tiny, monkeypatch):
+    seen = []  # the weights of the model each prediction call used
+    real = pseudo.probability_maps
+
+    def spy(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(pseudo, "probability_maps", spy)
+    state = generate(_cfg(tiny, "spy", keep_rounds=True))
+    assert len(state["rounds"]) == 3 and len(seen) == 3  # one prediction batch per round (K <= batchsize)
+    used_by = [str(tiny["init"])] + [r["checkpoint"] for r in state["rounds"][:-1]]  # round 1: --init
+    for r, (weights, path) in enumerate(zip(seen, used_by), start=1):
+        saved = torch.load(path, weights_only=True)
+        assert saved.keys() == weights.keys()
+        for k in saved:
+            torch.testing.assert_close(weights[k], saved[k], rtol=0, atol=0, msg=f"round {r}: {k} is not {path}'s")
+    # and the rounds' weights do differ, so a round using stale weights would be caught
+    assert any(not torch.equal(seen[0][k], seen[1][k]) for k in seen[0] if seen[0][k].is_floating_point())

@@ -97,15 +97,29 @@ def add_bool(parser, name, default, help):
     parser.add_argument("--no-" + name.lstrip("-"), dest=dest, action="store_false", help=argparse.SUPPRESS)
 
 
-def add_runtime_args(parser):
-    """Device, precision and reproducibility options common to training and testing."""
+RUNTIME_DEFAULTS = {"device": "auto", "amp": None, "channels_last": False, "num_workers": None, "seed": 2020}
+RUNTIME_HELP = {
+    "device": "auto (CUDA if present), cpu, cuda, cuda:1 ...",
+    "amp": "mixed precision: float16 on CUDA, bfloat16 on CPU; default on for CUDA only",
+    "channels_last": "channels-last memory format (faster on recent CPUs and GPUs)",
+    "num_workers": "data-loading processes (default 4 on CUDA, 0 on CPU)",
+    "seed": None,
+}
+
+
+def add_runtime_args(parser, defaults=None, help=None):
+    """Device, precision and reproducibility options common to training and testing.
+
+    `defaults` / `help`: {option name: value} replacing those of RUNTIME_DEFAULTS / RUNTIME_HELP, for a
+    script whose defaults differ (e.g. the test stage's channels-last)."""
+    d = {**RUNTIME_DEFAULTS, **(defaults or {})}
+    h = {**RUNTIME_HELP, **(help or {})}
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    add_bool(g, "--amp", None, "mixed precision: float16 on CUDA, bfloat16 on CPU; default on for CUDA only")
-    add_bool(g, "--channels_last", False, "channels-last memory format (faster on recent CPUs and GPUs)")
-    g.add_argument("--num_workers", type=nonnegative_int, default=None,
-                   help="data-loading processes (default 4 on CUDA, 0 on CPU)")
-    g.add_argument("--seed", type=int, default=2020)
+    g.add_argument("--device", default=d["device"], help=h["device"])
+    add_bool(g, "--amp", d["amp"], h["amp"])
+    add_bool(g, "--channels_last", d["channels_last"], h["channels_last"])
+    g.add_argument("--num_workers", type=nonnegative_int, default=d["num_workers"], help=h["num_workers"])
+    g.add_argument("--seed", type=int, default=d["seed"], help=h["seed"])
     return g
 
 

@@ -1,8 +1,14 @@
 """The testing stage of Inf-Net (release `MyTest_LungInf.py`): one probability map per slice.
 
 Each map is the final prediction S_3 (`lateral_map_2`), resized back to its slice's original
-size (the release saved 352 x 352 maps and left resizing to the MATLAB tool), passed through
-a sigmoid and min-max normalised as released, then written as an 8-bit PNG named like the slice.
+size as logits (the release saved 352 x 352 maps and left resizing to the MATLAB tool), passed
+through a sigmoid and written as an 8-bit PNG named like the slice. By default the map is the
+probability itself, so a slice without infection gives a dark map; `normalize="minmax"` stretches
+each map to [0, 1] as the release did (the evaluation tool min-max normalises every map itself,
+so its figures do not depend on this choice beyond 8-bit rounding).
+
+One prediction loop (`iter_maps`) serves the test script, the multi-class priors computed on the
+fly (`multiclass.infnet_priors`) and nothing else, so both give the same 8-bit maps.
 """
 import warnings
 from pathlib import Path
@@ -54,17 +60,35 @@ def final_logits(outputs):
     return outputs if isinstance(outputs, torch.Tensor) else outputs[PREDICTION_INDEX]
 
 
-def probability_maps(model, images, sizes, amp=False, device=None):
-    """Sigmoid maps of the prediction (Inf-Net's S_3) for a batch, each resized to its (h, w) and
-    min-max normalised (float32, [0, 1])."""
+def minmax(p):
+    """The release's per-slice stretch to [0, 1]: (p - min) / (max - min + 1e-8)."""
+    return (p - p.min()) / (p.max() - p.min() + 1e-8)
+
+
+# How a probability map is written: as it is (a true probability), or stretched as released.
+NORMALIZATIONS = {"none": lambda p: p, "minmax": minmax}
+
+
+def _normalizer(normalize):
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    return NORMALIZATIONS[normalize]
+
+
+def probability_maps(model, images, sizes, amp=False, device=None, normalize="none"):
+    """Probability maps of the prediction (Inf-Net's S_3) for a batch: float32 numpy (h, w) in [0, 1].
+
+    Each map's logits are resized (bilinear) to its slice's (h, w), then passed through the sigmoid.
+    normalize="none" (default) returns the probabilities; "minmax" the release's per-slice stretch.
+    """
+    stretch = _normalizer(normalize)
     device = device or images.device
     with torch.inference_mode(), autocast(device, amp):
         logits = final_logits(model(images)).float()
     maps = []
     for logit, (h, w) in zip(logits, sizes):
         p = torch.sigmoid(F.interpolate(logit[None], size=(int(h), int(w)), mode="bilinear", align_corners=False))[0, 0]
-        p = (p - p.min()) / (p.max() - p.min() + 1e-8)
-        maps.append(p.cpu().numpy())
+        maps.append(stretch(p).cpu().numpy())
     return maps
 
 
@@ -82,16 +106,36 @@ def _collate(batch):
     return torch.stack(images), list(stems), list(sizes)
 
 
+def iter_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",
+              progress=False):
+    """The test stage's prediction loop: (stem, 8-bit map at the slice's size) for each slice of
+    `slices` (a `data.SliceSet`), with `model` used as given (see `prepare_for_inference`)."""
+    device = device or next(model.parameters()).device
+    _normalizer(normalize)  # a wrong name fails before the first slice
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(slices, batch_size=batchsize, collate_fn=_collate)
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc="test", leave=False)
+    for images, stems, sizes in loader:
+        images = images.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        for stem, prob in zip(stems, probability_maps(model, images, sizes, amp, device, normalize)):
+            yield stem, to_uint8(prob)
+
+
 def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, device=None, amp=False,
-                   channels_last=True, progress=True, fuse_bn=True, compile=False, prepare=True):
+                   channels_last=True, progress=True, fuse_bn=True, compile=False, prepare=True, normalize="none"):
     """Segment every slice of `data_path` (or `data_path/Imgs`) into `save_path`/<stem>.png; returns the paths.
 
     By default `model` is first passed through `prepare_for_inference` (a copy: `model` itself is
     left as it is) with Conv-BN fusion and channels-last on, torch.compile off; the maps match the
     plain fp32 model's to well under one gray level. `amp`: bf16 autocast on CPU (fp16 on CUDA).
     prepare=False uses `model` as given (`channels_last` then only converts the inputs and model).
+    normalize: "none" (probabilities) or "minmax" (the release's per-slice stretch), see `probability_maps`.
     """
-    device = device or next(model.parameters()).device
     dataset = SliceSet(data_path, testsize)
     save_path = Path(save_path)
     existing = [s for s, _ in dataset.items if (save_path / f"{s}.png").exists()]
@@ -99,22 +143,28 @@ def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, devic
         print(f"[test] replacing {len(existing)} existing map(s) in {save_path}")
     if prepare:
         model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
-    elif channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(dataset, batch_size=batchsize, collate_fn=_collate)
-    if progress:
-        from tqdm import tqdm
-        loader = tqdm(loader, desc="test", leave=False)
     written = []
-    for images, stems, sizes in loader:
-        images = images.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        for stem, prob in zip(stems, probability_maps(model, images, sizes, amp, device)):
-            out = save_path / f"{stem}.png"
-            save_png(to_uint8(prob), out)
-            written.append(out)
+    for stem, gray in iter_maps(model, dataset, batchsize, device, amp, channels_last, normalize, progress):
+        written.append(save_png(gray, save_path / f"{stem}.png"))
     return written
+
+
+def load_for_test(pth_path, backbone=None, device="cpu", channels_last=True, fuse_bn=True, compile=False):
+    """`load_inf_net`, then prepared for inference in place (fused BN, channels-last): the test stage's model."""
+    model = load_inf_net(pth_path, backbone, device)
+    return prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,
+                                 inplace=True)  # freshly loaded: no copy needed
+
+
+def slice_maps(pth_path, data_path, testsize=352, backbone=None, device="auto", amp=None, channels_last=True,
+              batchsize=1, progress=False, fuse_bn=True, compile=False, normalize="none"):
+    """{stem: 8-bit map} of every slice of `data_path`: exactly what `run_test` (MyTest_LungInf.py)
+    writes for the same checkpoint and options, without writing. amp=None: `default_amp(device)`."""
+    device = pick_device(device) if isinstance(device, str) else device
+    amp = default_amp(device) if amp is None else amp
+    model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile)
+    return dict(iter_maps(model, SliceSet(data_path, testsize), batchsize, device, amp, channels_last, normalize,
+                          progress))
 
 
 def default_amp(device):
@@ -132,19 +182,18 @@ def default_model_name(pth_path):
 
 
 def run_test(pth_path, data_path, save_path=None, testsize=352, backbone=None, device="auto", amp=None,
-             channels_last=True, batchsize=1, progress=True, fuse_bn=True, compile=False):
+             channels_last=True, batchsize=1, progress=True, fuse_bn=True, compile=False, normalize="none"):
     """Load `pth_path` and write one map per slice of `data_path` (see `predict_folder` for the options).
 
     amp=None: `default_amp(device)`; amp=False with the defaults (fused BN, channels-last) gives
-    the fp32 maps, within the golden tolerance of the release's.
+    the fp32 maps, within the golden tolerance of the release's. normalize: "none" writes
+    probabilities, "minmax" the release's stretched maps.
     """
     device = pick_device(device)
     amp = default_amp(device) if amp is None else amp
-    model = load_inf_net(pth_path, backbone, device)
-    model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,
-                                  inplace=True)  # freshly loaded: no copy needed
+    model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile)
     save_path = save_path or Path("Results") / "Lung infection segmentation" / default_model_name(pth_path)
     written = predict_folder(model, data_path, save_path, testsize, batchsize, device, amp, channels_last, progress,
-                             prepare=False)
+                             prepare=False, normalize=normalize)
     print(f"[test] wrote {len(written)} maps to {save_path}")
     return written

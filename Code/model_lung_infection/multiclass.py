@@ -40,7 +40,6 @@ from .checkpoint import extract_state_dict, load_checkpoint
 from .data import (
     CachedSampleSet,
     DataError,
-    SliceSet,
     _natural_key,
     check_pairs,
     find_test_images,
@@ -57,9 +56,8 @@ from .errors import CheckpointError
 from .fcn8s import load_vgg16_imagenet
 from .infer import (
     default_model_name,
-    load_inf_net,
-    probability_maps,
     save_png,
+    slice_maps,
     to_uint8,
 )
 from .registry import create_model
@@ -342,25 +340,17 @@ def load_multiclass(pth_path, device="cpu"):
     return model.to(device).eval(), info
 
 
-def infnet_priors(infnet_pth, data_path, testsize=352, backbone=None, device="cpu", amp=False, progress=False):
+def infnet_priors(infnet_pth, data_path, testsize=352, backbone=None, device="cpu", amp=False, progress=False,
+                  normalize="none"):
     """{stem: uint8 infection map at the slice's size} computed by an Inf-Net / Semi-Inf-Net checkpoint.
 
-    Exactly what `MyTest_LungInf.py` would write for the slice (S_3, sigmoid, resized to the
-    slice, min-max normalised, 8 bits), so a prior computed here and one read back from that
-    script's output folder are the same map; `prepare_prior` then binarises both at 128.
+    The maps come from the test stage's own loop (`infer.slice_maps`: the same model preparation,
+    S_3 resized as logits, sigmoid, `normalize`, 8 bits), so with the same precision (`amp`, i.e.
+    MyTest_LungInf.py's `--amp`) and `normalize` (its `--normalize`, default "none": probabilities)
+    a prior computed here is pixel for pixel the map MyTest_LungInf.py writes; `prepare_prior` then
+    binarises both at 128, i.e. at probability 0.5 for the default maps.
     """
-    device = pick_device(device) if isinstance(device, str) else device
-    model = load_inf_net(infnet_pth, backbone, device)
-    slices = SliceSet(data_path, testsize)
-    indices = range(len(slices))
-    if progress:
-        from tqdm import tqdm
-        indices = tqdm(indices, desc="priors", leave=False)
-    priors = {}
-    for i in indices:
-        image, stem, size = slices[i]
-        priors[stem] = to_uint8(probability_maps(model, image[None].to(device), [size], amp, device)[0])
-    return priors
+    return slice_maps(infnet_pth, data_path, testsize, backbone, device, amp, progress=progress, normalize=normalize)
 
 
 def folder_priors(prior_path, slices):

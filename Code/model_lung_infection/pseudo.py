@@ -1,9 +1,10 @@
 """Semi-Inf-Net pseudo labels: Algorithm 1 of the paper (randomly selected propagation).
 
 Start from an Inf-Net trained on the doctor labels (`init`). Each round draws K unlabelled slices
-at random, predicts their infection maps (S_3 at each slice's own size, as `infer.probability_maps`
-computes them), binarises them at 0.5, derives edge maps, writes (image, pseudo mask, edge) into
-`<save_path>/{Imgs,GT,Edge}` and fine-tunes the model on the labelled seed set plus every pseudo
+at random, predicts their infection probabilities (S_3 at each slice's own size, as `infer.probability_maps`
+computes them, not stretched), writes (image, soft pseudo label, edge) into `<save_path>/{Imgs,GT,Edge}`
+(see `PSEUDO_LABELS`: GT = the probability map in 8 bits, soft as the release saved it; the infection
+mask, probability >= 0.5, gives the edge map) and fine-tunes the model on the labelled seed set plus every pseudo
 label so far with the Inf-Net recipe (release `PseudoGenerator.py`: 10 epochs, Adam lr 3e-4,
 batch 16, multi-scale). The round's weights start the next round; it ends when no slice is left.
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import cv2
 import numpy as np
 import torch
 
@@ -41,15 +43,20 @@ from .data import (
     read_rgb,
     resize,
 )
-from .infer import load_inf_net, probability_maps, save_png
+from .errors import UserError
+from .infer import load_inf_net, probability_maps, save_png, to_uint8
 from .runtime import pick_device
 from .train import DOCTOR_LABEL, PSEUDO_LABEL, SCALES, TrainConfig, train
 
 STATE_FILE = "pseudo_state.json"
 STATE_VERSION = 1
-THRESHOLD = 0.5               # pseudo mask = probability map >= 0.5
+THRESHOLD = 0.5               # infection mask = probability >= 0.5 (it gives the edge map)
 ROUND_PREFIX = "Semi-Inf-Net"  # round weights: <run>/round-NNNN/Semi-Inf-Net-<epoch>.pth (release naming)
 DEFAULT_BACKBONE = "res2net50_v1b_26w_4s"
+
+
+class PseudoRunError(UserError, ValueError):
+    """A pseudo-labelling run that cannot start or continue as asked (the message says why and what to do)."""
 
 
 @dataclass
@@ -74,6 +81,7 @@ class PseudoConfig:
     decay_rate: float = 0.1
     decay_epoch: int = 50
     release_bce: bool = False
+    release_pseudo: bool = False                         # labels as the release made them (PSEUDO_LABELS)
     snapshot_root: str = "Snapshots"
     train_save: str = "Semi-Inf-Net_pseudo"              # rounds: <snapshot_root>/save_weights/<train_save>/round-NNNN/
     keep_rounds: bool = False                            # keep every round's weights (default: the current only)
@@ -143,7 +151,7 @@ class _Layout:
     def sample(self, stem):
         return stem, self.image(stem), self.gt(stem), self.edge(stem)
 
-    def write(self, stem, mask, edge):
+    def write(self, stem, gt, edge):
         """Image first, edge next, GT last: a GT file marks a finished sample."""
         src, dst = self.pool[stem], self.image(stem)
         _remove_others(dst.parent, stem, dst.name)
@@ -152,7 +160,7 @@ class _Layout:
         _remove_others(self.root / "Edge", stem, f"{stem}.png")
         save_png(edge, self.edge(stem))
         _remove_others(self.root / "GT", stem, f"{stem}.png")
-        save_png(mask, self.gt(stem))
+        save_png(gt, self.gt(stem))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +170,8 @@ class _Layout:
 def _identity(cfg, stems):
     """What must match for a re-run to continue a run: the pool, seed set, starting weights, K and seed."""
     return {"init": str(Path(cfg.init).resolve()), "labeled_path": str(Path(cfg.labeled_path).resolve()),
-            "k": cfg.k, "seed": cfg.seed, "pool": sorted(stems, key=_natural_key)}
+            "k": cfg.k, "seed": cfg.seed, "pool": sorted(stems, key=_natural_key),
+            "release_pseudo": bool(cfg.release_pseudo)}  # one kind of label per run, never mixed
 
 
 def _new_state(cfg, stems, backbone):
@@ -192,7 +201,7 @@ def load_state(save_path):
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{path}: not a readable state file ({e}); delete it to start again") from e
+        raise PseudoRunError(f"{path}: not a readable state file ({e}); delete it to start again") from e
 
 
 def _start_or_resume(cfg, stems, backbone):
@@ -200,17 +209,18 @@ def _start_or_resume(cfg, stems, backbone):
     state = load_state(cfg.save_path)
     if state is None:
         return _new_state(cfg, stems, backbone), False
+    identity = {"release_pseudo": False, **state.get("identity", {})}  # state files from before the option
     diffs = (["state version"] if state.get("version") != STATE_VERSION else
-             _differences(state.get("identity", {}), _identity(cfg, stems)))
+             _differences(identity, _identity(cfg, stems)))
     if diffs:
         if not cfg.overwrite:
-            raise ValueError(f"{path} belongs to a pseudo-labelling run with other arguments ({'; '.join(diffs)}): "
+            raise PseudoRunError(f"{path} belongs to a pseudo-labelling run with other arguments ({'; '.join(diffs)}): "
                              f"re-run with its arguments to resume it, pass --overwrite to start again, "
                              f"or choose another --save_path")
         warnings.warn(f"{path}: starting again (--overwrite; {'; '.join(diffs)})")
         return _new_state(cfg, stems, backbone), False
     if cfg.backbone and cfg.backbone != state["backbone"]:
-        raise ValueError(f"{path}: the run uses backbone {state['backbone']}, not {cfg.backbone}")
+        raise PseudoRunError(f"{path}: the run uses backbone {state['backbone']}, not {cfg.backbone}")
     changed = {k: (v, cfg.as_dict()[k]) for k, v in state.get("config", {}).items()
                if k in ("epoch", "lr", "batchsize", "trainsize", "testsize", "scales", "clip", "release_bce")
                and cfg.as_dict().get(k) != v}
@@ -275,16 +285,45 @@ def _clean_temporaries(root):
 # The rounds
 # ---------------------------------------------------------------------------------------------
 
-def predict_masks(model, paths, testsize, device, amp=False, batchsize=16):
-    """(binary mask, edge) uint8 0/255 per slice, each at its slice's own size."""
+def probability_label(prob):
+    """Our pseudo label from a probability map (float, [0, 1]): GT = the probability in 8 bits, soft
+    as the release saved its labels (training reads GT as soft targets, `data.mask_tensor`: a pixel's
+    target is its probability); Edge = Canny of the infection mask, probability >= 0.5. An
+    infection-free slice (all probabilities well below 0.5) gets a dark GT and no edge."""
+    mask = np.where(prob >= THRESHOLD, 255, 0).astype(np.uint8)
+    return to_uint8(prob), edge_from_mask(mask)
+
+
+def _bytescale(x):
+    """scipy.misc.imsave's conversion of a float image to 8 bits, which the release's labels went through:
+    a second min-max stretch to 0..255, rounded half up (a constant map gives zeros)."""
+    lo, hi = float(x.min()), float(x.max())
+    scale = 255.0 / ((hi - lo) or 1.0)
+    return (np.clip((x - lo) * scale, 0, 255) + 0.5).astype(np.uint8)
+
+
+def release_label(stretched):
+    """The release's pseudo label from the min-max stretched map: GT = that soft map (`misc.imsave`);
+    Edge = `binary2edge` of the saved GT: threshold > 128, Canny 10/150. Every slice gets a full-range
+    map, so even an infection-free slice gets a confident mask (the release's behaviour)."""
+    gt = _bytescale(stretched)
+    return gt, cv2.Canny(np.where(gt > 128, 255, 0).astype(np.uint8), 10, 150)
+
+
+# release_pseudo -> (how the probability map is normalised, how it becomes (GT, Edge))
+PSEUDO_LABELS = {False: ("none", probability_label), True: ("minmax", release_label)}
+
+
+def predict_labels(model, paths, testsize, device, amp=False, batchsize=16, release_pseudo=False):
+    """(GT, Edge) uint8 pseudo labels per slice, each at its slice's own size (see `PSEUDO_LABELS`)."""
+    normalize, label = PSEUDO_LABELS[bool(release_pseudo)]
     model.eval()
     out = []
     for i in range(0, len(paths), max(1, batchsize)):
         rgbs = [read_rgb(p) for p in paths[i:i + batchsize]]
         x = torch.stack([normalize_image(resize(rgb, (testsize, testsize))) for rgb in rgbs]).to(device)
-        for prob in probability_maps(model, x, [rgb.shape[:2] for rgb in rgbs], amp, device):
-            mask = np.where(prob >= THRESHOLD, 255, 0).astype(np.uint8)
-            out.append((mask, edge_from_mask(mask)))
+        for prob in probability_maps(model, x, [rgb.shape[:2] for rgb in rgbs], amp, device, normalize):
+            out.append(label(prob))
     return out
 
 
@@ -308,9 +347,10 @@ def _is_round_weights(path, cfg):
 def generate(cfg: PseudoConfig):
     """Run (or continue) Algorithm 1; returns the state dict (see the module docstring)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise RuntimeError("pseudo-label generation runs in a single process (not under torchrun)")
+        raise PseudoRunError("pseudo-label generation runs in a single process: "
+                             "run PseudoGenerator.py without torchrun")
     if cfg.k < 1:
-        raise ValueError(f"k must be at least 1, got {cfg.k}")
+        raise PseudoRunError(f"k must be at least 1, got {cfg.k}")
     if not Path(cfg.init).is_file():
         raise FileNotFoundError(f"--init: no weights at {cfg.init} (an Inf-Net trained on the doctor labels, "
                                 f"e.g. Snapshots/save_weights/Inf-Net/Inf-Net-100.pth)")
@@ -355,9 +395,10 @@ def generate(cfg: PseudoConfig):
 
         if model is None:
             model = load_inf_net(state["checkpoint"], state["backbone"], device)
-        for stem, (mask, edge) in zip(names, predict_masks(model, [pool[s] for s in names], testsize, device, amp,
-                                                           cfg.batchsize)):
-            layout.write(stem, mask, edge)
+        labels = predict_labels(model, [pool[s] for s in names], testsize, device, amp, cfg.batchsize,
+                                cfg.release_pseudo)
+        for stem, (gt, edge) in zip(names, labels):
+            layout.write(stem, gt, edge)
 
         tcfg = _round_config(cfg, state, r)
         shutil.rmtree(tcfg.run_dir, ignore_errors=True)  # an interrupted attempt at this round

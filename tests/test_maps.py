@@ -1,0 +1,192 @@
+"""The test stage's maps: true probabilities by default, the release's stretch on request, the same
+evaluation figures either way, one-line errors of MyTest_LungInf.py, and the multi-class priors
+computed on the fly equal to the maps the test script writes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import MyTest_LungInf
+from Code.model_lung_infection import Inf_Net, save_release_weights
+from Code.model_lung_infection.data import SliceSet
+from Code.model_lung_infection.infer import probability_maps
+from Code.model_lung_infection.multiclass import infnet_priors
+from EvaluationTool import evaluate_folder, evaluate_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = "timm:resnet18"
+SIZE = 64
+SIX = ("meanDic", "meanSen", "meanSpe", "Sm", "meanEm", "MAE")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def negative_infnet(backbone=SMALL, seed=0):
+    """An Inf-Net whose final logits (S_3) are all about -9 (varying over a slice): no infection.
+
+    In eval mode S_3 = S_g passed down the reverse-attention branches plus each branch's output;
+    zeroing the branches' last BatchNorm makes them add nothing, and the decoder's last conv gets a
+    bias of -9 (probabilities ~1e-4: 0 in 8 bits)."""
+    torch.manual_seed(seed)
+    model = Inf_Net(backbone=backbone).eval()
+    with torch.no_grad():
+        model.ParDec.conv5.weight.mul_(100)
+        model.ParDec.conv5.bias.fill_(-9.0)
+        for branch in (model.ra4_conv5, model.ra3_conv4, model.ra2_conv4):
+            branch.bn.weight.zero_()
+            branch.bn.bias.zero_()
+    return model
+
+
+def spread_infnet(backbone=SMALL, seed=0, gain=2000.0):
+    """A random Inf-Net whose probability maps cover most of [0, 1] on every test slice (as a trained
+    model's do on infected slices): the last branch's output is amplified."""
+    torch.manual_seed(seed)
+    model = Inf_Net(backbone=backbone).eval()
+    with torch.no_grad():
+        model.ra2_conv4.bn.weight.mul_(gain)
+    return model
+
+
+def run_script(argv):
+    """MyTest_LungInf.main with the small encoder, fp32 and no progress bar."""
+    return MyTest_LungInf.main(argv + ["--backbone", SMALL, "--testsize", str(SIZE), "--amp", "False",
+                                       "--no-progress", "--device", "cpu"])
+
+
+
+def read_maps(folder):
+    return {p.stem: np.array(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))}
+
+
+def test_maps_are_probabilities_unless_minmax_is_asked(test_slices, tmp_path):
+    data, names = test_slices(2)
+    weights = tmp_path / "negative.pth"
+    save_release_weights(negative_infnet(), weights)
+    # Library: unstretched by default; all logits about -9 -> probabilities about 1e-4.
+    slices = SliceSet(data, SIZE)
+    image, _, size = slices[0]
+    model = negative_infnet()
+    (p,) = probability_maps(model, image[None], [size])
+    assert p.dtype == np.float32 and p.shape == tuple(size) and 0 < p.max() < 0.5 / 255
+    (s,) = probability_maps(model, image[None], [size], normalize="minmax")
+    assert s.min() == 0 and s.max() > 0.99  # the release's stretch
+    with pytest.raises(ValueError, match="normalize"):
+        probability_maps(model, image[None], [size], normalize="max")
+
+    # Script: a slice without infection gives a dark map by default, a full-range one with --normalize minmax.
+    run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(tmp_path / "none")])
+    run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(tmp_path / "minmax"),
+                 "--normalize", "minmax"])
+    dark, stretched = read_maps(tmp_path / "none"), read_maps(tmp_path / "minmax")
+    assert sorted(dark) == sorted(stretched) == sorted(os.path.splitext(n)[0] for n in names)
+    for stem in dark:
+        assert dark[stem].max() == 0, stem
+        assert (stretched[stem].min(), stretched[stem].max()) == (0, 255), stem
+
+
+def _float_results(model, data, gt_dir, normalize):
+    """The evaluation tool's curves (mean over the 48 slices, 256 thresholds, 1 first), Sm and MAE on the
+    float (not 8-bit) maps of `model`, aggregated as evaluate_folder does."""
+    slices = SliceSet(data, SIZE)
+    curves, sm, mae = {k: [] for k in ("Dic", "Sen", "Spe", "Em")}, [], []
+    for i in range(len(slices)):
+        image, stem, size = slices[i]
+        (p,) = probability_maps(model, image[None], [size], normalize=normalize)
+        r = evaluate_pair(p, np.array(Image.open(gt_dir / f"{stem}.png")))
+        for k in curves:
+            curves[k].append(r["curves"][k])
+        sm.append(r["Sm"])
+        mae.append(r["MAE"])
+    return {k: np.mean(v, axis=0) for k, v in curves.items()}, float(np.mean(sm)), float(np.mean(mae))
+
+
+def test_evaluation_figures_do_not_depend_on_the_normalisation(data_root, tmp_path):
+    """The toolbox min-max normalises every map, so stretching first cannot change its figures -- up to rounding.
+
+    Exactly equal they are not, for two reasons (both measured on this model):
+    - Threshold 1, the first of the 256: the tool (like MATLAB's mapminmax) multiplies by a precomputed
+      gain, (max - min) * (1 / (max - min)), which can land one ulp below 1, so the map's brightest pixels
+      may miss threshold 1 in one mode and pass it in the other. That moves the curves at t = 1 only (here
+      Spe by 0.04 there, so meanSpe by 0.04 / 256); every other threshold agrees to ~3e-6 (float32 ties).
+    - 8 bits: a file rounds p*255 in one mode and the stretched map*255 in the other; the tool's min-max
+      cannot undo that rounding. Where maps span the gray range (as a trained model's do on infected
+      slices) the files differ by a gray level here and there and the figures by < 1e-3. A flat untrained
+      model (probabilities all within 0.49-0.50) gets only 2-3 gray levels unstretched, and its figures
+      then differ by up to 0.2: the map's resolution, not the toolbox (not asserted: not a property we want).
+    """
+    data = data_root / "TestingSet/LungInfection-Test"
+    gt_dir = data / "GT"
+    model = spread_infnet()
+    # (1) the toolbox's invariance, on float maps: S-alpha and MAE, and each curve below threshold 1
+    (ca, sma, maea), (cb, smb, maeb) = (_float_results(model, data, gt_dir, n) for n in ("none", "minmax"))
+    assert sma == pytest.approx(smb, abs=1e-6) and maea == pytest.approx(maeb, abs=1e-6)
+    for k in ca:
+        np.testing.assert_allclose(ca[k][1:], cb[k][1:], rtol=0, atol=1e-5, err_msg=k)
+
+    # (2) the six figures of the 8-bit files MyTest_LungInf.py writes
+    weights = tmp_path / "spread.pth"
+    save_release_weights(model, weights)
+    for mode in ("none", "minmax"):
+        run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(tmp_path / mode),
+                    "--normalize", mode])
+    none, minmax = read_maps(tmp_path / "none"), read_maps(tmp_path / "minmax")
+    assert len(none) == 48
+    diff = max(int(np.abs(none[s].astype(int) - minmax[s].astype(int)).max()) for s in none)
+    assert diff >= 1  # the two modes really write different files
+    fa, fb = evaluate_folder(gt_dir, tmp_path / "none"), evaluate_folder(gt_dir, tmp_path / "minmax")
+    for k in SIX:
+        assert fa[k] == pytest.approx(fb[k], abs=1e-3), k
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    # Run where no Snapshots/ exists, so the default --pth_path is missing.
+    r = subprocess.run([sys.executable, str(ROOT / "MyTest_LungInf.py")], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "INFNET_DEBUG": ""})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and MyTest_LungInf.DEFAULT_PTH in lines[0]
+    assert "--pth_path" in lines[0] and "MyTrain_LungInf.py" in lines[0] and "Inf-Net-100.pth" in lines[0]
+
+
+@pytest.mark.parametrize("argv", [["--testsize", "0"], ["--batchsize", "0"], ["--batchsize", "-2"],
+                                  ["--normalize", "max"]])
+def test_test_script_rejects_invalid_options(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        MyTest_LungInf.parse_args(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_test_script_defaults():
+    a = MyTest_LungInf.parse_args([])
+    assert (a.normalize, a.channels_last, a.amp, a.testsize, a.batchsize) == ("none", True, None, 352, 1)
+    assert a.pth_path == MyTest_LungInf.DEFAULT_PTH
+
+
+@pytest.mark.parametrize("normalize", ["none", "minmax"])
+def test_infnet_priors_equal_the_test_script_maps(test_slices, tmp_path, normalize):
+    """The multi-class priors computed on the fly are, pixel for pixel, the maps MyTest_LungInf.py writes."""
+    data, _ = test_slices(3)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(tmp_path / "maps"),
+                 "--normalize", normalize])
+    written = read_maps(tmp_path / "maps")
+    priors = infnet_priors(weights, data, SIZE, SMALL, "cpu", amp=False, normalize=normalize)
+    assert sorted(priors) == sorted(written) and len(written) == 3
+    for stem, prior in priors.items():
+        assert prior.dtype == np.uint8
+        np.testing.assert_array_equal(prior, written[stem], err_msg=stem)
+        assert len(np.unique(prior)) > 16  # real maps, not a constant that anything would match
