@@ -252,3 +252,21 @@ def test_volume_path_equals_slice_path(checkpoint, test_slices, tmp_path):
         assert np.abs(prob[:, :, z] - expected).max() < 1e-5
         decided = np.abs(expected - 0.5) > 1e-4
         assert np.array_equal((infection[:, :, z] > 0)[decided], (expected >= 0.5)[decided])
+
+
+def test_multiclass_adds_classes_volume_and_columns(phantom, checkpoint, tmp_path):
+    from Code.model_lung_infection.checkpoint import save_release_weights
+    from Code.model_lung_infection.registry import create_model
+    torch.manual_seed(1)
+    mc = tmp_path / "unet.pth"
+    save_release_weights(create_model("unet_multiclass", n_channels=6, n_classes=3).eval(), mc)
+    out = tmp_path / "out"
+    summary = run_volumes(_script_args(["--pth_path", str(checkpoint), "--data_path", str(phantom["scan"]),
+                                        "--save_path", str(out), "--testsize", str(SIZE), "--batchsize", "16",
+                                        "--multiclass_pth", str(mc)]))["chest"]
+    classes, affine = _load(out / "chest/classes.nii.gz")
+    assert classes.shape == phantom["shape"] and np.allclose(affine, phantom["file_affine"])
+    assert set(np.unique(classes)) <= {0, 1, 2}
+    assert {"ggo_ml", "consolidation_ml"} <= set(summary)
+    header = (out / "chest/slices.csv").read_text().splitlines()[0]
+    assert header == "slice,z_mm,lung_mm2,infection_mm2,infection_percent,ggo_mm2,consolidation_mm2"
