@@ -3,10 +3,7 @@ quantification report. Every scan here is a real file written by the test (tests
 import argparse
 import inspect
 import json
-import os
-import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -181,7 +178,8 @@ def test_pydicom_samples_ct_reads_in_hu_and_mr_is_refused():
 def test_gap_along_z_is_a_warning_naming_the_files(phantom, tmp_path):
     keep = [k for k in range(10) if k != 5]
     vp.write_dicom_series(tmp_path / "gap", phantom["hu"][:, :, :10], phantom["affine"], keep=keep)
-    with pytest.warns(UserWarning, match=r"a gap along z between IM\d+ \(.* mm\) and IM\d+ .*6\.00 mm instead of 3\.00"):
+    gap = r"a gap along z between IM\d+ \(.* mm\) and IM\d+ .*6\.00 mm instead of 3\.00"
+    with pytest.warns(UserWarning, match=gap):
         read_dicom(tmp_path / "gap")
 
 

@@ -91,7 +91,6 @@ def write_dicom_series(folder, hu, affine, slope=0.5, intercept=-1200.0, series_
                        keep=None, shuffle_seed=0, description="phantom"):
     """One file per axial slice of `hu` (base grid: i along LPS +x, j along LPS +y, k along +z), stored as
     (HU - intercept) / slope in uint16, under shuffled file names. keep: slice indices to write."""
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     folder.mkdir(parents=True, exist_ok=True)
