@@ -64,9 +64,13 @@ def _remove_airways(candidates, hu, body, spacing):
         if n == 0:
             continue
         index = np.arange(1, n + 1)
-        area = ndimage.sum_labels(np.ones_like(lab), lab, index) * pixel_mm2
-        mean = ndimage.mean(hu[..., z], lab, index)
-        centre = np.array([c[0] for c in ndimage.center_of_mass(np.ones_like(lab), lab, index)])
+        # per region: pixel count, mean HU, mean row (bincount: one pass over the slice)
+        flat = lab.ravel()
+        count = np.bincount(flat, minlength=n + 1)[1:]
+        area = count * pixel_mm2
+        mean = np.bincount(flat, weights=hu[..., z].ravel(), minlength=n + 1)[1:] / count
+        row_index = np.repeat(np.arange(lab.shape[0]), lab.shape[1])
+        centre = np.bincount(flat, weights=row_index, minlength=n + 1)[1:] / count
         middle = (centre > rows[0] + third) & (centre < rows[-1] - third)
         airway = index[(area < AIRWAY_MAX_MM2) & (mean < AIRWAY_HU) & middle]
         if airway.size:
@@ -85,7 +89,7 @@ def _split(lungs, body, voxel_ml):
     big = big[np.argsort(-ml[big - 1])][:2]
     out = np.zeros(lungs.shape, np.uint8)
     if len(big) == 2 and ml[big[1] - 1] > 0.2 * ml[big[0] - 1]:
-        rows = [ndimage.center_of_mass(lab == b)[0] for b in big]
+        rows = [c[0] for c in ndimage.center_of_mass(lungs, lab, big)]
         right, left = (big[0], big[1]) if rows[0] < rows[1] else (big[1], big[0])
         out[lab == right] = RIGHT
         out[lab == left] = LEFT
