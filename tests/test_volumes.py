@@ -1,0 +1,270 @@
+"""CT volumes (issue 15): NIfTI / DICOM in HU -> lung and infection masks aligned with the input, and the
+quantification report. Every scan here is a real file written by the test (tests/volume_phantom.py)."""
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import volume_phantom as vp  # noqa: E402
+
+from Code.model_lung_infection import Inf_Net  # noqa: E402
+from Code.model_lung_infection.checkpoint import atomic_save  # noqa: E402
+from Code.model_lung_infection.errors import DataError, UserError  # noqa: E402
+from Code.model_lung_infection.volume import add_volume_args, is_volume_input, run_volumes  # noqa: E402
+from Code.model_lung_infection.volume.io import read_dicom, read_nifti  # noqa: E402
+from Code.model_lung_infection.volume.window import DEFAULT_WINDOW, parse_window  # noqa: E402
+
+SMALL = "timm:resnet18"
+SIZE = 64
+SUMMARY_KEYS = {"lung_ml", "right_lung_ml", "left_lung_ml", "infection_ml", "infection_percent",
+                "right_infection_percent", "left_infection_percent", "slices_with_infection", "spacing_mm", "shape"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """The phantom as NIfTI (permuted, flipped axes) plus its infection mask, in the file's voxel order."""
+    root = tmp_path_factory.mktemp("phantom")
+    hu, affine = vp.base_phantom()
+    data, file_affine = vp.to_file_order(hu, affine)
+    scan = vp.write_nifti(root / "chest.nii.gz", data, file_affine)
+    x, y, z = vp.world(hu.shape, affine)
+    mask, _ = vp.to_file_order(vp.infection_mask(x, y, z).astype(np.uint8), affine)
+    mask_path = vp.write_nifti(root / "blob.nii.gz", mask, file_affine)
+    return dict(root=root, hu=hu, affine=affine, scan=scan, mask=mask_path, mask_array=mask,
+                file_affine=file_affine, shape=data.shape)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random-init Inf-Net (ResNet-18 encoder) in our checkpoint format (weights + config)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
+    atomic_save({"model": Inf_Net(backbone=SMALL).eval().state_dict(),
+                 "config": {"model": "inf_net", "backbone": SMALL}}, path)
+    return path
+
+
+def _script_args(argv):
+    """The arguments MyTest_LungInf.py will pass: its own options plus add_volume_args."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--pth_path")
+    p.add_argument("--data_path")
+    p.add_argument("--save_path")
+    p.add_argument("--testsize", type=int, default=352)
+    p.add_argument("--batchsize", type=int, default=1)
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default=None)
+    p.add_argument("--fuse_bn", default=True)
+    p.add_argument("--channels_last", default=True)
+    p.add_argument("--progress", default=False)
+    add_volume_args(p)
+    return p.parse_args(argv)
+
+
+def _load(path):
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def _world_x(mask, affine):
+    ijk = np.argwhere(mask).T.astype(float)
+    return (affine[:3, :3] @ ijk + affine[:3, 3:4])[0]
+
+
+# ------------------------------------------------------------------------------------ the phantom
+
+def test_phantom_mask_quantified_exactly_lungs_analytic_and_sided(phantom, tmp_path):
+    out = tmp_path / "out"
+    summary = run_volumes(_script_args(["--data_path", str(phantom["scan"]), "--mask", str(phantom["mask"]),
+                                        "--save_path", str(out)]))["chest"]
+    assert set(summary) >= SUMMARY_KEYS
+    on_disk = json.loads((out / "chest/summary.json").read_text())
+    assert on_disk == summary
+    analytic = vp.analytic_ml()
+    assert summary["right_lung_ml"] == pytest.approx(analytic["right"], rel=0.03)
+    assert summary["left_lung_ml"] == pytest.approx(analytic["left"], rel=0.03)
+    # the lung mask is aligned with the input and its right lung is on the patient's right (RAS x > 0)
+    lungs, affine = _load(out / "chest/lungs.nii.gz")
+    assert lungs.shape == phantom["shape"] and lungs.dtype == np.uint8
+    assert np.allclose(affine, phantom["file_affine"])
+    assert (_world_x(lungs == 1, affine) > 0).all() and (_world_x(lungs == 2, affine) < 0).all()
+    # --mask: exact to the voxel
+    voxel_ml = abs(np.linalg.det(phantom["file_affine"][:3, :3])) / 1000
+    blob = phantom["mask_array"] > 0
+    assert summary["infection_ml"] == pytest.approx(blob.sum() * voxel_ml, abs=1e-4)
+    assert summary["right_infection_percent"] == pytest.approx(100 * blob.sum() / (lungs == 1).sum(), abs=1e-3)
+    assert summary["left_infection_percent"] == 0 and summary["infection_outside_lungs_ml"] == 0
+    assert summary["shape"] == list(phantom["shape"])
+    rows = (out / "chest/slices.csv").read_text().splitlines()
+    assert rows[0] == "slice,z_mm,lung_mm2,infection_mm2,infection_percent"
+    assert len(rows) == 1 + vp.SHAPE[2]
+    assert summary["slices_with_infection"] == sum(float(r.split(",")[3]) > 0 for r in rows[1:])
+    assert Image.open(out / "chest/overview.png").size[0] >= 400
+    assert (out / "summary.csv").read_text().splitlines()[1].startswith("chest,")
+    assert not (out / "chest/infection.nii.gz").exists()  # --mask: the given mask is not rewritten
+
+
+def test_network_outputs_aligned_with_the_input(phantom, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    args = _script_args(["--pth_path", str(checkpoint), "--data_path", str(phantom["scan"]), "--save_path", str(out),
+                         "--testsize", str(SIZE), "--batchsize", "8", "--threshold", "0.5", "--save_probabilities",
+                         "--window=-1150,250"])  # '=': argparse reads a leading '-' as an option
+    summary = run_volumes(args)["chest"]
+    for name, dtype in (("infection", np.uint8), ("lungs", np.uint8), ("probability", np.float32)):
+        data, affine = _load(out / f"chest/{name}.nii.gz")
+        assert data.shape == phantom["shape"] and data.dtype == dtype and np.allclose(affine, phantom["file_affine"])
+    infection, _ = _load(out / "chest/infection.nii.gz")
+    prob, _ = _load(out / "chest/probability.nii.gz")
+    assert np.array_equal(infection > 0, prob >= 0.5)  # a fixed threshold, no stretch
+    assert set(summary) >= SUMMARY_KEYS
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+
+def test_dicom_series_same_report_as_nifti_and_series_choice(phantom, tmp_path):
+    folder = tmp_path / "series"
+    vp.write_dicom_series(folder, phantom["hu"], phantom["affine"], slope=0.5, intercept=-1200.0)
+    other = vp.write_dicom_series(folder, phantom["hu"][:, :, :3], phantom["affine"], series_uid=None,
+                                  keep=[0, 1, 2], shuffle_seed=1, description="scout")
+    with pytest.warns(UserWarning, match=other):
+        volume = read_dicom(folder)
+    assert np.array_equal(volume.data, phantom["hu"].astype(np.float32))
+    assert np.allclose(volume.affine, phantom["affine"])
+    with pytest.warns(UserWarning, match=other):
+        from_dicom = run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"),
+                                      mask=str(_dicom_mask(phantom, tmp_path))))["series"]
+    from_nifti = run_volumes(dict(data_path=str(phantom["scan"]), mask=str(phantom["mask"]),
+                                  save_path=str(tmp_path / "n")))["chest"]
+    for key in SUMMARY_KEYS - {"spacing_mm", "shape"}:
+        assert from_dicom[key] == from_nifti[key], key
+    assert (tmp_path / "d/series/slices.csv").read_text() != ""
+    chosen = read_dicom(folder, series=other)
+    assert chosen.data.shape == (*vp.SHAPE[:2], 3)
+
+
+def _dicom_mask(phantom, tmp_path):
+    """The infection blob on the DICOM volume's grid (the base grid)."""
+    x, y, z = vp.world(vp.SHAPE, phantom["affine"])
+    return vp.write_nifti(tmp_path / "blob_base.nii.gz", vp.infection_mask(x, y, z).astype(np.uint8),
+                          phantom["affine"])
+
+
+def test_pydicom_samples_ct_reads_in_hu_and_mr_is_refused():
+    from pydicom.data import get_testdata_file
+    ct = read_dicom(get_testdata_file("CT_small.dcm"))
+    assert ct.data.shape == (128, 128, 1)
+    assert -1100 < ct.data.min() < -500 and 500 < ct.data.max() < 3000  # HU, RescaleIntercept -1024 applied
+    with pytest.raises(DataError, match=r"MR_small\.dcm.*modality MR, not CT"):
+        read_dicom(get_testdata_file("MR_small.dcm"))
+
+
+def test_gap_along_z_is_a_warning_naming_the_files(phantom, tmp_path):
+    keep = [k for k in range(10) if k != 5]
+    vp.write_dicom_series(tmp_path / "gap", phantom["hu"][:, :, :10], phantom["affine"], keep=keep)
+    gap = r"a gap along z between IM\d+ \(.* mm\) and IM\d+ .*6\.00 mm instead of 3\.00"
+    with pytest.warns(UserWarning, match=gap):
+        read_dicom(tmp_path / "gap")
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_are_one_line_errors_naming_the_file(tmp_path):
+    four_d = vp.write_nifti(tmp_path / "fmri.nii.gz", np.zeros((8, 8, 4, 3), np.int16), np.eye(4))
+    with pytest.raises(DataError, match=r"fmri\.nii\.gz: a 4D image"):
+        read_nifti(four_d)
+    corrupt = tmp_path / "broken.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08 not really a gzip file")
+    with pytest.raises(DataError, match=r"broken\.nii\.gz: cannot read as NIfTI"):
+        read_nifti(corrupt)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no scan here")
+    with pytest.raises(DataError, match=r"empty: no scan found"):
+        run_volumes(dict(data_path=str(empty), mask="x"))
+    with pytest.raises(UserError, match="--pth_path"):
+        run_volumes(dict(data_path=str(four_d)))
+    for error in (DataError("x"),):
+        assert "\n" not in str(error)
+
+
+def test_dispatcher_and_window_option(phantom, test_slices):
+    slices, _ = test_slices(1)
+    assert is_volume_input(phantom["scan"]) and is_volume_input(phantom["root"])
+    assert not is_volume_input(slices) and not is_volume_input(slices / "Imgs")
+    assert parse_window("-1000,400") == (-1000.0, 400.0)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_window("400,-1000")
+    assert DEFAULT_WINDOW == (-1150.0, 250.0)
+
+
+# ------------------------------------------------------------------------- volume path = slice path
+
+def test_volume_path_equals_slice_path(checkpoint, test_slices, tmp_path):
+    """Test slices stacked into a 0..255 volume (display orientation), cropping off: slice for slice the
+    same probabilities and masks as the 2D path on the same slices."""
+    from Code.model_lung_infection import infer
+    from Code.model_lung_infection.data import SliceSet
+    folder, names = test_slices(3)
+    imgs = [np.array(Image.open(folder / "Imgs" / n).convert("L")) for n in names]
+    h, w = min(i.shape[0] for i in imgs), min(i.shape[1] for i in imgs)
+    same = tmp_path / "same"
+    (same / "Imgs").mkdir(parents=True)
+    for n, im in zip(names, imgs):
+        Image.fromarray(im[:h, :w]).save(same / "Imgs" / (Path(n).stem + ".png"))
+    stack = np.stack([im[:h, :w] for im in imgs], axis=2).astype(np.uint8)
+    scan = vp.write_nifti(tmp_path / "stack.nii.gz", stack, np.diag([-0.7, -0.7, 5.0, 1.0]))  # L, P, S: as shown
+    run_volumes(dict(data_path=str(scan), pth_path=str(checkpoint), save_path=str(tmp_path / "out"), testsize=SIZE,
+                     crop=False, save_probabilities=True, amp=False, fuse_bn=False, channels_last=False,
+                     device="cpu", progress=False))
+    prob, _ = _load(tmp_path / "out/stack/probability.nii.gz")
+    infection, _ = _load(tmp_path / "out/stack/infection.nii.gz")
+
+    model = infer.load_inf_net(str(checkpoint), device="cpu")
+    dataset = SliceSet(same, SIZE)
+    for z in range(len(dataset)):
+        image, stem, size = dataset[z]
+        if "normalize" in inspect.signature(infer.probability_maps).parameters:
+            expected = infer.probability_maps(model, image[None], [size], normalize="none")[0]
+        else:  # before the unstretched maps landed in infer.py: the same steps, written out
+            with torch.inference_mode():
+                logit = infer.final_logits(model(image[None])).float()
+            expected = torch.sigmoid(torch.nn.functional.interpolate(logit, size=tuple(size), mode="bilinear",
+                                                                     align_corners=False))[0, 0].numpy()
+        assert np.abs(prob[:, :, z] - expected).max() < 1e-5
+        decided = np.abs(expected - 0.5) > 1e-4
+        assert np.array_equal((infection[:, :, z] > 0)[decided], (expected >= 0.5)[decided])
+
+
+def test_multiclass_adds_classes_volume_and_columns(phantom, checkpoint, tmp_path):
+    from Code.model_lung_infection.checkpoint import save_release_weights
+    from Code.model_lung_infection.registry import create_model
+    torch.manual_seed(1)
+    mc = tmp_path / "unet.pth"
+    save_release_weights(create_model("unet_multiclass", n_channels=6, n_classes=3).eval(), mc)
+    out = tmp_path / "out"
+    summary = run_volumes(_script_args(["--pth_path", str(checkpoint), "--data_path", str(phantom["scan"]),
+                                        "--save_path", str(out), "--testsize", str(SIZE), "--batchsize", "16",
+                                        "--multiclass_pth", str(mc)]))["chest"]
+    classes, affine = _load(out / "chest/classes.nii.gz")
+    assert classes.shape == phantom["shape"] and np.allclose(affine, phantom["file_affine"])
+    assert set(np.unique(classes)) <= {0, 1, 2}
+    assert {"ggo_ml", "consolidation_ml"} <= set(summary)
+    header = (out / "chest/slices.csv").read_text().splitlines()[0]
+    assert header == "slice,z_mm,lung_mm2,infection_mm2,infection_percent,ggo_mm2,consolidation_mm2"
