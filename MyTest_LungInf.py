@@ -1,8 +1,13 @@
-"""Segment CT slices with a trained Inf-Net (ours or a release checkpoint).
+"""Segment CT slices or whole CT scans with a trained Inf-Net (ours or a release checkpoint).
 
     python MyTest_LungInf.py --pth_path Snapshots/save_weights/Inf-Net/Inf-Net-100.pth \
         --data_path Dataset/TestingSet/LungInfection-Test
     # -> Results/Lung infection segmentation/Inf-Net/<slice>.png, 8-bit maps at each slice's size
+
+CT volumes (a NIfTI file, a DICOM series folder, or a folder of them; docs/volumes.md):
+    python MyTest_LungInf.py --pth_path W --data_path scan.nii.gz --save_path OUT
+    python MyTest_LungInf.py --data_path scan.nii.gz --mask infection.nii.gz --save_path OUT   # no network
+    # -> OUT/<case>/{infection,lungs}.nii.gz, slices.csv, summary.json, overview.png; OUT/summary.csv
 
 Each map is the infection probability (255 = 1): a slice without infection gives a dark map.
 --normalize minmax stretches every map to the full 0..255 range, as the release did; the
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from Code.model_lung_infection.cli import add_bool, add_debug, add_runtime_args, positive_int, run_main
 from Code.model_lung_infection.infer import NORMALIZATIONS, run_test
+from Code.model_lung_infection.volume import add_volume_args, is_volume_input, run_volumes
 
 DEFAULT_PTH = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
 
@@ -33,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--pth_path", default=DEFAULT_PTH,
                    help="weights: a release snapshot (Inf-Net-100.pth), ours, or our checkpoint.pth")
     p.add_argument("--data_path", default="Dataset/TestingSet/LungInfection-Test",
-                   help="a folder of slices, or a folder holding Imgs/ (GT is not needed)")
+                   help="a folder of slices, or a folder holding Imgs/ (GT is not needed); or a CT volume: a "
+                        ".nii/.nii.gz file, a DICOM series folder, or a folder of them")
     p.add_argument("--save_path", default=None,
                    help="default: Results/Lung infection segmentation/<model>/ (model from the weights' folder)")
     p.add_argument("--testsize", type=positive_int, default=352)
@@ -45,6 +52,7 @@ def parse_args(argv=None):
     add_bool(p, "--fuse_bn", True, "fold each BatchNorm into its convolution (same maps, faster)")
     add_bool(p, "--compile", False, "torch.compile the model (inductor; slow first slice, needs a C compiler on CPU)")
     add_runtime_args(p, defaults=RUNTIME_DEFAULTS, help=RUNTIME_HELP)
+    add_volume_args(p)
     add_debug(p)
     return p.parse_args(argv)
 
@@ -59,6 +67,10 @@ def check_weights(pth_path):
 
 def main(argv=None):
     a = parse_args(argv)
+    if is_volume_input(a.data_path):
+        if not a.mask:
+            check_weights(a.pth_path)
+        return run_volumes(a)
     check_weights(a.pth_path)
     return run_test(a.pth_path, a.data_path, a.save_path, a.testsize, a.backbone, a.device, a.amp,
                     a.channels_last, a.batchsize, a.progress, a.fuse_bn, a.compile, a.normalize)
