@@ -14,10 +14,31 @@ REFERENCE = SHARED / "reference"
 DATA = SHARED / "COVID-SemiSeg"
 
 
+# CI sets CI=true: there, missing data means the run would test little, so it is a failure, not a skip.
+ON_CI = os.environ.get("CI") == "true"
+MISSING_DATA = "test data not found"  # the start of every such skip reason (counted in the summary)
+
+
 def _need(path):
     if not path.exists():
-        pytest.skip(f"{path} not found (set INFNET_SHARED)")
+        message = f"{MISSING_DATA}: {path} (put the shared data at ../shared beside the repo or set INFNET_SHARED)"
+        if ON_CI:
+            pytest.fail(f"CI=true: {message}", pytrace=False)
+        pytest.skip(message)
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many tests did not run for want of data (a skip is easy to miss under -q)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if MISSING_DATA in _skip_reason(r)]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} tests skipped because the test data is missing: {SHARED} "
+                                    f"(set INFNET_SHARED; under CI=true they fail)", yellow=True, bold=True)
+
+
+def _skip_reason(report):
+    longrepr = report.longrepr
+    return str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
 
 
 @pytest.fixture(scope="session")

@@ -131,6 +131,27 @@ def test_test_script_options():
     assert parse_args(["--amp", "False"]).amp is False
 
 
-def test_default_precision():
-    assert default_amp("cpu") == cpu_has_native_bf16()
-    assert default_amp("cuda") is False
+def _cpuinfo_flags():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def test_bf16_probe_agrees_with_the_cpu_flags():
+    flags = _cpuinfo_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})  # the kernel's own report of the instructions
+    assert cpu_has_native_bf16() is native
+    assert default_amp("cpu") is native
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_default_precision_decision_table(monkeypatch, native_bf16):
+    # bf16 autocast by default only on a CPU with native bf16; fp32 on CUDA (fp16 there was not measured).
+    import Code.model_lung_infection.infer as infer
+    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: native_bf16)
+    expected = {"cpu": native_bf16, torch.device("cpu"): native_bf16, "cuda": False, "cuda:1": False}
+    assert {d: default_amp(d) for d in expected} == expected

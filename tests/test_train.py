@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from Code.model_lung_infection import Inf_Net, save_release_weights
-from Code.model_lung_infection.data import DataError, InfectionTrainSet, edge_from_mask, read_rgb
+from Code.model_lung_infection.data import DataError, InfectionTrainSet, edge_from_mask, read_mask, read_rgb, resize
 from Code.model_lung_infection.infer import run_test
-from Code.model_lung_infection.losses import boundary_weight, inf_net_loss, structure_loss
+from Code.model_lung_infection.losses import boundary_weight, inf_net_loss, segmentation_loss, structure_loss
 from Code.model_lung_infection.train import TrainConfig, scaled_size, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,12 +45,60 @@ def test_weighted_bce_is_per_pixel_and_release_flag_is_plain_mean():
     assert structure_loss(logits, mask, release_bce=True).item() == pytest.approx(bce.mean() + iou, rel=1e-5)
 
 
-def test_deep_supervision_sums_four_seg_terms_and_edge():
-    gt = (torch.rand(2, 1, 32, 32) > 0.5).float()
-    outs = [torch.randn(2, 1, 32, 32) for _ in range(5)]
-    total, terms = inf_net_loss(outs, gt, gt)
-    assert set(terms) == {"global", "ra5", "ra4", "ra3", "edge"}
-    assert total.item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-6)
+def _paper_seg_loss(z, g):
+    """Eq. 4 of the paper for one map, from its definition, in float64 numpy: per image, the BCE and
+    IoU weighted by w = 1 + 5 |mean over the zero-padded 31x31 window of G - G|; the batch mean."""
+    n, _, h, wd = g.shape
+    padded = np.pad(g[:, 0], ((0, 0), (15, 15), (15, 15)))
+    window_mean = np.zeros((n, h, wd))
+    for dy in range(31):
+        for dx in range(31):
+            window_mean += padded[:, dy:dy + h, dx:dx + wd]
+    window_mean /= 31 * 31
+    total = 0.0
+    for i in range(n):
+        zi, gi = z[i, 0], g[i, 0]
+        w = 1 + 5 * np.abs(window_mean[i] - gi)
+        p = 1 / (1 + np.exp(-zi))
+        bce = -(gi * np.log(p) + (1 - gi) * np.log(1 - p))
+        inter, union = (p * gi * w).sum(), ((p + gi) * w).sum()
+        total += (w * bce).sum() / w.sum() + 1 - (inter + 1) / (union - inter + 1)
+    return total / n
+
+
+def _paper_edge_loss(z, e):
+    p = 1 / (1 + np.exp(-z))
+    return float(np.mean(-(e * np.log(p) + (1 - e) * np.log(1 - p))))
+
+
+def _paper_total(outs, gt, edge):
+    """L = L_seg(S_g) + L_edge(S_e) + sum_i L_seg(S_i), i in {5, 4, 3} (Eq. 5)."""
+    o = [t.double().numpy() for t in outs]
+    g, e = gt.double().numpy(), edge.double().numpy()
+    return sum(_paper_seg_loss(z, g) for z in o[:4]) + _paper_edge_loss(o[4], e)
+
+
+def test_deep_supervision_matches_the_paper_and_every_output_counts():
+    gen = torch.Generator().manual_seed(0)
+    gt = torch.zeros(2, 1, 32, 32)
+    gt[0, 0, 8:20, 10:26] = 1  # a blob: the boundary weight is far from 1 near its edge
+    gt[1, 0, 20:30, 2:9] = 1
+    gt[1, 0, 3, 3] = 0.5       # masks are not binarised (as released)
+    edge = torch.from_numpy(edge_from_mask((gt[:, 0] * 255).byte().numpy()[0])).float().div(255)
+    edge = torch.stack([edge, torch.zeros_like(edge)])[:, None]
+    outs = [3 * torch.randn(2, 1, 32, 32, generator=gen) for _ in range(5)]
+
+    total, _ = segmentation_loss(outs, gt, edge)  # what the trainer calls
+    assert total.item() == pytest.approx(_paper_total(outs, gt, edge), rel=1e-5)
+
+    # Changing one output changes the loss by exactly that output's term: all five maps are supervised.
+    for k in range(5):
+        changed = list(outs)
+        changed[k] = outs[k] + torch.randn(2, 1, 32, 32, generator=gen)
+        delta = segmentation_loss(changed, gt, edge)[0].item() - total.item()
+        expected = _paper_total(changed, gt, edge) - _paper_total(outs, gt, edge)
+        assert abs(expected) > 1e-3, k
+        assert delta == pytest.approx(expected, rel=1e-4, abs=1e-6), k
 
 
 def test_multi_scale_sizes_are_multiples_of_32():
@@ -71,12 +119,29 @@ def _copy_slices(data_root, dst, n=4, edge=True):
 
 
 def test_pairs_by_stem_not_position(data_root, tmp_path):
-    stems = _copy_slices(data_root, tmp_path, 3)
-    # Rename the GT files so that sorted positions differ from stems: pairing must follow stems.
+    # Three real slices renamed so that sorting the file names pairs them wrongly: with images .jpg and
+    # masks .png, 'case7.jpg' < 'case7.m.jpg' but 'case7.m.png' < 'case7.png' ('j' < 'm' < 'p').
+    src = data_root / "TrainingSet/LungInfection-Train/Doctor-label"
+    originals = sorted(p.stem for p in (src / "Imgs").iterdir())[:3]
+    renamed = dict(zip(originals, ["case7", "case7.m", "case10"]))
+    for sub, ext in (("Imgs", ".jpg"), ("GT", ".png"), ("Edge", ".png")):
+        (tmp_path / sub).mkdir()
+        for old, new in renamed.items():
+            f = next((src / sub).glob(old + ".*"))
+            assert f.suffix == ext
+            shutil.copy(f, tmp_path / sub / (new + ext))
+    by_position = list(zip(sorted(os.listdir(tmp_path / "Imgs")), sorted(os.listdir(tmp_path / "GT"))))
+    assert ("case7.jpg", "case7.m.png") in by_position  # the layout really defeats positional pairing
+
     ds = InfectionTrainSet(tmp_path, trainsize=64)
-    assert [s[0] for s in ds.samples] == sorted(stems, key=int)
-    for stem, img, gt, edge in ds.samples:
-        assert img.stem == gt.stem == edge.stem == stem
+    assert [s[0] for s in ds.samples] == ["case7", "case7.m", "case10"]  # natural order: 7 before 10
+    for i, (stem, img, gt, edge) in enumerate(ds.samples):
+        assert (img.name, gt.name, edge.name) == (stem + ".jpg", stem + ".png", stem + ".png")
+        original = next(old for old, new in renamed.items() if new == stem)
+        image, mask, edge_map = ds.load(i)  # the contents are the original slice's, all three together
+        assert np.array_equal(image, resize(read_rgb(next((src / "Imgs").glob(original + ".*"))), (64, 64)))
+        assert np.array_equal(mask, resize(read_mask(src / "GT" / (original + ".png")), (64, 64)))
+        assert np.array_equal(edge_map, resize(read_mask(src / "Edge" / (original + ".png")), (64, 64)))
 
 
 @pytest.mark.parametrize("problem", ["missing_gt", "extra_gt", "unreadable", "empty", "duplicate"])
