@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_train.py: DDP training, then each rank saves its weights.
 
-The release's encoder (res2net50_v1b_26w_4s, which keeps an unused classifier) at 64 px, multi-scale
-(three updates per batch), two batches per rank: what `torchrun MyTrain_LungInf.py` runs.
+The release's encoder (res2net50_v1b_26w_4s, which keeps an unused classifier) at 96 px, multi-scale
+(three updates per batch at 64, 96 and 128 px: at 64 px all three scales round to 64), two batches per rank: what `torchrun MyTrain_LungInf.py` runs.
 """
 import os
 import sys
@@ -18,6 +18,6 @@ if __name__ == "__main__":
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     cfg = TrainConfig(train_path=[data], snapshot_root=str(out), train_save="ddp", backbone="res2net50_v1b_26w_4s",
-                      epoch=1, batchsize=2, trainsize=64, progress=False)
+                      epoch=1, batchsize=2, trainsize=96, progress=False)
     model = train(cfg)
     torch.save(model.state_dict(), out / f"rank{os.environ['RANK']}.pth")
