@@ -68,7 +68,7 @@ def main(argv=None):
     check_weights("--pth_path", a.pth_path)
     check_weights("--infnet_pth", a.infnet_pth)
     return run_test(a.pth_path, a.data_path, a.prior_path, a.infnet_pth, a.save_path, a.testsize, a.model_name,
-                    a.device, bool(a.amp), a.binarize_prior, a.infnet_testsize, a.infnet_backbone, a.progress)
+                    a.device, a.amp, a.binarize_prior, a.infnet_testsize, a.infnet_backbone, a.progress)
 
 
 if __name__ == "__main__":

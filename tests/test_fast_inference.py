@@ -58,11 +58,12 @@ def test_original_model_is_untouched(golden_model):
         expected = golden_model(x)
     golden_model.train()
     before = {k: v.clone() for k, v in golden_model.state_dict().items()}
+    trainable = [p.requires_grad for p in golden_model.parameters()]
     prepare_for_inference(golden_model)
     assert golden_model.training  # still ready to train
     golden_model.eval()
     assert count_batchnorms(golden_model) == 157
-    assert all(p.requires_grad for p in golden_model.parameters())
+    assert [p.requires_grad for p in golden_model.parameters()] == trainable
     after = golden_model.state_dict()
     assert list(after) == list(before)
     for k, v in before.items():

@@ -269,14 +269,15 @@ def test_test_stage_names_and_sizes(data_root, tmp_path, test_slices):
     src = data_root / "TestingSet/LungInfection-Test/Imgs"
     weights = tmp_path / "save_weights" / "MyNet" / "Inf-Net-1.pth"
     save_release_weights(Inf_Net().eval(), weights)
-    out = tmp_path / "out"
+    out, stretched = tmp_path / "out", tmp_path / "minmax"
     run_test(weights, tmp_path / "in", out, testsize=64, progress=False)
+    run_test(weights, tmp_path / "in", stretched, testsize=64, progress=False, normalize="minmax")
     for n in names:
         pred = Image.open(out / (os.path.splitext(n)[0] + ".png"))
         assert pred.mode == "L"
         assert pred.size == Image.open(src / n).size
-        a = np.array(pred)
-        assert a.min() == 0 and a.max() == 255  # min-max normalised as released
+        a = np.array(Image.open(stretched / (os.path.splitext(n)[0] + ".png")))
+        assert a.min() == 0 and a.max() == 255  # --normalize minmax: stretched as released
 
 
 # ---------------------------------------------------------------- CPU budgets and ablations

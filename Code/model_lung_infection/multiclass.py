@@ -413,7 +413,7 @@ def overlay(rgb, labels, alpha=0.5):
 
 
 def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None, save_root=DEFAULT_SAVE_ROOT,
-             testsize=None, model_name=None, device="auto", amp=False, binarize_prior=True,
+             testsize=None, model_name=None, device="auto", amp=None, binarize_prior=True,
              infnet_testsize=352, infnet_backbone=None, progress=True):
     """Label every slice of `data_path` (or `data_path/Imgs`); returns {folder kind: [paths]}.
 
@@ -421,6 +421,8 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
     otherwise read from `prior_path` (maps named like the slices, e.g. MyTest_LungInf.py's
     output); image-only models need neither. Either way a prior is binarised at 128 (unless
     binarize_prior=False), like the released training priors, then resized like the slice.
+    `amp` None: priors at MyTest_LungInf.py's default precision (so they equal its maps), the multi-class
+    network in fp32; True/False: both networks.
     Writes, at each slice's original size:
       <save_root>/Ground-glass opacities/<model>/<stem>.png   8-bit graded map (class_maps)
       <save_root>/Consolidation/<model>/<stem>.png            8-bit graded map, disjoint from GGO
@@ -458,7 +460,7 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
         prior = priors.get(stem)
         if isinstance(prior, Path):
             prior = read_mask(prior)
-        prob = predict_probabilities(model, rgb, prior, testsize, binarize_prior, device, amp)
+        prob = predict_probabilities(model, rgb, prior, testsize, binarize_prior, device, bool(amp))
         labels, maps = class_maps(prob)
         for c, key in ((1, "GGO"), (2, "Consolidation")):
             save_png(maps[c], dirs[c] / f"{stem}.png")
