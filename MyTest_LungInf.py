@@ -19,7 +19,7 @@ Then score them: python -m EvaluationTool --gt_root Dataset/TestingSet/LungInfec
 import argparse
 from pathlib import Path
 
-from Code.model_lung_infection.cli import add_bool, add_debug, add_runtime_args, positive_int, run_main
+from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
 from Code.model_lung_infection.infer import NORMALIZATIONS, run_test
 from Code.model_lung_infection.volume import add_volume_args, is_volume_input, run_volumes
 
@@ -35,7 +35,7 @@ RUNTIME_HELP = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pth_path", default=DEFAULT_PTH,
                    help="weights: a release snapshot (Inf-Net-100.pth), ours, or our checkpoint.pth")
     p.add_argument("--data_path", default="Dataset/TestingSet/LungInfection-Test",
@@ -67,6 +67,9 @@ def check_weights(pth_path):
 
 def main(argv=None):
     a = parse_args(argv)
+    if not Path(a.data_path).exists():
+        raise FileNotFoundError(f"--data_path {a.data_path}: no such file or folder; give a folder of slices, "
+                                f"a NIfTI file or a DICOM series folder")
     if is_volume_input(a.data_path):
         if not a.mask:
             check_weights(a.pth_path)

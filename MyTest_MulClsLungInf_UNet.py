@@ -17,7 +17,7 @@ Priors are binarised at 128 like the training priors. Then score them:
 import argparse
 import os
 
-from Code.model_lung_infection.cli import add_bool, add_debug, add_runtime_args, positive_int, run_main
+from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
 from Code.model_lung_infection.errors import CheckpointError
 from Code.model_lung_infection.multiclass import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, run_test
 
@@ -32,7 +32,7 @@ WEIGHT_HINTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pth_path", default="Snapshots/save_weights/Semi-Inf-Net_UNet/Semi-Inf-Net_UNet-200.pth",
                    help="multi-class U-Net / FCN8s weights: release (unet_model_200.pkl), ours, or our checkpoint.pth")
     p.add_argument("--data_path", default="Dataset/TestingSet/MultiClassInfection-Test",

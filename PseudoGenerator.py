@@ -34,7 +34,7 @@ from Code.model_lung_infection.pseudo import PseudoConfig, generate
 
 def parse_args(argv=None):
     d = PseudoConfig(init="")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", required=True, help="Inf-Net weights trained on the doctor labels "
                    "(e.g. Snapshots/save_weights/Inf-Net/Inf-Net-100.pth)")
     p.add_argument("--unlabeled_path", default=d.unlabeled_path, help="folder of unlabelled CT slices")

@@ -13,12 +13,12 @@ and folders are described in Code/model_lung_infection/tables.py.
 import argparse
 import dataclasses
 
-from Code.model_lung_infection.cli import add_bool, add_debug, positive_int, run_main
+from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, positive_int, run_main
 from Code.model_lung_infection.tables import BUDGETS, TABLE_ROWS, TableRunner
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", required=True, choices=list(TABLE_ROWS), help="the paper's table")
     p.add_argument("--budget", default="paper", choices=list(BUDGETS),
                    help="; ".join(f"{k}: {v.describe('semi')}, multi-class {v.multiclass_epochs} ep"
