@@ -67,14 +67,15 @@ def check_weights(pth_path):
 
 def main(argv=None):
     a = parse_args(argv)
+    if not a.mask:  # --mask quantifies a given mask: no network
+        check_weights(a.pth_path)
     if not Path(a.data_path).exists():
         raise FileNotFoundError(f"--data_path {a.data_path}: no such file or folder; give a folder of slices, "
                                 f"a NIfTI file or a DICOM series folder")
     if is_volume_input(a.data_path):
-        if not a.mask:
-            check_weights(a.pth_path)
         return run_volumes(a)
-    check_weights(a.pth_path)
+    if a.mask:
+        raise FileNotFoundError(f"--mask quantifies CT volumes, and {a.data_path} holds no NIfTI file or DICOM series")
     return run_test(a.pth_path, a.data_path, a.save_path, a.testsize, a.backbone, a.device, a.amp,
                     a.channels_last, a.batchsize, a.progress, a.fuse_bn, a.compile, a.normalize)
 
