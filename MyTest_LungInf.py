@@ -20,6 +20,7 @@ import argparse
 from pathlib import Path
 
 from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
+from Code.model_lung_infection.errors import UserError
 from Code.model_lung_infection.infer import NORMALIZATIONS, run_test
 from Code.model_lung_infection.volume import add_volume_args, is_volume_input, run_volumes
 
@@ -75,7 +76,7 @@ def main(argv=None):
     if is_volume_input(a.data_path):
         return run_volumes(a)
     if a.mask:
-        raise FileNotFoundError(f"--mask quantifies CT volumes, and {a.data_path} holds no NIfTI file or DICOM series")
+        raise UserError(f"--mask quantifies CT volumes, and {a.data_path} holds no NIfTI file or DICOM series")
     return run_test(a.pth_path, a.data_path, a.save_path, a.testsize, a.backbone, a.device, a.amp,
                     a.channels_last, a.batchsize, a.progress, a.fuse_bn, a.compile, a.normalize)
 
