@@ -194,7 +194,10 @@ class Engine:
         loader = DataLoader(dataset, batch_size=max(1, cfg.batchsize // ddp.world_size), sampler=sampler,
                             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         writer = _tensorboard(cfg) if ddp.is_main else None
-        if ddp.is_main:
+        if ddp.is_main and start_epoch > cfg.epoch:
+            print(f"[train] {cfg.run_dir} has finished epoch {start_epoch - 1}, and --epoch is {cfg.epoch}: "
+                  f"nothing to train (give a larger --epoch to extend the run)", flush=True)
+        elif ddp.is_main:
             budget = f" ({cfg.epoch_samples} per epoch)" if cfg.epoch_samples else ""
             print(f"[train] {len(dataset)} samples{budget}{describe}; device {self.device}"
                   f"{' x' + str(ddp.world_size) if ddp.enabled else ''}; amp {self.amp}; "
