@@ -20,8 +20,8 @@ import argparse
 from pathlib import Path
 
 from Code.model_lung_infection.cli import add_bool, add_debug, add_runtime_args, positive_int, run_main
-from Code.model_lung_infection.infer import NORMALIZATIONS, run_test
-from Code.model_lung_infection.volume import add_volume_args, is_volume_input, run_volumes
+from Code.model_lung_infection.maps import NORMALIZATIONS
+from Code.model_lung_infection.volume import add_volume_args, is_volume_input
 
 DEFAULT_PTH = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
 
@@ -67,11 +67,14 @@ def check_weights(pth_path):
 
 def main(argv=None):
     a = parse_args(argv)
+    # the stages (and PyTorch) are imported after the arguments are parsed: --help and errors are fast
     if is_volume_input(a.data_path):
         if not a.mask:
             check_weights(a.pth_path)
+        from Code.model_lung_infection.volume.predict import run_volumes
         return run_volumes(a)
     check_weights(a.pth_path)
+    from Code.model_lung_infection.infer import run_test
     return run_test(a.pth_path, a.data_path, a.save_path, a.testsize, a.backbone, a.device, a.amp,
                     a.channels_last, a.batchsize, a.progress, a.fuse_bn, a.compile, a.normalize)
 

@@ -1,7 +1,6 @@
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -61,14 +60,6 @@ def reference_weights(reference_dir):
 @pytest.fixture(scope="session")
 def infnet_spec(reference_dir):
     return json.loads((reference_dir / "infnet_res2net50_state_dict.json").read_text())
-
-
-@pytest.fixture(autouse=True)
-def _quiet_random_init_warning():
-    # Every test model starts from random weights; the loud warning is for users.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        yield
 
 
 @pytest.fixture

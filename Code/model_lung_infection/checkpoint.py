@@ -110,24 +110,32 @@ def _few(items, n=8):
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def key_mismatches(own, state):
+    """(missing, unexpected, mis-shaped) keys of the weights `state` against a model's own state dict."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, shapes
+
+
+def check_fit(name, kind, missing=(), unexpected=(), shapes=(), expected=None):
+    """The one report of weights that do not fit a network: a CheckpointError naming the file (`name`), the
+    network (`kind`) and the keys; nothing when all three lists are empty."""
+    problems = [f"{len(items)} {what} ({_few(list(items))})" for what, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+    expected = expected or f"{kind} weights with the same options (encoder, components, channels) as the network built"
+    if problems:
+        raise CheckpointError(f"{name} does not fit {kind}: {'; '.join(problems)}; expected {expected}")
+
+
 def load_checkpoint(model, source, name=None):
     """Strictly load weights into `model`; any missing, unexpected or mis-shaped key is a CheckpointError
     naming the file (`source` if a path, else `name`, else the file a state dict from extract_state_dict
     remembers) and the keys."""
     state, name, _ = extract_state_dict(source, name)
     model = unwrap(model)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        problems = [f"{len(items)} {what} ({_few(items)})" for what, items in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-                    if items]
-        kind = type(model).__name__
-        raise CheckpointError(f"{name} does not fit {kind}: {'; '.join(problems)}; expected {kind} weights "
-                              f"with the same options (encoder, components, channels) as the network built")
+    check_fit(name, type(model).__name__, *key_mismatches(model.state_dict(), state))
     # nn.Module's own method: some libraries' modules override load_state_dict with other semantics
     torch.nn.Module.load_state_dict(model, state, strict=True)
     return model
