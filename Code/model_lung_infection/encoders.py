@@ -6,15 +6,34 @@ An encoder is a plain timm model (kept whole, so its state-dict keys stay those 
 the released checkpoints, e.g. `resnet.layer1.0.conv1.weight`) plus the indices of
 its feature taps. Nothing is downloaded: ImageNet weights come from a local file.
 """
+import sys
+
 from .checkpoint import check_fit, extract_state_dict, key_mismatches
 from .registry import ENCODERS
 
 STRIDES = (4, 8, 16, 32)
 
 
-def _timm(name, keep_classifier=False, **kw):
-    import timm  # only when an encoder is built: the package imports fast
+def _import_timm():
+    """timm, imported when the first encoder is built (the package itself imports fast).
 
+    timm imports huggingface_hub, and with it an HTTP stack (a quarter of a second here), only to
+    download weights, which this project never does; so unless something imported huggingface_hub
+    already, timm is imported with it unavailable (timm then simply has no hub downloads), and it is
+    importable again right after."""
+    if "timm" in sys.modules or "huggingface_hub" in sys.modules:
+        import timm
+        return timm
+    sys.modules["huggingface_hub"] = None  # makes `import huggingface_hub` raise ImportError, which timm handles
+    try:
+        import timm
+    finally:
+        del sys.modules["huggingface_hub"]
+    return timm
+
+
+def _timm(name, keep_classifier=False, **kw):
+    timm = _import_timm()
     if keep_classifier:
         return timm.create_model(name, pretrained=False, **kw)
     model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
