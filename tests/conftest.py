@@ -63,6 +63,16 @@ def infnet_spec(reference_dir):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny runs are faster so on a small, busy CPU."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def test_slices(data_root, tmp_path):
     """copy(n) -> (folder holding Imgs/ with the first n LungInfection-Test slices, their names)."""
     import shutil

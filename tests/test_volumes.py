@@ -28,12 +28,7 @@ SUMMARY_KEYS = {"lung_ml", "right_lung_ml", "left_lung_ml", "infection_ml", "inf
                 "right_infection_percent", "left_infection_percent", "slices_with_infection", "spacing_mm", "shape"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one thread is faster on a busy CPU
 
 
 @pytest.fixture(scope="module")
