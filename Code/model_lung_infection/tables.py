@@ -9,17 +9,16 @@ then Results/tables/table_<X>.md and .csv put our six figures beside the paper's
 budget the row was trained with. A run interrupted anywhere picks up at the first unfinished stage
 of the first unfinished row; `retrain=True` runs every stage again.
 
-Budgets (BUDGETS; `--epochs` / `--trainsize` override): `paper` is the released recipe (100 epochs at
-352, Semi-Inf-Net step (i) on all 1600 pseudo-labelled slices, 200 multi-class epochs); `cpu` is a
-scaled-down recipe for a 2-core machine, and every table says which was used. Rows that share a
-configuration share a run: Table II's Semi-Inf-Net is Table IV's No.7.
+The table is three modules: table_plan.py (what runs, as data: budgets, rows, the paper's figures,
+which row needs another's outputs), this runner (TableRunner: one row at a time; a row never runs
+another, `plan` puts prerequisites first; configs are copied, never changed), and table_report.py
+(the Markdown / CSV table, with EvaluationTool.report's writer).
 
 Recipes: Inf-Net rows use train.py (multi-scale, deep supervision); the single-map baselines of
 Table II the same optimiser, data and epochs at one scale with BCE; Semi-Inf-Net rows (Table IV
 included) step (i) on the release's pseudo labels, then step (ii) on the doctor labels; Table III
-rows multiclass.py, the infection-guided ones with the Semi-Inf-Net row's maps as test priors.
+rows multiclass/train.py, the infection-guided ones with the Semi-Inf-Net row's maps as test priors.
 """
-
 import dataclasses
 import json
 import time
