@@ -21,8 +21,8 @@ from pathlib import Path
 
 from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
 from Code.model_lung_infection.errors import UserError
-from Code.model_lung_infection.infer import NORMALIZATIONS, run_test
-from Code.model_lung_infection.volume import add_volume_args, is_volume_input, run_volumes
+from Code.model_lung_infection.maps import NORMALIZATIONS
+from Code.model_lung_infection.volume import add_volume_args, is_volume_input
 
 DEFAULT_PTH = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
 
@@ -73,10 +73,13 @@ def main(argv=None):
     if not Path(a.data_path).exists():
         raise FileNotFoundError(f"--data_path {a.data_path}: no such file or folder; give a folder of slices, "
                                 f"a NIfTI file or a DICOM series folder")
+    # the stages (and PyTorch) are imported after the arguments are parsed: --help and errors are fast
     if is_volume_input(a.data_path):
+        from Code.model_lung_infection.volume.predict import run_volumes
         return run_volumes(a)
     if a.mask:
         raise UserError(f"--mask quantifies CT volumes, and {a.data_path} holds no NIfTI file or DICOM series")
+    from Code.model_lung_infection.infer import run_test
     return run_test(a.pth_path, a.data_path, a.save_path, a.testsize, a.backbone, a.device, a.amp,
                     a.channels_last, a.batchsize, a.progress, a.fuse_bn, a.compile, a.normalize)
 

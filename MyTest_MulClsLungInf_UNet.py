@@ -18,8 +18,8 @@ import argparse
 import os
 
 from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
+from Code.model_lung_infection.configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT
 from Code.model_lung_infection.errors import CheckpointError
-from Code.model_lung_infection.multiclass import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, run_test
 
 # Where each weights option comes from, said when the file is not there.
 WEIGHT_HINTS = {
@@ -67,6 +67,7 @@ def main(argv=None):
     a = parse_args(argv)
     check_weights("--pth_path", a.pth_path)
     check_weights("--infnet_pth", a.infnet_pth)
+    from Code.model_lung_infection.multiclass.predict import run_test  # PyTorch: after the arguments are parsed
     return run_test(a.pth_path, a.data_path, a.prior_path, a.infnet_pth, a.save_path, a.testsize, a.model_name,
                     a.device, a.amp, a.binarize_prior, a.infnet_testsize, a.infnet_backbone, a.progress)
 

@@ -22,9 +22,8 @@ import argparse
 
 from Code.model_lung_infection import cli
 from Code.model_lung_infection.cli import add_bool, add_debug, add_run_args, given_options, run_main
-from Code.model_lung_infection.encoders import ENCODERS
-from Code.model_lung_infection.engine import restore_config
-from Code.model_lung_infection.train import STAGES, TrainConfig, stage_config, train
+from Code.model_lung_infection.configs import STAGES, TrainConfig, stage_config
+from Code.model_lung_infection.registry import ENCODERS, warn_random_weights
 
 # The release's boolean switches and the stage each selects.
 STAGE_SWITCHES = {"is_pseudo": "pseudo", "is_semi": "semi"}
@@ -44,28 +43,15 @@ def build_parser():
     p.add_argument("--train_path", nargs="+", default=None,
                    help="folder(s) with Imgs/, GT/ and optionally Edge/ (edges are derived from GT if absent); "
                         "default from --stage")
-    p.add_argument("--train_save", default=None,
-                   help="run name: Snapshots/save_weights/<train_save>/ (default from --stage)")
     p.add_argument("--snapshot_prefix", default=None,
                    help="snapshot file names: <prefix>-<epoch>.pth (default from --stage)")
-    p.add_argument("--snapshot_root", default=d.snapshot_root)
     p.add_argument("--backbone", default=d.backbone,
                    help=f"encoder: {', '.join(ENCODERS.names())} or timm:<name>")
     p.add_argument("--pretrained", default=None, help="ImageNet weights of the encoder (local file, e.g. "
                    "res2net50_v1b_26w_4s-3cf99910.pth); without it the encoder starts from random weights")
     p.add_argument("--init", default=None,
                    help="start from these Inf-Net weights (fine-tuning); --stage semi defaults to step (i)'s")
-    p.add_argument("--epoch", type=cli.positive_int, default=None, help="default from --stage")
-    p.add_argument("--lr", type=cli.positive_float, default=d.lr)
-    p.add_argument("--batchsize", type=cli.positive_int, default=None,
-                   help="global batch size (split over DDP processes); default from --stage")
-    p.add_argument("--trainsize", type=cli.positive_int, default=d.trainsize)
-    p.add_argument("--clip", type=cli.nonnegative_float, default=d.clip, help="gradient clipping by value (0: none)")
-    p.add_argument("--decay_rate", type=cli.positive_float, default=d.decay_rate)
-    p.add_argument("--decay_epoch", type=cli.positive_int, default=d.decay_epoch,
-                   help="lr *= decay_rate every decay_epoch epochs")
-    add_bool(p, "--multi_scale", True, "train each batch at scales 0.75, 1 and 1.25")
-    add_bool(p, "--release_bce", False, "unweighted BCE, as the released code effectively computed")
+    cli.add_train_args(p, d, from_preset=("train_save", "epoch", "batchsize"))
     g = p.add_argument_group("Inf-Net components (Table IV ablations; --no-<name> switches one off, "
                              "see Code/model_lung_infection/inf_net.py)")
     add_bool(g, "--edge_attention", True, "edge-attention branch and its edge loss")
@@ -86,7 +72,7 @@ def parse_args(argv=None):
     if switched and a.stage not in (None, switched[0]):
         p.error(f"--stage {a.stage} contradicts --is_{switched[0]} (stage {switched[0]})")
     a.stage = a.stage or (switched[0] if switched else "doctor")
-    a.given = given_options(p, argv)
+    a.given = given_options(build_parser, argv)
     return a
 
 
@@ -101,11 +87,16 @@ def config_from_args(a):
     if not a.resume:
         return cfg
     given = {OPTION_FIELDS.get(k, k) for k in getattr(a, "given", ())} & fields
+    from Code.model_lung_infection.engine import restore_config
     return restore_config(TrainConfig, cfg.checkpoint_path, {k: getattr(cfg, k) for k in given})
 
 
 def main(argv=None):
-    train(config_from_args(parse_args(argv)))
+    cfg = config_from_args(parse_args(argv))
+    if not (cfg.init or cfg.resume):  # fine-tuned and resumed runs start from trained weights
+        warn_random_weights(cfg.model, cfg.pretrained)
+    from Code.model_lung_infection.train import train  # PyTorch: after the arguments are parsed
+    train(cfg)
 
 
 if __name__ == "__main__":

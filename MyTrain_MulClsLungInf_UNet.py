@@ -16,8 +16,8 @@ import argparse
 
 from Code.model_lung_infection import cli
 from Code.model_lung_infection.cli import add_bool, add_debug, add_run_args, given_options, run_main
-from Code.model_lung_infection.engine import restore_config
-from Code.model_lung_infection.multiclass import ARCHS, INITS, RECIPES, MultiClassConfig, train
+from Code.model_lung_infection.configs import ARCHS, INITS, RECIPES, MultiClassConfig
+from Code.model_lung_infection.registry import warn_random_weights
 
 
 def build_parser():
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     """Parsed options; `.given` holds the names of those given explicitly (what --resume checks)."""
     p = build_parser()
     a = p.parse_args(argv)
-    a.given = given_options(p, argv)
+    a.given = given_options(build_parser, argv)
     return a
 
 
@@ -68,11 +68,16 @@ def config_from_args(a):
     if not a.resume:
         return cfg
     given = set(getattr(a, "given", ())) & set(MultiClassConfig.__dataclass_fields__)
+    from Code.model_lung_infection.engine import restore_config
     return restore_config(MultiClassConfig, cfg.checkpoint_path, {k: getattr(cfg, k) for k in given})
 
 
 def main(argv=None):
-    train(config_from_args(parse_args(argv)))
+    cfg = config_from_args(parse_args(argv))
+    if not cfg.resume:
+        warn_random_weights(ARCHS[cfg.arch], cfg.pretrained)
+    from Code.model_lung_infection.multiclass.train import train  # PyTorch: after the arguments are parsed
+    train(cfg)
 
 
 if __name__ == "__main__":

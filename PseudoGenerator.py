@@ -25,14 +25,13 @@ from Code.model_lung_infection.cli import (
     add_debug,
     add_runtime_args,
     nonnegative_int,
-    positive_float,
     positive_int,
     run_main,
 )
-from Code.model_lung_infection.pseudo import PseudoConfig, generate
+from Code.model_lung_infection.configs import PseudoConfig, TrainConfig
 
 
-def parse_args(argv=None):
+def build_parser():
     d = PseudoConfig(init="")
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", required=True, help="Inf-Net weights trained on the doctor labels "
@@ -48,33 +47,34 @@ def parse_args(argv=None):
              "stretched map (so even an infection-free slice gets a full-range label), edges by its binary2edge; "
              "default: GT = the probability map itself")
     add_bool(p, "--overwrite", False, "replace labels already in <save_path>/GT, or a state file of other arguments")
-    g = p.add_argument_group("fine-tuning (per round)")
-    g.add_argument("--epoch", type=positive_int, default=d.epoch)
-    g.add_argument("--lr", type=positive_float, default=d.lr)
-    g.add_argument("--batchsize", type=positive_int, default=d.batchsize)
-    g.add_argument("--trainsize", type=positive_int, default=d.trainsize)
-    g.add_argument("--testsize", type=positive_int, default=None, help="inference input size (default: --trainsize)")
-    g.add_argument("--backbone", default=None, help="encoder of --init (default: from its saved config, "
+    p.add_argument("--testsize", type=positive_int, default=None, help="inference input size (default: --trainsize)")
+    p.add_argument("--backbone", default=None, help="encoder of --init (default: from its saved config, "
                    "else res2net50_v1b_26w_4s)")
-    g.add_argument("--clip", type=float, default=d.clip, help="gradient clipping by value")
-    add_bool(g, "--multi_scale", True, "train each batch at scales 0.75, 1 and 1.25")
-    add_bool(g, "--release_bce", False, "unweighted BCE, as the released code effectively computed")
-    g.add_argument("--snapshot_root", default=d.snapshot_root)
-    g.add_argument("--train_save", default=d.train_save,
-                   help="round weights: <snapshot_root>/save_weights/<train_save>/round-NNNN/")
+    g = cli.add_train_args(p, d.train)  # each round's fine-tuning: the Inf-Net recipe's options
     add_bool(g, "--keep_rounds", False, "keep every round's weights (default: only the newest)")
     add_bool(p, "--progress", True, "progress bar")
     add_runtime_args(p)
     add_debug(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def config_from_args(a):
-    return cli.config_from_args(PseudoConfig, a, **({} if a.multi_scale else {"scales": (1.0,)}))
+    """PseudoConfig of the options: its own, and the rounds' TrainConfig from the options it shares."""
+    # --init, --overwrite and --backbone are PseudoConfig's (each round sets its own init and backbone)
+    train = cli.config_from_args(TrainConfig, a, init=None, overwrite=False, backbone=TrainConfig.backbone,
+                                 **({} if a.multi_scale else {"scales": (1.0,)}))
+    own = {k: v for k, v in vars(a).items() if k in PseudoConfig.__dataclass_fields__ and k != "train"}
+    return PseudoConfig(**own, train=train)
 
 
 def main(argv=None):
-    return generate(config_from_args(parse_args(argv)))
+    cfg = config_from_args(parse_args(argv))
+    from Code.model_lung_infection.pseudo import generate  # PyTorch: after the arguments are parsed
+    return generate(cfg)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ and folders are described in Code/model_lung_infection/tables.py.
 """
 import argparse
 import dataclasses
+import warnings
 
-from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, positive_int, run_main
-from Code.model_lung_infection.tables import BUDGETS, TABLE_ROWS, TableRunner
+from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
+from Code.model_lung_infection.table_plan import BUDGETS, TABLE_ROWS
 
 
 def parse_args(argv=None):
@@ -35,10 +36,8 @@ def parse_args(argv=None):
                         "vgg16-397923af.pth, densenet161-8d451a50.pth, resnet50-0676ba61.pth), as the paper "
                         "initialised them; without it every encoder starts from random weights")
     add_bool(p, "--retrain", False, "train, test and evaluate every row again")
-    p.add_argument("--device", default="auto")
-    add_bool(p, "--amp", None, "mixed precision: float16 on CUDA, bfloat16 on CPU; default on for CUDA only")
-    add_bool(p, "--channels_last", False, "channels-last memory format")
     add_bool(p, "--progress", True, "progress bars")
+    add_runtime_args(p)
     add_debug(p)
     a = p.parse_args(argv)
     names = [r.name for r in TABLE_ROWS[a.table]]
@@ -54,8 +53,13 @@ def main(argv=None):
     overrides = {k: v for k, v in (("epochs", a.epochs), ("trainsize", a.trainsize)) if v is not None}
     if overrides:
         budget = dataclasses.replace(budget, **overrides)  # the tag and the table state the change
+    if not a.imagenet_dir:
+        warnings.warn("every encoder starts from RANDOM weights: no --imagenet_dir was given. Expect far lower "
+                      "accuracy than the paper's (the tables say so).")
+    from Code.model_lung_infection.tables import TableRunner  # PyTorch: after the arguments are parsed
     runner = TableRunner(budget, a.data_root, a.snapshot_root, a.results_root, a.retrain, a.device, a.amp,
-                         a.channels_last, a.progress, imagenet_dir=a.imagenet_dir)
+                         a.channels_last, a.progress, imagenet_dir=a.imagenet_dir, num_workers=a.num_workers,
+                         seed=a.seed)
     for path in runner.run_table(a.table, a.rows):  # missing data, bad weights: one line (cli.run_main)
         print(f"[reproduce] wrote {path}")
 

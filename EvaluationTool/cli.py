@@ -12,10 +12,7 @@ from .folder import (
     safe_name,
     write_per_image_csv,
 )
-from .report import average, write_binary_reports, write_multiclass_reports
-
-# main.m's multi-class layout: prediction sub-folder -> GT folder inside MultiClassInfection-Test.
-MULTICLASS = (("Ground-glass opacities", "GT-1"), ("Consolidation", "GT-2"))
+from .report import MULTICLASS, average, write_binary_reports, write_multiclass_reports
 
 
 def default_dataset(gt_root, task):

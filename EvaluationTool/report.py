@@ -1,5 +1,9 @@
-"""Markdown / CSV / text reports of folder summaries (see folder.evaluate_folder)."""
+"""Markdown / CSV / text reports of folder summaries (see folder.evaluate_folder), and the one Markdown +
+CSV table writer (`write_table`) that reproduce.py's tables use too."""
 import csv
+import io
+import os
+import tempfile
 from pathlib import Path
 
 from .folder import SUMMARY_KEYS, release_line, safe_name
@@ -8,6 +12,8 @@ from .folder import SUMMARY_KEYS, release_line, safe_name
 TABLE_COLUMNS = (("Dice", "meanDic"), ("Sen.", "meanSen"), ("Spec.", "meanSpe"),
                  ("S-alpha", "Sm"), ("E-phi mean", "meanEm"), ("MAE", "MAE"))
 SHORT = {"Ground-glass opacities": "GGO", "Consolidation": "Cons.", "Average": "Avg."}
+# main.m's multi-class layout: prediction sub-folder -> GT folder inside MultiClassInfection-Test.
+MULTICLASS = (("Ground-glass opacities", "GT-1"), ("Consolidation", "GT-2"))
 
 
 def average(summaries):
@@ -15,10 +21,36 @@ def average(summaries):
     return {k: sum(s[k] for s in summaries) / len(summaries) for k in SUMMARY_KEYS}
 
 
-def _md_table(header, rows):
+def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _write_atomically(path, text):
+    """Write a text file through a temporary file and a rename: never half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_table(md_path, csv_path, header, rows, csv_header=None, csv_rows=None, preamble=""):
+    """`md_path`: `preamble` then a Markdown table (header, rows of strings); `csv_path`: `csv_header` and
+    `csv_rows` (default: the Markdown's; e.g. unrounded figures). Both written atomically; returns the paths."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header if csv_header is None else csv_header)
+    writer.writerows(rows if csv_rows is None else csv_rows)
+    return [_write_atomically(md_path, preamble + markdown_table(header, rows)),
+            _write_atomically(csv_path, buf.getvalue())]
 
 
 def write_text(lines, path):
@@ -65,11 +97,5 @@ def write_multiclass_reports(results, dataset, classes, save_dir):
 
 def _write_table_and_csv(save_dir, dataset, header, rows, csv_key_columns, csv_rows):
     """`<dataset>_result.md` (rounded table) and `<dataset>_result.csv` (all scalars, full precision)."""
-    md = save_dir / f"{safe_name(dataset)}_result.md"
-    md.write_text(f"# {dataset}\n\n" + _md_table(header, rows))
-    csv_path = save_dir / f"{safe_name(dataset)}_result.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(tuple(csv_key_columns) + tuple(SUMMARY_KEYS))
-        writer.writerows(csv_rows)
-    return [md, csv_path]
+    return write_table(save_dir / f"{safe_name(dataset)}_result.md", save_dir / f"{safe_name(dataset)}_result.csv",
+                       header, rows, tuple(csv_key_columns) + tuple(SUMMARY_KEYS), csv_rows, f"# {dataset}\n\n")

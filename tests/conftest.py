@@ -1,7 +1,6 @@
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -63,12 +62,14 @@ def infnet_spec(reference_dir):
     return json.loads((reference_dir / "infnet_res2net50_state_dict.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def _quiet_random_init_warning():
-    # Every test model starts from random weights; the loud warning is for users.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        yield
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny runs are faster so on a small, busy CPU."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

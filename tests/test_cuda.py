@@ -246,12 +246,11 @@ def test_test_stage_on_cuda_with_fp16_matches_fp32(data_root, tmp_path, test_sli
 # ---------------------------------------------------------------- several GPUs
 
 DDP_WORKER = r"""
-import os, sys, warnings
+import os, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, sys.argv[3])
 from Code.model_lung_infection.train import TrainConfig, train
-warnings.simplefilter("ignore")
 data, out, world = sys.argv[1], Path(sys.argv[2]), int(os.environ["WORLD_SIZE"])
 cfg = TrainConfig(train_path=[data], snapshot_root=str(out), train_save="ddp", device="cuda", amp=True, clip=0.5,
                   epoch=1, batchsize=2 * world, trainsize=64, num_workers=0, progress=False, seed=3)

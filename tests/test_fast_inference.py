@@ -1,7 +1,6 @@
 """Fast inference (fused Conv-BN, channels-last): same outputs as the plain fp32 model."""
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,7 @@ OUTPUTS = ["lateral_map_5", "lateral_map_4", "lateral_map_3", "lateral_map_2", "
 
 @pytest.fixture(scope="module")
 def golden_model(reference_weights, infnet_spec):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        model = Inf_Net().eval()
+    model = Inf_Net().eval()
     load_checkpoint(model, reference_weights.build_state_dict(infnet_spec))
     return model
 

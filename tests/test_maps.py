@@ -24,12 +24,7 @@ SIZE = 64
 SIX = ("meanDic", "meanSen", "meanSpe", "Sm", "meanEm", "MAE")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one thread is faster on a busy CPU
 
 
 def negative_infnet(backbone=SMALL, seed=0):

@@ -1,4 +1,6 @@
 """Inf-Net architecture: release equivalence (golden outputs, keys), checkpoint loading, encoders."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ import torch
 from Code.model_lung_infection import Inf_Net, create_model, load_checkpoint, save_release_weights
 from Code.model_lung_infection.complexity import count_complexity
 from Code.model_lung_infection.encoders import ENCODERS
+from Code.model_lung_infection.registry import warn_random_weights
 
 OUTPUTS = ["lateral_map_5", "lateral_map_4", "lateral_map_3", "lateral_map_2", "lateral_edge"]
 
@@ -97,8 +100,12 @@ def test_encoder_registry_and_random_init_warning():
     assert {"res2net50_v1b_26w_4s", "resnet50", "vgg16"} <= set(ENCODERS.names())
     with pytest.raises(KeyError, match="choose one of"):
         Inf_Net(backbone="no_such_encoder")
-    with pytest.warns(UserWarning, match="RANDOM weights"):
+    # constructors are silent; the entry point says it once (MyTrain_LungInf.py: warn_random_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         create_model("inf_net", backbone="resnet50")
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        warn_random_weights("inf_net", pretrained=None)
 
 
 def test_pretrained_file_is_loaded(tmp_path):

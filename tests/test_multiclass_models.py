@@ -1,6 +1,5 @@
 """The multi-class networks: the release's U-Net (keys, golden output, checkpoint loading) and FCN8s."""
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -25,9 +24,7 @@ def unet_reference_state(unet_spec, reference_weights):
 @pytest.fixture(scope="module")
 def fcn8s_6ch():
     torch.manual_seed(0)
-    with warnings.catch_warnings():  # module scope: conftest's per-test filter is not active yet
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        return FCN8s(n_channels=6, n_classes=3).eval()
+    return FCN8s(n_channels=6, n_classes=3).eval()
 
 
 def test_unet_state_dict_matches_release_keys_shapes_and_order(unet_spec):
@@ -47,7 +44,7 @@ def test_unet_golden_output(reference_dir, reference_weights, unet_reference_sta
 
 @pytest.mark.parametrize("channels", [6, 3])
 def test_unet_non_square_batched_shapes(channels):
-    model = create_model("unet_multiclass", n_channels=channels, n_classes=3).eval()
+    model = create_model("unet_multiclass", in_channels=channels, num_classes=3).eval()
     with torch.no_grad():
         assert model(torch.randn(2, channels, 64, 96)).shape == (2, 3, 64, 96)
         # Sides that are not multiples of 16 go through the skip padding.
@@ -61,7 +58,7 @@ def test_fcn8s_non_square_batched_shapes(fcn8s_6ch):
 
 
 def test_fcn8s_image_only_and_registry():
-    model = create_model("fcn8s", n_channels=3, n_classes=3, fc_width=64).eval()
+    model = create_model("fcn8s", in_channels=3, num_classes=3, fc_width=64).eval()
     assert model.features[0].in_channels == 3
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 96)).shape == (2, 3, 64, 96)

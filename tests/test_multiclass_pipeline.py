@@ -193,7 +193,8 @@ def test_fcn8s_image_only_paper_recipe_trains_and_tests(pair_root, test_slices, 
 
 def test_recipes_and_cli():
     paper = train_cli.config_from_args(train_cli.parse_args(["--recipe", "paper", "--arch", "fcn8s", "--no-prior"]))
-    assert (paper.trainsize, paper.lr, paper.momentum, paper.weight_decay, paper.init) == (512, 1e-10, 0.99, 5e-4, "xavier")
+    assert (paper.trainsize, paper.lr, paper.momentum, paper.weight_decay, paper.init) == \
+        (512, 1e-10, 0.99, 5e-4, "xavier")
     assert paper.train_save == "FCN8s" and not paper.prior
     release = train_cli.config_from_args(train_cli.parse_args(["--lr", "0.05"]))
     assert (release.trainsize, release.lr, release.momentum, release.weight_decay) == (352, 0.05, 0.7, 0.0)

@@ -1,4 +1,5 @@
 """Semi-Inf-Net: pseudo-label generation (Algorithm 1) and the two-step training stages."""
+import dataclasses
 import math
 import os
 import sys
@@ -8,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from Code.model_lung_infection import Inf_Net, pseudo, save_release_weights
+from Code.model_lung_infection import Inf_Net, infer, pseudo, save_release_weights
 from Code.model_lung_infection.data import edge_from_mask
 from Code.model_lung_infection.pseudo import (
     STATE_FILE,
     PseudoConfig,
     generate,
     load_state,
+    round_training,
 )
 from Code.model_lung_infection.train import STAGES, stage_config
 
@@ -24,12 +26,7 @@ POOL = 7
 K = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one thread is faster on a busy CPU
 
 
 def _shrink(src, dst, size):
@@ -64,11 +61,13 @@ def tiny(data_root, tmp_path):
 
 
 def _cfg(t, name, **kw):
-    base = dict(init=str(t["init"]), unlabeled_path=str(t["pool"]), labeled_path=str(t["seed"]),
-                save_path=str(t["tmp"] / name / "out"), snapshot_root=str(t["tmp"] / name / "snap"),
-                k=K, seed=5, epoch=1, batchsize=4, trainsize=32, backbone=SMALL, progress=False, device="cpu")
-    base.update(kw)
-    return PseudoConfig(**base)
+    train = dict(snapshot_root=str(t["tmp"] / name / "snap"), seed=5, epoch=1, batchsize=4, trainsize=32,
+                 progress=False, device="cpu")
+    own = dict(init=str(t["init"]), unlabeled_path=str(t["pool"]), labeled_path=str(t["seed"]),
+               save_path=str(t["tmp"] / name / "out"), k=K, backbone=SMALL)
+    for key, value in kw.items():  # each option where it is declared: the rounds' training or the run's own
+        (own if key in PseudoConfig.__dataclass_fields__ else train)[key] = value
+    return PseudoConfig(**own, train=dataclasses.replace(round_training(), **train))
 
 
 def _masks(save_path):
@@ -148,13 +147,13 @@ def test_pseudo_generator_cli_defaults():
     sys.path.insert(0, ROOT)
     from PseudoGenerator import config_from_args, parse_args
     cfg = config_from_args(parse_args(["--init", "w.pth"]))
-    assert (cfg.k, cfg.epoch, cfg.lr, cfg.batchsize, cfg.trainsize) == (5, 10, 3e-4, 16, 352)
+    assert (cfg.k, cfg.train.epoch, cfg.train.lr, cfg.train.batchsize, cfg.train.trainsize) == (5, 10, 3e-4, 16, 352)
     assert cfg.save_path == "Dataset/TrainingSet/LungInfection-Train/Pseudo-label"
     assert cfg.unlabeled_path == "Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
     assert cfg.labeled_path == "Dataset/TrainingSet/LungInfection-Train/Doctor-label"
-    assert cfg.overwrite is False and cfg.scales == (0.75, 1.0, 1.25)
+    assert cfg.overwrite is False and cfg.train.scales == (0.75, 1.0, 1.25)
     cfg = config_from_args(parse_args(["--init", "w.pth", "--overwrite", "False", "--no-multi_scale", "--k", "3"]))
-    assert cfg.overwrite is False and cfg.scales == (1.0,) and cfg.k == 3
+    assert cfg.overwrite is False and cfg.train.scales == (1.0,) and cfg.k == 3
 
 
 def test_stage_presets_and_explicit_overrides(tmp_path):
@@ -246,13 +245,13 @@ def test_release_label_is_the_release_conversion():
 
 def test_each_round_predicts_with_the_previous_rounds_weights(tiny, monkeypatch):
     seen = []  # the weights of the model each prediction call used
-    real = pseudo.probability_maps
+    real = infer.probability_maps
 
     def spy(model, *args, **kwargs):
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(pseudo, "probability_maps", spy)
+    monkeypatch.setattr(infer, "probability_maps", spy)
     state = generate(_cfg(tiny, "spy", keep_rounds=True))
     assert len(state["rounds"]) == 3 and len(seen) == 3  # one prediction batch per round (K <= batchsize)
     used_by = [str(tiny["init"])] + [r["checkpoint"] for r in state["rounds"][:-1]]  # round 1: --init

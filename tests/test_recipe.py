@@ -10,7 +10,6 @@ what the optimizer and the network actually saw, not how the recipe is written:
 No shared data is needed.
 """
 import contextlib
-import warnings
 
 import numpy as np
 import pytest
@@ -64,13 +63,6 @@ def _on_optimizer_steps(pre=None, post=None):
     finally:
         for h in handles:
             h.remove()
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # ---------------------------------------------------------------- learning-rate step

@@ -1,6 +1,7 @@
 """Runs that work the first time: an exact --resume from the script's options alone, one-line errors,
 Ctrl-C's resume command, devices and RNG with other GPU counts, equal batches per DDP rank, and
 pseudo-label rounds that write no resumable checkpoint."""
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -224,7 +225,7 @@ def test_rng_state_restores_with_another_number_of_gpus(monkeypatch, now):
 
 def test_a_pseudo_label_round_writes_no_checkpoint(data_root, tmp_path, monkeypatch):
     from Code.model_lung_infection import Inf_Net, save_release_weights
-    from Code.model_lung_infection.pseudo import PseudoConfig, generate
+    from Code.model_lung_infection.pseudo import PseudoConfig, generate, round_training
     train = data_root / "TrainingSet/LungInfection-Train"
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -236,10 +237,10 @@ def test_a_pseudo_label_round_writes_no_checkpoint(data_root, tmp_path, monkeypa
     written = []
     real_save = engine_module.atomic_save
     monkeypatch.setattr(engine_module, "atomic_save", lambda obj, path: (written.append(path), real_save(obj, path)))
+    rounds = dataclasses.replace(round_training(), snapshot_root=str(tmp_path / "snap"), epoch=1, batchsize=4,
+                                 trainsize=64, progress=False, device="cpu")
     state = generate(PseudoConfig(init=str(tmp_path / "init.pth"), unlabeled_path=str(pool), labeled_path=str(seed),
-                                  save_path=str(tmp_path / "out"), snapshot_root=str(tmp_path / "snap"), k=4,
-                                  max_rounds=1, epoch=1, batchsize=4, trainsize=64, backbone=SMALL, progress=False,
-                                  device="cpu"))
+                                  save_path=str(tmp_path / "out"), k=4, max_rounds=1, backbone=SMALL, train=rounds))
     assert len(state["rounds"]) == 1 and os.path.isfile(state["checkpoint"])
     assert written == []  # the engine wrote no resumable checkpoint (the round's weights are release format)
     assert not list((tmp_path / "snap").rglob("checkpoint.pth"))

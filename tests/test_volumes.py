@@ -28,12 +28,7 @@ SUMMARY_KEYS = {"lung_ml", "right_lung_ml", "left_lung_ml", "infection_ml", "inf
                 "right_infection_percent", "left_infection_percent", "slices_with_infection", "spacing_mm", "shape"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one thread is faster on a busy CPU
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +252,7 @@ def test_multiclass_adds_classes_volume_and_columns(phantom, checkpoint, tmp_pat
     from Code.model_lung_infection.registry import create_model
     torch.manual_seed(1)
     mc = tmp_path / "unet.pth"
-    save_release_weights(create_model("unet_multiclass", n_channels=6, n_classes=3).eval(), mc)
+    save_release_weights(create_model("unet_multiclass", in_channels=6, num_classes=3).eval(), mc)
     out = tmp_path / "out"
     summary = run_volumes(_script_args(["--pth_path", str(checkpoint), "--data_path", str(phantom["scan"]),
                                         "--save_path", str(out), "--testsize", str(SIZE), "--batchsize", "16",

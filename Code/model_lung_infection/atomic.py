@@ -21,11 +21,12 @@ def _create_temp(folder, suffix):
     raise FileExistsError(f"{folder}: could not create a temporary file (100 names taken)")
 
 
-def atomic_write(path, write):
-    """Call `write(tmp_path)` to produce the file, then move it to `path` in one rename."""
+def atomic_write(path, write, suffix=None):
+    """Call `write(tmp_path)` to produce the file, then move it to `path` in one rename.
+    `suffix`: the temporary file's ending (default: the path's), for writers that infer a format from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path.parent, path.suffix)
+    tmp = _create_temp(path.parent, path.suffix if suffix is None else suffix)
     try:
         write(tmp)
         with open(tmp, "rb") as f:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .layers import upsample_to
 from .registry import MODELS
-from .smp_models import load_encoder_weights, smp_encoder
+from .smp_models import load_smp_imagenet, smp_encoder
 
 
 def conv_bn_relu(in_ch, out_ch):
@@ -92,16 +92,11 @@ class AttentionUNet(nn.Module):
         return upsample_to(self.head(y), x)
 
 
-@MODELS.register("attention_unet")
-def attention_unet(n_channels=3, n_classes=1, pretrained=None):
-    encoder = smp_encoder("vgg16", n_channels)
-    if pretrained:
-        load_encoder_weights(encoder, pretrained)
-    return AttentionUNet(encoder, n_classes)
+@MODELS.register("attention_unet", imagenet=load_smp_imagenet)
+def attention_unet(in_channels=3, num_classes=1):
+    return AttentionUNet(smp_encoder("vgg16", in_channels), num_classes)
 
 
-@MODELS.register("gated_unet")
-def gated_unet(n_channels=3, n_classes=1, pretrained=None):
-    if pretrained:
-        raise ValueError("gated_unet has no ImageNet encoder: it is trained from scratch")
-    return AttentionUNet(PlainEncoder(n_channels, (8, 16, 32, 64, 128)), n_classes)
+@MODELS.register("gated_unet")  # no ImageNet encoder: trained from scratch
+def gated_unet(in_channels=3, num_classes=1):
+    return AttentionUNet(PlainEncoder(in_channels, (8, 16, 32, 64, 128)), num_classes)

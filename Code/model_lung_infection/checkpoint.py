@@ -5,6 +5,7 @@ checkpoints are dicts with the weights under "model" plus optimizer, epoch and R
 Every error while reading or fitting weights is a CheckpointError naming the file, on one line.
 """
 import os
+import zipfile
 from collections import OrderedDict
 
 import torch
@@ -74,6 +75,8 @@ def read_checkpoint(path, mmap=False):
                                      f"or give the path of a trained one)")
     if os.path.isdir(name):
         raise CheckpointError(f"no weights at {name}: it is a folder; give the path of a .pth / .pkl file in it")
+    # mmap: tensors read from the page cache as they are used (files in the pre-1.6 format cannot be mapped)
+    mmap = mmap and zipfile.is_zipfile(name)
     try:
         return torch.load(name, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
@@ -81,7 +84,7 @@ def read_checkpoint(path, mmap=False):
                               f"{_reason(e)}") from e
 
 
-def extract_state_dict(source, name=None):
+def extract_state_dict(source, name=None, mmap=False):
     """(weights, name, config) from a path, a release state dict, a DataParallel one or our checkpoint.
 
     `config` is the training config our checkpoints carry ({} for release files). `name` is the file
@@ -91,7 +94,7 @@ def extract_state_dict(source, name=None):
     """
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
-        source = read_checkpoint(name)
+        source = read_checkpoint(name, mmap)
     name = name or getattr(source, "source_name", UNNAMED)
     if not isinstance(source, dict):
         raise CheckpointError(f"{name} holds a {type(source).__name__}, not a state dict; expected network "
@@ -110,24 +113,33 @@ def _few(items, n=8):
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def load_checkpoint(model, source, name=None):
-    """Strictly load weights into `model`; any missing, unexpected or mis-shaped key is a CheckpointError
-    naming the file (`source` if a path, else `name`, else the file a state dict from extract_state_dict
-    remembers) and the keys."""
-    state, name, _ = extract_state_dict(source, name)
-    model = unwrap(model)
-    own = model.state_dict()
+def key_mismatches(own, state):
+    """(missing, unexpected, mis-shaped) keys of the weights `state` against a model's own state dict."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        problems = [f"{len(items)} {what} ({_few(items)})" for what, items in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-                    if items]
-        kind = type(model).__name__
-        raise CheckpointError(f"{name} does not fit {kind}: {'; '.join(problems)}; expected {kind} weights "
-                              f"with the same options (encoder, components, channels) as the network built")
+    return missing, unexpected, shapes
+
+
+def check_fit(name, kind, missing=(), unexpected=(), shapes=(), expected=None):
+    """The one report of weights that do not fit a network: a CheckpointError naming the file (`name`), the
+    network (`kind`) and the keys; nothing when all three lists are empty."""
+    problems = [f"{len(items)} {what} ({_few(list(items))})" for what, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+    expected = expected or f"{kind} weights with the same options (encoder, components, channels) as the network built"
+    if problems:
+        raise CheckpointError(f"{name} does not fit {kind}: {'; '.join(problems)}; expected {expected}")
+
+
+def load_checkpoint(model, source, name=None, assign=False):
+    """Strictly load weights into `model`; any missing, unexpected or mis-shaped key is a CheckpointError
+    naming the file (`source` if a path, else `name`, else the file a state dict from extract_state_dict
+    remembers) and the keys. assign=True makes the file's tensors the model's (for a model built on the
+    meta device, see models.read_model)."""
+    state, name, _ = extract_state_dict(source, name)
+    model = unwrap(model)
+    check_fit(name, type(model).__name__, *key_mismatches(model.state_dict(), state))
     # nn.Module's own method: some libraries' modules override load_state_dict with other semantics
-    torch.nn.Module.load_state_dict(model, state, strict=True)
+    torch.nn.Module.load_state_dict(model, state, strict=True, assign=assign)
     return model

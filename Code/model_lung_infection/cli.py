@@ -137,18 +137,42 @@ def add_run_args(parser, defaults):
     add_runtime_args(parser)
 
 
-def given_options(parser, argv):
+def add_train_args(parser, defaults, from_preset=()):
+    """The Inf-Net recipe's options (train.TrainConfig), declared once for MyTrain_LungInf.py and
+    PseudoGenerator.py. `defaults`: a TrainConfig giving the defaults; `from_preset`: options whose
+    default (None) comes from the script's preset (MyTrain_LungInf.py's --stage)."""
+    def default(name):
+        return None if name in from_preset else getattr(defaults, name)
+
+    def preset_help(name, text=None):
+        return "; ".join(t for t in (text, "default from --stage" if name in from_preset else None) if t) or None
+
+    g = parser.add_argument_group("training recipe")
+    g.add_argument("--snapshot_root", default=defaults.snapshot_root)
+    g.add_argument("--train_save", default=default("train_save"),
+                   help=preset_help("train_save", "run name: <snapshot_root>/save_weights/<train_save>/"))
+    g.add_argument("--epoch", type=positive_int, default=default("epoch"), help=preset_help("epoch"))
+    g.add_argument("--lr", type=positive_float, default=defaults.lr)
+    g.add_argument("--batchsize", type=positive_int, default=default("batchsize"),
+                   help=preset_help("batchsize", "global batch size (split over DDP processes)"))
+    g.add_argument("--trainsize", type=positive_int, default=defaults.trainsize)
+    g.add_argument("--clip", type=nonnegative_float, default=defaults.clip, help="gradient clipping by value (0: none)")
+    g.add_argument("--decay_rate", type=positive_float, default=defaults.decay_rate)
+    g.add_argument("--decay_epoch", type=positive_int, default=defaults.decay_epoch,
+                   help="lr *= decay_rate every decay_epoch epochs")
+    add_bool(g, "--multi_scale", True, "train each batch at scales 0.75, 1 and 1.25")
+    add_bool(g, "--release_bce", False, "unweighted BCE, as the released code effectively computed")
+    return g
+
+
+def given_options(build_parser, argv):
     """The dests of the options given explicitly in `argv` (a default, even an equal one, is not given).
 
-    Parses `argv` again with every default suppressed, so what is left was on the command line."""
-    defaults = {action: action.default for action in parser._actions}
-    try:
-        for action in defaults:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action, default in defaults.items():
-            action.default = default
+    `build_parser()` makes a fresh parser whose every default is then set (argparse's public set_defaults)
+    to a marker: what parses to something else was on the command line."""
+    parser, unset = build_parser(), object()  # not a string: argparse converts string defaults with `type`
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
 
 
 def config_from_args(config_class, args, **overrides):

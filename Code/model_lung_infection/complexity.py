@@ -6,7 +6,6 @@ The paper's Params/FLOPs columns came from thop, which counts multiply-accumulat
 (MACs = FLOPs / 2) and every parameter, including Inf-Net's unused ImageNet classifier.
 """
 import argparse
-import warnings
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,9 +55,7 @@ def main(argv=None):
     p.add_argument("--in_channels", type=int, default=3)
     a = p.parse_args(argv)
     kw = {"backbone": a.backbone} if a.backbone else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random init is fine for counting
-        model = create_model(a.model, **kw)
+    model = create_model(a.model, **kw)  # random weights: counting needs none
     name = a.model + (f" ({a.backbone})" if a.backbone else "")
     print(report(name, count_complexity(model, a.size, a.in_channels), a.size))
 

@@ -254,10 +254,14 @@ def find_test_images(data_path):
 
 
 class SliceSet(Dataset):
-    """CT slices for inference: (normalised image at testsize, stem, original (h, w))."""
+    """CT slices for inference: (normalised image at testsize, stem, original (h, w)).
 
-    def __init__(self, data_path, testsize=352):
-        self.items = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))
+    The slices of `data_path` (or `data_path/Imgs`) in natural order, or `items`: [(stem, path)]."""
+
+    def __init__(self, data_path=None, testsize=352, items=None):
+        if items is None:
+            items = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))
+        self.items = list(items)
         self.testsize = testsize
 
     def __len__(self):

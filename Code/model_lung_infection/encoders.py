@@ -6,17 +6,34 @@ An encoder is a plain timm model (kept whole, so its state-dict keys stay those 
 the released checkpoints, e.g. `resnet.layer1.0.conv1.weight`) plus the indices of
 its feature taps. Nothing is downloaded: ImageNet weights come from a local file.
 """
-import warnings
+import sys
 
-import timm
-
-from .checkpoint import extract_state_dict
+from .checkpoint import check_fit, extract_state_dict, key_mismatches
 from .registry import ENCODERS
 
 STRIDES = (4, 8, 16, 32)
 
 
+def _import_timm():
+    """timm, imported when the first encoder is built (the package itself imports fast).
+
+    timm imports huggingface_hub, and with it an HTTP stack (a quarter of a second here), only to
+    download weights, which this project never does; so unless something imported huggingface_hub
+    already, timm is imported with it unavailable (timm then simply has no hub downloads), and it is
+    importable again right after."""
+    if "timm" in sys.modules or "huggingface_hub" in sys.modules:
+        import timm
+        return timm
+    sys.modules["huggingface_hub"] = None  # makes `import huggingface_hub` raise ImportError, which timm handles
+    try:
+        import timm
+    finally:
+        del sys.modules["huggingface_hub"]
+    return timm
+
+
 def _timm(name, keep_classifier=False, **kw):
+    timm = _import_timm()
     if keep_classifier:
         return timm.create_model(name, pretrained=False, **kw)
     model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
@@ -57,9 +74,6 @@ def create_encoder(name, pretrained=None, **kw):
     model = _timm(name[len("timm:"):], **kw) if name.startswith("timm:") else ENCODERS.get(name)(**kw)
     if pretrained:
         load_pretrained(model, pretrained)
-    else:
-        warnings.warn(f"Encoder '{name}' starts from RANDOM weights: no ImageNet file was given "
-                      "(--pretrained PATH). Expect far lower accuracy than the paper's.", stacklevel=2)
     return model
 
 
@@ -76,14 +90,11 @@ def feature_taps(model):
 
 def load_pretrained(model, path):
     """Load ImageNet weights (e.g. the official `res2net50_v1b_26w_4s-3cf99910.pth`) from disk."""
-    state = extract_state_dict(path)[0]  # reads the file, naming it in any error
+    state, name, _ = extract_state_dict(path)  # reads the file, naming it in any error
     own = model.state_dict()
-    # The classifier is irrelevant to segmentation; keep ours where the file's differs.
+    # The classifier is irrelevant to segmentation; keep ours where the file's differs or is absent.
     state = {k: v for k, v in state.items() if not (k.startswith("fc.") and (k not in own or own[k].shape != v.shape))}
-    missing = [k for k in own if k not in state and not k.startswith("fc.")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path}: not ImageNet weights of this encoder; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shape {shapes[:5]}")
+    missing, unexpected, shapes = key_mismatches(own, state)
+    check_fit(name, f"the {type(model).__name__} encoder", [k for k in missing if not k.startswith("fc.")],
+              unexpected, shapes, expected="ImageNet weights of this encoder")
     model.load_state_dict(state, strict=False)

@@ -13,57 +13,16 @@ import os
 import shlex
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import atomic_save, load_checkpoint, read_checkpoint, save_release_weights, unwrap
+from .configs import RunConfig
 from .errors import CheckpointError, TrainingInterrupted, UserError
 from .runtime import Distributed, autocast, pick_device, rng_state, set_rng_state
-
-
-@dataclass
-class RunConfig:
-    """Options of every training run (trainers extend this)."""
-    train_save: str = "Inf-Net"           # run folder: <snapshot_root>/save_weights/<train_save>/
-    snapshot_prefix: str = "Inf-Net"      # release-format snapshots: <prefix>-<epoch>.pth
-    snapshot_root: str = "Snapshots"
-    epoch: int = 100
-    batchsize: int = 24                   # global: split over DDP processes
-    clip: Optional[float] = None          # gradient clipping by value
-    save_every: int = 10
-    amp: Optional[bool] = None            # None: on for CUDA, off for CPU
-    channels_last: bool = False
-    device: str = "auto"
-    num_workers: Optional[int] = None     # None: 4 on CUDA, 0 on CPU
-    seed: int = 2020
-    resume: bool = False
-    overwrite: bool = False
-    max_steps: Optional[int] = None       # stop after this many batches (smoke tests, benchmarks)
-    epoch_samples: Optional[int] = None   # CPU budgets: each epoch sees this many samples, not the whole set
-    progress: bool = True
-    # False: no checkpoint.pth (runs that are redone from their start, e.g. pseudo-label rounds: a full
-    # optimizer checkpoint per epoch would be hundreds of MB written and deleted for nothing).
-    resumable: bool = True
-
-    # The script that trains this config: the command that continues an interrupted run names it.
-    SCRIPT: ClassVar[str] = "MyTrain_LungInf.py"
-
-    @property
-    def run_dir(self):
-        return Path(self.snapshot_root) / "save_weights" / self.train_save
-
-    @property
-    def checkpoint_path(self):
-        return self.run_dir / "checkpoint.pth"
-
-    def as_dict(self):
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
-
 
 # Options that may change between an interrupted run and its resumption: where the run is now, how
 # long it goes (--epoch extends a finished run) and how this process runs (not what it computes).

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from .checkpoint import extract_state_dict
+from .checkpoint import check_fit, extract_state_dict, key_mismatches
 from .registry import MODELS
 
 # Indices in `features` of the max-pools whose outputs are tapped (pool3, pool4, pool5).
@@ -75,9 +75,6 @@ class FCN8s(nn.Module):
 
         if pretrained:
             load_vgg16_imagenet(self, pretrained)
-        else:
-            warnings.warn("FCN8s starts from RANDOM weights: no ImageNet VGG-16 file was given "
-                          "(pretrained=PATH).", stacklevel=2)
 
     def encode(self, x):
         taps = {}
@@ -104,13 +101,12 @@ def load_vgg16_imagenet(model, path):
 
     The first conv is skipped, with a warning, when the model does not take 3 channels.
     """
-    state = extract_state_dict(path)[0]  # reads the file, naming it in any error
+    state, name, _ = extract_state_dict(path)  # reads the file, naming it in any error
     own = model.state_dict()
 
     wanted = {k: v for k, v in state.items() if k.startswith("features.")}
-    missing = [k for k in own if k.startswith("features.") and k not in wanted]
-    if missing:
-        raise ValueError(f"{path}: not VGG-16 weights; missing {missing[:5]}")
+    check_fit(name, "FCN8s' VGG-16 layers", [k for k in own if k.startswith("features.") and k not in wanted],
+              expected="ImageNet VGG-16 weights")
     if own["features.0.weight"].shape != wanted["features.0.weight"].shape:
         del wanted["features.0.weight"], wanted["features.0.bias"]
         warnings.warn(f"FCN8s takes {model.n_channels} input channels, the ImageNet file 3: "
@@ -126,14 +122,11 @@ def load_vgg16_imagenet(model, path):
         wanted[f"{ours}.weight"] = state[f"{src}.weight"].reshape(target.shape)
         wanted[f"{ours}.bias"] = state[f"{src}.bias"]
     wanted = {k: v for k, v in wanted.items() if k in own}
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in wanted.items() if v.shape != own[k].shape]
-    if shapes:
-        raise ValueError(f"{path}: not VGG-16 weights; shape mismatches {shapes[:5]}")
+    check_fit(name, "FCN8s' VGG-16 layers", shapes=key_mismatches(own, wanted)[2], expected="ImageNet VGG-16 weights")
     model.load_state_dict(wanted, strict=False)
 
 
-@MODELS.register("fcn8s")
-def fcn8s(n_channels=6, n_classes=3, **kw):
-    """FCN-8s on VGG-16: infection-guided (n_channels=6) or image-only (n_channels=3)."""
-    return FCN8s(n_channels=n_channels, n_classes=n_classes, **kw)
+@MODELS.register("fcn8s", imagenet=load_vgg16_imagenet)
+def fcn8s(in_channels=6, num_classes=3, fc_width=4096):
+    """FCN-8s on VGG-16: infection-guided (in_channels=6) or image-only (in_channels=3)."""
+    return FCN8s(n_channels=in_channels, n_classes=num_classes, fc_width=fc_width)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoders import create_encoder, feature_taps
+from .encoders import create_encoder, feature_taps, load_pretrained
 from .layers import ConvBN, ParallelPartialDecoder, ReceptiveFieldBlock, upsample_to
 from .registry import MODELS
 
@@ -146,6 +146,13 @@ class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users
         return lateral_map_5, lateral_map_4, lateral_map_3, lateral_map_2, lateral_edge
 
 
-@MODELS.register("inf_net")
-def inf_net(**kw):
-    return Inf_Net(**kw)
+def _load_imagenet(model, path):
+    load_pretrained(model.resnet, path)
+
+
+@MODELS.register("inf_net", imagenet=_load_imagenet)
+def inf_net(in_channels=3, num_classes=1, **options):
+    """Inf-Net; options: channel, backbone, edge_attention, partial_decoder, reverse_attention."""
+    if in_channels != 3:
+        raise ValueError(f"inf_net takes 3-channel slices (the encoder's layout), got in_channels={in_channels}")
+    return Inf_Net(n_class=num_classes, **options)

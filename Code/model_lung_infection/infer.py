@@ -7,52 +7,32 @@ probability itself, so a slice without infection gives a dark map; `normalize="m
 each map to [0, 1] as the release did (the evaluation tool min-max normalises every map itself,
 so its figures do not depend on this choice beyond 8-bit rounding).
 
-One prediction loop (`iter_maps`) serves the test script, the multi-class priors computed on the
-fly (`multiclass.infnet_priors`) and nothing else, so both give the same 8-bit maps.
+One prediction loop (`iter_batches`, with `probabilities`: logits resized, then the sigmoid) serves
+the test script, the multi-class priors computed on the fly (`multiclass.infnet_priors`, the same
+8-bit maps), the multi-class test stage and the pseudo labels.
 """
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from .atomic import atomic_write
-from .checkpoint import extract_state_dict, load_checkpoint
 from .data import SliceSet
 from .fast_inference import cpu_has_native_bf16, prepare_for_inference
+from .maps import NORMALIZATIONS, _normalizer, minmax, to_uint8  # noqa: F401 -- how maps are written
+from .models import load_model
 from .runtime import autocast, pick_device
-from .train import build_model
 
 PREDICTION_INDEX = 3  # lateral_map_2, the output of the shallowest reverse-attention branch
 
 
-def components_from_state(state):
-    """Inf-Net's component switches read off its weights (release-format files carry no config)."""
-    return {"partial_decoder": not any(k.startswith("backbone_head.") for k in state),
-            "reverse_attention": any(k.startswith("ra4_conv1.") for k in state),
-            "edge_attention": any(k.startswith("edge_conv1.") for k in state)}
-
-
 def load_inf_net(pth_path, backbone=None, device="cpu"):
-    """The network of a release snapshot or one of our checkpoints, with its weights, in eval mode.
-
-    Our checkpoint.pth carries its training config (model, backbone, Inf-Net components), which
-    says what to build; a release-format file is an Inf-Net whose components are read off its keys
-    (the Table II baselines need their checkpoint.pth). `backbone` overrides the saved one.
-    """
-    state, _, config = extract_state_dict(pth_path)
-    config = dict(config) if config.get("model") else {"model": "inf_net", **components_from_state(state)}
-    config["pretrained"] = None  # the weights come from the checkpoint
-    if backbone:
-        config["backbone"] = backbone
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        model = build_model(config)
-    load_checkpoint(model, state)
-    return model.to(device).eval()
+    """The infection network of a release snapshot or one of our checkpoints, with its weights, in eval mode
+    (models.load_model: our checkpoint.pth records what to build, a release file is an Inf-Net whose
+    components are read off its keys). `backbone` overrides the saved one."""
+    return load_model(pth_path, expect="binary", device=device, backbone=backbone)
 
 
 def final_logits(outputs):
@@ -60,40 +40,25 @@ def final_logits(outputs):
     return outputs if isinstance(outputs, torch.Tensor) else outputs[PREDICTION_INDEX]
 
 
-def minmax(p):
-    """The release's per-slice stretch to [0, 1]: (p - min) / (max - min + 1e-8)."""
-    return (p - p.min()) / (p.max() - p.min() + 1e-8)
-
-
-# How a probability map is written: as it is (a true probability), or stretched as released.
-NORMALIZATIONS = {"none": lambda p: p, "minmax": minmax}
-
-
-def _normalizer(normalize):
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
-    return NORMALIZATIONS[normalize]
+def probabilities(model, images, sizes, amp=False, device=None, select=final_logits):
+    """Sigmoid probabilities (C, h, w) of a batch, each at its slice's (h, w): the prediction's logits
+    (`select`: Inf-Net's S_3 by default) are resized bilinearly first, then passed through the sigmoid.
+    The one place every stage turns network outputs into probabilities."""
+    device = device or images.device
+    with torch.inference_mode():
+        with autocast(device, amp):
+            logits = select(model(images)).float()
+        return [torch.sigmoid(F.interpolate(logit[None], size=(int(h), int(w)), mode="bilinear",
+                                            align_corners=False))[0] for logit, (h, w) in zip(logits, sizes)]
 
 
 def probability_maps(model, images, sizes, amp=False, device=None, normalize="none"):
     """Probability maps of the prediction (Inf-Net's S_3) for a batch: float32 numpy (h, w) in [0, 1].
 
-    Each map's logits are resized (bilinear) to its slice's (h, w), then passed through the sigmoid.
     normalize="none" (default) returns the probabilities; "minmax" the release's per-slice stretch.
     """
     stretch = _normalizer(normalize)
-    device = device or images.device
-    with torch.inference_mode(), autocast(device, amp):
-        logits = final_logits(model(images)).float()
-    maps = []
-    for logit, (h, w) in zip(logits, sizes):
-        p = torch.sigmoid(F.interpolate(logit[None], size=(int(h), int(w)), mode="bilinear", align_corners=False))[0, 0]
-        maps.append(stretch(p).cpu().numpy())
-    return maps
-
-
-def to_uint8(prob):
-    return np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+    return [stretch(p[0]).cpu().numpy() for p in probabilities(model, images, sizes, amp, device)]
 
 
 def save_png(array, path):
@@ -106,24 +71,38 @@ def _collate(batch):
     return torch.stack(images), list(stems), list(sizes)
 
 
-def iter_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",
-              progress=False):
-    """The test stage's prediction loop: (stem, 8-bit map at the slice's size) for each slice of
-    `slices` (a `data.SliceSet`), with `model` used as given (see `prepare_for_inference`)."""
+def iter_batches(model, dataset, batchsize=1, device=None, channels_last=False, progress=False, desc="test"):
+    """The batched prediction loop every stage shares: (inputs on `device`, keys, sizes) per batch of
+    `dataset` (items: (input tensor, key, (h, w))), with the progress bar; `model` is used as given."""
     device = device or next(model.parameters()).device
-    _normalizer(normalize)  # a wrong name fails before the first slice
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(slices, batch_size=batchsize, collate_fn=_collate)
+        model.to(memory_format=torch.channels_last)
+    loader = DataLoader(dataset, batch_size=max(1, batchsize), collate_fn=_collate)
     if progress:
         from tqdm import tqdm
-        loader = tqdm(loader, desc="test", leave=False)
-    for images, stems, sizes in loader:
-        images = images.to(device)
+        loader = tqdm(loader, desc=desc, leave=False)
+    for inputs, keys, sizes in loader:
+        inputs = inputs.to(device)
         if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        for stem, prob in zip(stems, probability_maps(model, images, sizes, amp, device, normalize)):
-            yield stem, to_uint8(prob)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        yield inputs, keys, sizes
+
+
+def iter_probability_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",
+                          progress=False):
+    """(stem, float32 probability map at the slice's size) for each slice of `slices` (a `data.SliceSet`)."""
+    device = device or next(model.parameters()).device
+    _normalizer(normalize)  # a wrong name fails before the first slice
+    for images, stems, sizes in iter_batches(model, slices, batchsize, device, channels_last, progress):
+        yield from zip(stems, probability_maps(model, images, sizes, amp, device, normalize))
+
+
+def iter_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",
+              progress=False):
+    """The test stage's maps: (stem, 8-bit map at the slice's size) for each slice of `slices`."""
+    for stem, prob in iter_probability_maps(model, slices, batchsize, device, amp, channels_last, normalize,
+                                            progress):
+        yield stem, to_uint8(prob)
 
 
 def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, device=None, amp=False,

@@ -22,31 +22,27 @@ import os
 import random
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
-import torch
 
 from .atomic import atomic_write
-from .checkpoint import extract_state_dict
+from .configs import PseudoConfig, round_training  # noqa: F401 -- the run's options
 from .data import (
     IMAGE_EXTENSIONS,
     DataError,
     InfectionTrainSet,
+    SliceSet,
     _natural_key,
     edge_from_mask,
     list_images,
-    normalize_image,
-    read_rgb,
-    resize,
 )
 from .errors import UserError
-from .infer import load_inf_net, probability_maps, save_png, to_uint8
+from .infer import iter_probability_maps, save_png, to_uint8
+from .models import read_model
 from .runtime import pick_device
-from .train import DOCTOR_LABEL, PSEUDO_LABEL, SCALES, TrainConfig, train
+from .train import train
 
 STATE_FILE = "pseudo_state.json"
 STATE_VERSION = 1
@@ -57,43 +53,6 @@ DEFAULT_BACKBONE = "res2net50_v1b_26w_4s"
 
 class PseudoRunError(UserError, ValueError):
     """A pseudo-labelling run that cannot start or continue as asked (the message says why and what to do)."""
-
-
-@dataclass
-class PseudoConfig:
-    init: str                                            # Inf-Net trained on the doctor labels
-    unlabeled_path: str = PSEUDO_LABEL + "/Imgs"         # folder of unlabelled slices
-    labeled_path: str = DOCTOR_LABEL                     # seed set: Imgs/, GT/ (and Edge/)
-    save_path: str = PSEUDO_LABEL                        # output: Imgs/, GT/, Edge/ and the state file
-    k: int = 5                                           # slices labelled per round
-    max_rounds: Optional[int] = None                     # rounds in this invocation (None: until done)
-    seed: int = 2020                                     # draw order
-    overwrite: bool = False                              # may replace labels already in save_path/GT
-    # fine-tuning, per round (release `train_module`)
-    epoch: int = 10
-    lr: float = 3e-4
-    batchsize: int = 16
-    trainsize: int = 352
-    testsize: Optional[int] = None                       # inference input side (default: trainsize)
-    backbone: Optional[str] = None                       # default: init's saved config, else Res2Net-50
-    scales: tuple = SCALES
-    clip: Optional[float] = 0.5
-    decay_rate: float = 0.1
-    decay_epoch: int = 50
-    release_bce: bool = False
-    release_pseudo: bool = False                         # labels as the release made them (PSEUDO_LABELS)
-    snapshot_root: str = "Snapshots"
-    train_save: str = "Semi-Inf-Net_pseudo"              # rounds: <snapshot_root>/save_weights/<train_save>/round-NNNN/
-    keep_rounds: bool = False                            # keep every round's weights (default: the current only)
-    # runtime
-    device: str = "auto"
-    amp: Optional[bool] = None
-    channels_last: bool = False
-    num_workers: Optional[int] = None
-    progress: bool = True
-
-    def as_dict(self):
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,14 +180,21 @@ def _start_or_resume(cfg, stems, backbone):
         return _new_state(cfg, stems, backbone), False
     if cfg.backbone and cfg.backbone != state["backbone"]:
         raise PseudoRunError(f"{path}: the run uses backbone {state['backbone']}, not {cfg.backbone}")
-    changed = {k: (v, cfg.as_dict()[k]) for k, v in state.get("config", {}).items()
-               if k in ("epoch", "lr", "batchsize", "trainsize", "testsize", "scales", "clip", "release_bce")
-               and cfg.as_dict().get(k) != v}
+    changed = {k: (v, now[k]) for k, v in _fine_tuning(state.get("config", {})).items()
+               if k in (now := _fine_tuning(cfg.as_dict())) and now[k] != v}
     if changed:
         warnings.warn("resuming with fine-tuning options that differ from the earlier rounds': " +
                       ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     state["config"] = cfg.as_dict()
     return state, True
+
+
+def _fine_tuning(config):
+    """The options of a saved config whose change between rounds is worth a warning (state files written
+    before configs nested their training options hold them at the top level)."""
+    train = config.get("train", config)
+    return {k: train[k] for k in ("epoch", "lr", "batchsize", "trainsize", "scales", "clip", "release_bce")
+            if k in train} | ({"testsize": config["testsize"]} if "testsize" in config else {})
 
 
 def _save_state(state, save_path):
@@ -314,32 +280,28 @@ def release_label(stretched):
 PSEUDO_LABELS = {False: ("none", probability_label), True: ("minmax", release_label)}
 
 
-def predict_labels(model, paths, testsize, device, amp=False, batchsize=16, release_pseudo=False):
-    """(GT, Edge) uint8 pseudo labels per slice, each at its slice's own size (see `PSEUDO_LABELS`)."""
+def predict_labels(model, items, testsize, device, amp=False, batchsize=16, release_pseudo=False,
+                   channels_last=False):
+    """{stem: (GT, Edge)} uint8 pseudo labels of `items` ([(stem, path)]), each at its slice's own size
+    (see `PSEUDO_LABELS`), from the test stage's prediction loop."""
     normalize, label = PSEUDO_LABELS[bool(release_pseudo)]
     model.eval()
-    out = []
-    for i in range(0, len(paths), max(1, batchsize)):
-        rgbs = [read_rgb(p) for p in paths[i:i + batchsize]]
-        x = torch.stack([normalize_image(resize(rgb, (testsize, testsize))) for rgb in rgbs]).to(device)
-        for prob in probability_maps(model, x, [rgb.shape[:2] for rgb in rgbs], amp, device, normalize):
-            out.append(label(prob))
-    return out
+    maps = iter_probability_maps(model, SliceSet(items=items, testsize=testsize), batchsize, device, amp,
+                                 channels_last, normalize)
+    return {stem: label(prob) for stem, prob in maps}
 
 
 def _round_config(cfg, state, r):
-    return TrainConfig(
-        train_path=[str(cfg.labeled_path), str(cfg.save_path)], train_save=f"{cfg.train_save}/round-{r:04d}",
-        snapshot_prefix=ROUND_PREFIX, snapshot_root=cfg.snapshot_root, epoch=cfg.epoch, batchsize=cfg.batchsize,
-        save_every=cfg.epoch, lr=cfg.lr, trainsize=cfg.trainsize, scales=tuple(cfg.scales), clip=cfg.clip,
-        decay_rate=cfg.decay_rate, decay_epoch=cfg.decay_epoch, release_bce=cfg.release_bce,
-        backbone=state["backbone"], device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
-        num_workers=cfg.num_workers, seed=cfg.seed + r, overwrite=True, progress=cfg.progress,
+    t = cfg.train
+    return dataclasses.replace(
+        t, train_path=[str(cfg.labeled_path), str(cfg.save_path)], train_save=f"{t.train_save}/round-{r:04d}",
+        snapshot_prefix=ROUND_PREFIX, save_every=t.epoch, init=None, backbone=state["backbone"], seed=t.seed + r,
+        overwrite=True, resume=False,
         resumable=False)  # an interrupted round is redone from its start: no per-epoch optimizer checkpoint
 
 
 def _is_round_weights(path, cfg):
-    run = (Path(cfg.snapshot_root) / "save_weights" / cfg.train_save).resolve()
+    run = (Path(cfg.train.snapshot_root) / "save_weights" / cfg.train.train_save).resolve()
     p = Path(path).resolve()
     return p.parent.parent == run and p.parent.name.startswith("round-")
 
@@ -356,12 +318,13 @@ def generate(cfg: PseudoConfig):
                                 f"e.g. Snapshots/save_weights/Inf-Net/Inf-Net-100.pth)")
     save = Path(cfg.save_path)
     pool = list_images(cfg.unlabeled_path)
-    seed_set = InfectionTrainSet([cfg.labeled_path], cfg.trainsize)
+    seed_set = InfectionTrainSet([cfg.labeled_path], cfg.train.trainsize)
     clash = sorted(set(pool) & {s[0] for s in seed_set.samples}, key=_natural_key)
     if clash:
         raise DataError(f"{cfg.unlabeled_path}: {len(clash)} slice name(s) also in the labelled set "
                         f"{cfg.labeled_path} (e.g. '{clash[0]}'); names must be unique across both")
-    backbone = cfg.backbone or extract_state_dict(cfg.init)[2].get("backbone") or DEFAULT_BACKBONE
+    start = read_model(cfg.init, expect="binary", backbone=cfg.backbone)  # the network and weights of --init
+    backbone = start.architecture.get("backbone", DEFAULT_BACKBONE)
     state, resumed = _start_or_resume(cfg, list(pool), backbone)
     layout = _Layout(save, pool)
     _check_finished_samples(state, layout)
@@ -381,9 +344,9 @@ def generate(cfg: PseudoConfig):
               f"final weights {state['checkpoint']}", flush=True)
         return state
 
-    device = pick_device(cfg.device)
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    testsize = cfg.testsize or cfg.trainsize
+    device = pick_device(cfg.train.device)
+    amp = cfg.train.amp if cfg.train.amp is not None else device.type == "cuda"
+    testsize = cfg.testsize or cfg.train.trainsize
     dataset = seed_set  # grows by each round's samples (its decode cache is kept across rounds)
     dataset.samples.extend(layout.sample(s) for s in labelled_names(state))
     model, ran = None, 0
@@ -394,18 +357,19 @@ def generate(cfg: PseudoConfig):
         _save_state(state, save)  # from here on these names' files are this run's to (re)write
 
         if model is None:
-            model = load_inf_net(state["checkpoint"], state["backbone"], device)
-        labels = predict_labels(model, [pool[s] for s in names], testsize, device, amp, cfg.batchsize,
-                                cfg.release_pseudo)
-        for stem, (gt, edge) in zip(names, labels):
-            layout.write(stem, gt, edge)
+            model = (start.model if state["checkpoint"] == str(cfg.init) else
+                     read_model(state["checkpoint"], expect="binary", backbone=state["backbone"]).model).to(device)
+        labels = predict_labels(model, [(s, pool[s]) for s in names], testsize, device, amp, cfg.train.batchsize,
+                                cfg.release_pseudo, cfg.train.channels_last)
+        for stem in names:
+            layout.write(stem, *labels[stem])
 
         tcfg = _round_config(cfg, state, r)
         shutil.rmtree(tcfg.run_dir, ignore_errors=True)  # an interrupted attempt at this round
-        shutil.rmtree(Path(cfg.snapshot_root) / "tensorboard" / tcfg.train_save, ignore_errors=True)
+        shutil.rmtree(Path(tcfg.snapshot_root) / "tensorboard" / tcfg.train_save, ignore_errors=True)
         dataset.samples.extend(layout.sample(s) for s in names)
         model = train(tcfg, model=model, dataset=dataset)
-        weights = tcfg.run_dir / f"{ROUND_PREFIX}-{cfg.epoch}.pth"
+        weights = tcfg.run_dir / f"{ROUND_PREFIX}-{tcfg.epoch}.pth"
         if not weights.is_file():
             raise RuntimeError(f"round {r}: the fine-tuning wrote no weights at {weights}")
 

@@ -1,7 +1,7 @@
 """Baselines of Tables II and III built from segmentation-models-pytorch (smp), registered by name.
 
-Each constructor takes (n_channels, n_classes, pretrained) like the project's other models and
-returns one logit map of the input's size. smp never downloads here: encoders start from random
+Each constructor takes (in_channels, num_classes) like the project's other models (registry.create_model)
+and returns one logit map of the input's size. smp never downloads here: encoders start from random
 weights unless `pretrained` names a local torchvision ImageNet file (vgg16-397923af.pth,
 densenet161-8d451a50.pth, resnet50-0676ba61.pth), whose key names smp's encoders share.
 
@@ -9,9 +9,6 @@ Table II: unet (VGG-16), unetplusplus (VGG-16), dense_unet (U-Net on DenseNet-16
 Table III: deeplabv3plus_os8 / deeplabv3plus_os16 (ResNet-50 encoder, output stride 8 / 16).
 """
 import re
-import warnings
-
-import segmentation_models_pytorch as smp
 
 from .checkpoint import extract_state_dict, load_checkpoint
 from .registry import MODELS
@@ -22,8 +19,13 @@ _DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
+def _smp():
+    import segmentation_models_pytorch as smp  # 2 s to import: only when one of these networks is built
+    return smp
+
+
 def smp_encoder(name, n_channels=3):
-    return smp.encoders.get_encoder(name, in_channels=n_channels, weights=None)
+    return _smp().encoders.get_encoder(name, in_channels=n_channels, weights=None)
 
 
 def load_encoder_weights(encoder, path):
@@ -36,36 +38,36 @@ def load_encoder_weights(encoder, path):
     return load_checkpoint(encoder, state, name=name)
 
 
-def _build(arch, encoder_name, n_channels, n_classes, pretrained, **kw):
-    if not pretrained:
-        warnings.warn(f"{arch}/{encoder_name}: encoder starts from RANDOM weights (no local ImageNet file given)")
-    model = getattr(smp, arch)(encoder_name=encoder_name, encoder_weights=None, in_channels=n_channels,
-                               classes=n_classes, **kw)
-    if pretrained:
-        load_encoder_weights(model.encoder, pretrained)
-    return model
+def load_smp_imagenet(model, path):
+    """The registry's ImageNet loader of a network whose encoder is `model.encoder`."""
+    load_encoder_weights(model.encoder, path)
 
 
-@MODELS.register("unet")
-def unet(n_channels=3, n_classes=1, pretrained=None):
-    return _build("Unet", "vgg16", n_channels, n_classes, pretrained)
+def _build(arch, encoder_name, in_channels, num_classes, **kw):
+    return getattr(_smp(), arch)(encoder_name=encoder_name, encoder_weights=None, in_channels=in_channels,
+                                 classes=num_classes, **kw)
 
 
-@MODELS.register("unetplusplus")
-def unetplusplus(n_channels=3, n_classes=1, pretrained=None):
-    return _build("UnetPlusPlus", "vgg16", n_channels, n_classes, pretrained)
+@MODELS.register("unet", imagenet=load_smp_imagenet)
+def unet(in_channels=3, num_classes=1):
+    return _build("Unet", "vgg16", in_channels, num_classes)
 
 
-@MODELS.register("dense_unet")
-def dense_unet(n_channels=3, n_classes=1, pretrained=None):
-    return _build("Unet", "densenet161", n_channels, n_classes, pretrained)
+@MODELS.register("unetplusplus", imagenet=load_smp_imagenet)
+def unetplusplus(in_channels=3, num_classes=1):
+    return _build("UnetPlusPlus", "vgg16", in_channels, num_classes)
 
 
-@MODELS.register("deeplabv3plus_os8")
-def deeplabv3plus_os8(n_channels=3, n_classes=3, pretrained=None):
-    return _build("DeepLabV3Plus", "resnet50", n_channels, n_classes, pretrained, encoder_output_stride=8)
+@MODELS.register("dense_unet", imagenet=load_smp_imagenet)
+def dense_unet(in_channels=3, num_classes=1):
+    return _build("Unet", "densenet161", in_channels, num_classes)
 
 
-@MODELS.register("deeplabv3plus_os16")
-def deeplabv3plus_os16(n_channels=3, n_classes=3, pretrained=None):
-    return _build("DeepLabV3Plus", "resnet50", n_channels, n_classes, pretrained, encoder_output_stride=16)
+@MODELS.register("deeplabv3plus_os8", imagenet=load_smp_imagenet)
+def deeplabv3plus_os8(in_channels=3, num_classes=3):
+    return _build("DeepLabV3Plus", "resnet50", in_channels, num_classes, encoder_output_stride=8)
+
+
+@MODELS.register("deeplabv3plus_os16", imagenet=load_smp_imagenet)
+def deeplabv3plus_os16(in_channels=3, num_classes=3):
+    return _build("DeepLabV3Plus", "resnet50", in_channels, num_classes, encoder_output_stride=16)

@@ -8,111 +8,30 @@ Stages (STAGES, `stage_config`): the runs of the paper as presets. `doctor` is I
 doctor-labelled slices; Semi-Inf-Net is `pseudo` (step i: the pseudo-labelled slices) followed by
 `semi` (step ii: step i's weights fine-tuned on the doctor labels).
 """
-import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
+from .configs import (  # noqa: F401 -- the recipe's options, defined with every config
+    DOCTOR_LABEL,
+    PSEUDO_LABEL,
+    SCALES,
+    STAGES,
+    Stage,
+    TrainConfig,
+    stage_config,
+)
 from .data import InfectionTrainSet
-from .engine import Engine, RunConfig, check_run_folder
+from .engine import Engine, check_run_folder
 from .losses import segmentation_loss
 from .registry import create_model
-
-SCALES = (0.75, 1.0, 1.25)
-
-
-@dataclass
-class TrainConfig(RunConfig):
-    train_path: List[str] = field(default_factory=lambda: ["Dataset/TrainingSet/LungInfection-Train/Doctor-label"])
-    model: str = "inf_net"
-    backbone: str = "res2net50_v1b_26w_4s"
-    pretrained: Optional[str] = None      # ImageNet weights of the encoder, from disk
-    init: Optional[str] = None            # start from these Inf-Net weights (fine-tuning)
-    lr: float = 1e-4
-    trainsize: int = 352
-    scales: tuple = SCALES
-    clip: Optional[float] = 0.5
-    decay_rate: float = 0.1
-    decay_epoch: int = 50
-    release_bce: bool = False
-    # Inf-Net components (Table IV ablations; inf_net.py says what the network is with one off)
-    edge_attention: bool = True
-    partial_decoder: bool = True
-    reverse_attention: bool = True
-    stage: Optional[str] = None           # the STAGES preset the run was made from (stage_config)
-
-
-DOCTOR_LABEL = "Dataset/TrainingSet/LungInfection-Train/Doctor-label"
-PSEUDO_LABEL = "Dataset/TrainingSet/LungInfection-Train/Pseudo-label"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A training preset (release `MyTrain_LungInf.py` and README, Sec. 2.3)."""
-    description: str
-    train_path: tuple
-    train_save: str
-    snapshot_prefix: str
-    batchsize: int
-    epoch: int = 100
-    # Weights the stage starts from, under <snapshot_root>/save_weights/: the first that exists.
-    # Required (unless `init` is given or the run resumes) when not empty.
-    init: tuple = ()
-
-
-STAGES = {
-    "doctor": Stage("Inf-Net on the doctor-labelled slices", (DOCTOR_LABEL,), "Inf-Net", "Inf-Net", 24),
-    "pseudo": Stage("Semi-Inf-Net step (i): train on the pseudo-labelled slices", (PSEUDO_LABEL,),
-                    "Inf-Net_Pseudo", "Inf-Net_pseudo", 24),
-    "semi": Stage("Semi-Inf-Net step (ii): fine-tune step (i)'s weights on the doctor labels", (DOCTOR_LABEL,),
-                  "Semi-Inf-Net", "Semi-Inf-Net", 16,
-                  # the release's file name, then the one `--stage pseudo` writes (<prefix>-<epoch>.pth)
-                  init=("Inf-Net_Pseudo/Inf-Net_pseudo_100.pth", "Inf-Net_Pseudo/Inf-Net_pseudo-100.pth")),
-}
-PRESET_FIELDS = ("train_path", "train_save", "snapshot_prefix", "batchsize", "epoch")
-
-
-def stage_config(stage="doctor", **options):
-    """TrainConfig of the STAGES preset `stage`; every option that is not None overrides the preset."""
-    if stage not in STAGES:
-        raise ValueError(f"stage '{stage}': choose one of {', '.join(STAGES)}")
-    preset = STAGES[stage]
-    values = {f: getattr(preset, f) for f in PRESET_FIELDS}
-    values["train_path"] = list(preset.train_path)
-    values["stage"] = stage
-    values.update({k: v for k, v in options.items() if v is not None})
-    if isinstance(values["train_path"], (str, Path)):
-        values["train_path"] = [values["train_path"]]
-    cfg = TrainConfig(**values)
-    if preset.init and cfg.init is None:
-        candidates = [Path(cfg.snapshot_root) / "save_weights" / name for name in preset.init]
-        found = next((str(c) for c in candidates if c.is_file()), None)
-        if found is None and not cfg.resume:  # a resumed run takes its weights from checkpoint.pth
-            raise FileNotFoundError(
-                f"stage '{stage}' starts from {candidates[0]} (or {candidates[1].name}), which does not exist: "
-                f"train step (i) first (--stage pseudo) or give the weights with --init")
-        cfg.init = found
-    return cfg
-
-
-INF_NET_COMPONENTS = ("edge_attention", "partial_decoder", "reverse_attention")
+from .runtime import seed_everything
 
 
 def build_model(cfg):
-    """The network a TrainConfig (or a checkpoint's saved config, a dict) describes.
-
-    Inf-Net takes its encoder and component switches; the single-map baselines of Table II
-    (unet, unetplusplus, attention_unet, ...) only their optional ImageNet file."""
-    c = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-    name = c.get("model", "inf_net")
-    if name == "inf_net":
-        return create_model(name, backbone=c.get("backbone", TrainConfig.backbone), pretrained=c.get("pretrained"),
-                            **{k: c.get(k, True) for k in INF_NET_COMPONENTS})
-    return create_model(name, pretrained=c.get("pretrained"))
+    """The network a TrainConfig describes, its encoder from cfg.pretrained (an ImageNet file) if given."""
+    return create_model(**cfg.architecture(), pretrained=cfg.pretrained)
 
 
 def scaled_size(trainsize, rate):
@@ -148,7 +67,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     `dataset` (default: InfectionTrainSet(cfg.train_path)) lets a caller train on a chosen subset.
     """
     check_run_folder(cfg)  # before reading data or building the model
-    torch.manual_seed(cfg.seed)  # same seed on every DDP rank: identical initial weights
+    seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights
     if dataset is None:
         dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
     if model is None:

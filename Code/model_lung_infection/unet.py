@@ -130,6 +130,6 @@ class Inf_Net_UNet(nn.Module):  # noqa: N801 -- the release's class name
 
 
 @MODELS.register("unet_multiclass")
-def unet_multiclass(n_channels=6, n_classes=3, **kw):
-    """Infection-guided (n_channels=6: image + prior) or image-only (n_channels=3) U-Net."""
-    return Inf_Net_UNet(n_channels=n_channels, n_classes=n_classes, **kw)
+def unet_multiclass(in_channels=6, num_classes=3):
+    """Infection-guided (in_channels=6: image + prior) or image-only (in_channels=3) U-Net."""
+    return Inf_Net_UNet(n_channels=in_channels, n_classes=num_classes)

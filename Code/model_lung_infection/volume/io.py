@@ -9,13 +9,13 @@ Each problem is one line naming the file: a 4D image, an unreadable file, a fold
 scan, a modality other than CT (errors); several series in one folder, gaps or uneven spacing
 along z (warnings naming the series / the gap).
 """
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -249,22 +249,10 @@ def read_dicom(path, series=None):
 def save_nifti(array, affine, path, dtype=np.uint8):
     """Write `array` (in the input's voxel order) with the input's affine, atomically (temporary file
     beside the target, then one rename; nibabel picks gzip from the name, so the temporary keeps it)."""
-    import tempfile
-
     import nibabel as nib
     img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
     img.header.set_data_dtype(dtype)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes[-2:]))
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    path = Path(path)  # nibabel reads the format off the ending: the temporary file keeps ".nii.gz"
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix="".join(path.suffixes[-2:]))

@@ -5,116 +5,58 @@ For each case: read (HU), turn into the training slices' view, lung mask (classi
 threshold the sigmoid probabilities at 0.5 (never a per-slice stretch: most slices of a scan hold no
 infection), paste back, write in the input's own voxel order, quantify. See docs/volumes.md.
 """
-import argparse
 import time
 import warnings
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import normalize_image, resize
 from ..errors import DataError, UserError
+from ..fast_inference import prepare_for_inference
+from ..infer import default_amp, probabilities
+from ..models import load_model, read_model
+from ..multiclass.predict import predict_probabilities
 from ..quantify import report
 from ..quantify.lungs import lung_mask
+from ..runtime import pick_device
 from . import geometry
-from .io import find_cases, read_case, read_nifti, save_nifti
-from .window import DEFAULT_WINDOW, gray_volume, is_already_gray, parse_window
-
-THRESHOLD = 0.5
-
-
-@dataclass
-class VolumeConfig:
-    data_path: str
-    save_path: str = None
-    pth_path: str = None
-    mask: str = None
-    multiclass_pth: str = None
-    window: tuple = None          # (low, high) HU; None: DEFAULT_WINDOW
-    threshold: float = THRESHOLD
-    series: str = None
-    save_probabilities: bool = False
-    crop: bool = True             # False: whole slices, every slice (the 2D path's view, for comparisons)
-    testsize: int = 352
-    batchsize: int = 8
-    backbone: str = None
-    device: str = "auto"
-    amp: bool = None
-    fuse_bn: bool = True
-    channels_last: bool = True
-    progress: bool = True
-
-    @classmethod
-    def from_any(cls, source=None, **overrides):
-        """From an argparse Namespace (the script's), a dict or keywords; unknown names are ignored."""
-        values = vars(source) if isinstance(source, argparse.Namespace) else dict(source or {})
-        values.update(overrides)
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in values.items() if k in names and v is not None})
-        if isinstance(cfg.window, str):
-            cfg.window = parse_window(cfg.window)
-        return cfg
-
-
-def add_volume_args(parser):
-    """The options only volumes use (MyTest_LungInf.py already has --pth_path, --data_path, --save_path,
-    --testsize, --batchsize, --backbone, --device, --amp, --fuse_bn, --channels_last, --progress)."""
-    from ..cli import add_bool, positive_float
-    g = parser.add_argument_group("CT volumes (NIfTI / DICOM --data_path)")
-    g.add_argument("--mask", default=None, help="quantify this infection mask (NIfTI, aligned with the scan); "
-                                                "no network")
-    g.add_argument("--multiclass_pth", default=None, help="multi-class network: adds GGO and consolidation")
-    g.add_argument("--window", type=parse_window, default=None,
-                   help=f"lung window LOW,HIGH in HU (default {DEFAULT_WINDOW[0]:g},{DEFAULT_WINDOW[1]:g}, measured "
-                        f"on the training slices; docs/volumes.md)")
-    g.add_argument("--threshold", type=positive_float, default=THRESHOLD, help="probability threshold of a mask")
-    g.add_argument("--series", default=None, help="DICOM SeriesInstanceUID to read when a folder holds several")
-    add_bool(g, "--save_probabilities", False, "also write probability.nii.gz (float32)")
-    add_bool(g, "--crop", True, "crop around the lungs and skip slices without lung (False: whole slices)")
-    return g
-
+from .io import case_name, find_cases, read_case, read_nifti, save_nifti
+from .options import THRESHOLD, VolumeConfig, add_volume_args  # noqa: F401 -- the stage's options
+from .window import DEFAULT_WINDOW, gray_volume, is_already_gray
 
 # ------------------------------------------------------------------------------------- networks
 
 class Networks:
-    """The Inf-Net (and optional multi-class) model, loaded once for every case."""
+    """The Inf-Net (and optional multi-class) model, loaded once for every case (models.read_model)."""
 
     def __init__(self, cfg):
-        from ..fast_inference import prepare_for_inference
-        from ..infer import default_amp, load_inf_net
-        from ..runtime import pick_device
         self.device = pick_device(cfg.device)
         self.amp = default_amp(self.device) if cfg.amp is None else cfg.amp
         self.cfg = cfg
-        self.model = prepare_for_inference(load_inf_net(cfg.pth_path, cfg.backbone, self.device),
+        self.model = prepare_for_inference(load_model(cfg.pth_path, expect="binary", device=self.device,
+                                                      backbone=cfg.backbone),
                                            channels_last=cfg.channels_last, fuse_bn=cfg.fuse_bn, inplace=True)
         self.multiclass = None
         if cfg.multiclass_pth:
-            from ..multiclass import load_multiclass
-            self.multiclass, self.mc_info = load_multiclass(cfg.multiclass_pth, self.device)
+            self.multiclass, arch, config, _ = read_model(cfg.multiclass_pth, expect="multiclass", device=self.device)
+            self.mc_info = {"n_channels": arch["in_channels"], "trainsize": config.get("trainsize")}
 
     def infection(self, slices):
         """Sigmoid probabilities (n, h, w) float32 of uint8 gray slices (n, h, w), as the 2D path computes
-        them: PIL-bilinear resize to testsize, ImageNet normalisation, S_3 logits resized back (bilinear)
-        before the sigmoid; no min-max stretch."""
+        them (infer.probabilities): PIL-bilinear resize to testsize, ImageNet normalisation, S_3 logits
+        resized back (bilinear) before the sigmoid; no min-max stretch."""
         size = (self.cfg.testsize, self.cfg.testsize)
         x = torch.stack([normalize_image(resize(np.repeat(s[..., None], 3, axis=2), size)) for s in slices])
         x = x.to(self.device)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        from ..infer import final_logits
-        from ..runtime import autocast
-        with torch.inference_mode(), autocast(self.device, self.amp):
-            logits = final_logits(self.model(x)).float()
-        logits = F.interpolate(logits, size=slices.shape[1:], mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits)[:, 0].cpu().numpy()
+        probs = probabilities(self.model, x, [slices.shape[1:]] * len(slices), self.amp, self.device)
+        return torch.stack(probs)[:, 0].cpu().numpy()
 
     def classes(self, gray, infection):
         """uint8 labels (1 GGO, 2 consolidation) of one slice, the infection mask as the prior."""
-        from ..multiclass import predict_probabilities
         rgb = np.repeat(gray[..., None], 3, axis=2)
         prior = infection.astype(np.uint8) * 255 if self.mc_info["n_channels"] == 6 else None
         testsize = self.mc_info.get("trainsize") or self.cfg.testsize
@@ -231,7 +173,6 @@ def run_volumes(args_or_config=None, **overrides):
     cases = find_cases(cfg.data_path)
     names = {}
     for kind, path in cases:
-        from .io import case_name
         other = names.setdefault(case_name(path), path)
         if other != path:
             raise DataError(f"{path}: same case name as {other}; rename one (outputs go to OUT/<case>/)")

@@ -1,0 +1,261 @@
+"""Every run's options, declared once, as dataclasses (no PyTorch here: scripts build their parsers
+from these without importing it, so `--help` is fast).
+
+  RunConfig          every training run (engine.Engine): snapshots, resume, runtime
+  TrainConfig        the Inf-Net recipe (train.py); STAGES: the paper's runs as presets (stage_config)
+  MultiClassConfig   the multi-class recipes (multiclass/train.py)
+  PseudoConfig       Algorithm 1 (pseudo.py); it holds the rounds' TrainConfig
+Each training config says which network it builds (`architecture()`: registry.create_model's arguments),
+which its checkpoint.pth records for models.load_model.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, List, Optional
+
+from .registry import has_imagenet_encoder
+
+INF_NET_COMPONENTS = ("edge_attention", "partial_decoder", "reverse_attention")
+# the multi-class script's --arch -> registry name (legacy configs recorded the --arch)
+MULTICLASS_ARCHS = {"unet": "unet_multiclass", "fcn8s": "fcn8s",
+                    "deeplabv3plus_os8": "deeplabv3plus_os8", "deeplabv3plus_os16": "deeplabv3plus_os16"}
+
+
+@dataclass
+class RunConfig:
+    """Options of every training run (trainers extend this)."""
+    train_save: str = "Inf-Net"           # run folder: <snapshot_root>/save_weights/<train_save>/
+    snapshot_prefix: str = "Inf-Net"      # release-format snapshots: <prefix>-<epoch>.pth
+    snapshot_root: str = "Snapshots"
+    epoch: int = 100
+    batchsize: int = 24                   # global: split over DDP processes
+    clip: Optional[float] = None          # gradient clipping by value
+    save_every: int = 10
+    amp: Optional[bool] = None            # None: on for CUDA, off for CPU
+    channels_last: bool = False
+    device: str = "auto"
+    num_workers: Optional[int] = None     # None: 4 on CUDA, 0 on CPU
+    seed: int = 2020
+    resume: bool = False
+    overwrite: bool = False
+    max_steps: Optional[int] = None       # stop after this many batches (smoke tests, benchmarks)
+    epoch_samples: Optional[int] = None   # CPU budgets: each epoch sees this many samples, not the whole set
+    progress: bool = True
+    # False: no checkpoint.pth (runs that are redone from their start, e.g. pseudo-label rounds: a full
+    # optimizer checkpoint per epoch would be hundreds of MB written and deleted for nothing).
+    resumable: bool = True
+
+    # The script that trains this config: the command that continues an interrupted run names it.
+    SCRIPT: ClassVar[str] = "MyTrain_LungInf.py"
+
+    @property
+    def run_dir(self):
+        return Path(self.snapshot_root) / "save_weights" / self.train_save
+
+    @property
+    def checkpoint_path(self):
+        return self.run_dir / "checkpoint.pth"
+
+    def architecture(self):
+        """create_model's arguments for the run's network (a trainer's config says); saved in the config."""
+        return None
+
+    def as_dict(self):
+        """The config as checkpoint.pth records it: every field, and the network's `architecture`."""
+        return json.loads(json.dumps({**dataclasses.asdict(self), "architecture": self.architecture()}, default=str))
+
+
+SCALES = (0.75, 1.0, 1.25)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    train_path: List[str] = field(default_factory=lambda: ["Dataset/TrainingSet/LungInfection-Train/Doctor-label"])
+    model: str = "inf_net"
+    backbone: str = "res2net50_v1b_26w_4s"
+    pretrained: Optional[str] = None      # ImageNet weights of the encoder, from disk
+    init: Optional[str] = None            # start from these Inf-Net weights (fine-tuning)
+    lr: float = 1e-4
+    trainsize: int = 352
+    scales: tuple = SCALES
+    clip: Optional[float] = 0.5
+    decay_rate: float = 0.1
+    decay_epoch: int = 50
+    release_bce: bool = False
+    # Inf-Net components (Table IV ablations; inf_net.py says what the network is with one off)
+    edge_attention: bool = True
+    partial_decoder: bool = True
+    reverse_attention: bool = True
+    stage: Optional[str] = None           # the STAGES preset the run was made from (stage_config)
+
+    # the fields that are constructor options of a model (the others' constructors take none)
+    MODEL_OPTIONS: ClassVar[dict] = {"inf_net": ("backbone",) + INF_NET_COMPONENTS}
+
+    def architecture(self):
+        """create_model's arguments for this run's network (recorded in checkpoint.pth; models.load_model)."""
+        return {"name": self.model, "in_channels": 3, "num_classes": 1,
+                **{k: getattr(self, k) for k in self.MODEL_OPTIONS.get(self.model, ())}}
+
+
+DOCTOR_LABEL = "Dataset/TrainingSet/LungInfection-Train/Doctor-label"
+PSEUDO_LABEL = "Dataset/TrainingSet/LungInfection-Train/Pseudo-label"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training preset (release `MyTrain_LungInf.py` and README, Sec. 2.3)."""
+    description: str
+    train_path: tuple
+    train_save: str
+    snapshot_prefix: str
+    batchsize: int
+    epoch: int = 100
+    # Weights the stage starts from, under <snapshot_root>/save_weights/: the first that exists.
+    # Required (unless `init` is given or the run resumes) when not empty.
+    init: tuple = ()
+
+
+STAGES = {
+    "doctor": Stage("Inf-Net on the doctor-labelled slices", (DOCTOR_LABEL,), "Inf-Net", "Inf-Net", 24),
+    "pseudo": Stage("Semi-Inf-Net step (i): train on the pseudo-labelled slices", (PSEUDO_LABEL,),
+                    "Inf-Net_Pseudo", "Inf-Net_pseudo", 24),
+    "semi": Stage("Semi-Inf-Net step (ii): fine-tune step (i)'s weights on the doctor labels", (DOCTOR_LABEL,),
+                  "Semi-Inf-Net", "Semi-Inf-Net", 16,
+                  # the release's file name, then the one `--stage pseudo` writes (<prefix>-<epoch>.pth)
+                  init=("Inf-Net_Pseudo/Inf-Net_pseudo_100.pth", "Inf-Net_Pseudo/Inf-Net_pseudo-100.pth")),
+}
+PRESET_FIELDS = ("train_path", "train_save", "snapshot_prefix", "batchsize", "epoch")
+
+
+def stage_config(stage="doctor", **options):
+    """TrainConfig of the STAGES preset `stage`; every option that is not None overrides the preset."""
+    if stage not in STAGES:
+        raise ValueError(f"stage '{stage}': choose one of {', '.join(STAGES)}")
+    preset = STAGES[stage]
+    values = {f: getattr(preset, f) for f in PRESET_FIELDS}
+    values["train_path"] = list(preset.train_path)
+    values["stage"] = stage
+    values.update({k: v for k, v in options.items() if v is not None})
+    if isinstance(values["train_path"], (str, Path)):
+        values["train_path"] = [values["train_path"]]
+    cfg = TrainConfig(**values)
+    if preset.init and cfg.init is None:
+        candidates = [Path(cfg.snapshot_root) / "save_weights" / name for name in preset.init]
+        found = next((str(c) for c in candidates if c.is_file()), None)
+        if found is None and not cfg.resume:  # a resumed run takes its weights from checkpoint.pth
+            raise FileNotFoundError(
+                f"stage '{stage}' starts from {candidates[0]} (or {candidates[1].name}), which does not exist: "
+                f"train step (i) first (--stage pseudo) or give the weights with --init")
+        cfg.init = found
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-class (paper Sec. III-C)
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_SAVE_ROOT = Path("Results") / "Multi-class lung infection segmentation"  # the test stage's output
+DEFAULT_PRIOR_PATH = Path("Results") / "Lung infection segmentation" / "Semi-Inf-Net"  # its priors
+CLASSES = ("background", "GGO", "consolidation")
+N_CLASSES = len(CLASSES)
+ARCHS = MULTICLASS_ARCHS
+
+RECIPES = {
+    "release": dict(trainsize=352, lr=1e-2, momentum=0.7, weight_decay=0.0, init="default"),
+    "paper": dict(trainsize=512, lr=1e-10, momentum=0.99, weight_decay=5e-4, init="xavier"),
+}
+INITS = ("default", "xavier")
+
+
+def run_name(arch, prior):
+    """Default run / model name: the Table III row the network stands for."""
+    names = {("unet", True): "Semi-Inf-Net_UNet", ("fcn8s", True): "Semi-Inf-Net_FCN8s",
+             ("unet", False): "Multi-class_UNet", ("fcn8s", False): "FCN8s"}
+    return names.get((arch, bool(prior)), f"{'Semi-Inf-Net_' if prior else ''}{arch}")
+
+
+@dataclass
+class MultiClassConfig(RunConfig):
+    """The multi-class recipe. None fields are filled from `recipe` (RECIPES) or from arch/prior."""
+    train_path: str = "Dataset/TrainingSet/MultiClassInfection-Train"
+    arch: str = "unet"                    # unet | fcn8s
+    prior: bool = True                    # 6-channel input (slice + infection map) or slice only
+    recipe: str = "release"               # release | paper
+    trainsize: Optional[int] = None
+    lr: Optional[float] = None
+    momentum: Optional[float] = None
+    weight_decay: Optional[float] = None
+    init: Optional[str] = None            # default (PyTorch's) | xavier
+    binarize_prior: bool = True           # training priors as 0/255 (the released ones already are)
+    fc_width: int = 4096                  # FCN8s fc6/fc7 width
+    pretrained: Optional[str] = None      # FCN8s: ImageNet VGG-16 weights, from disk
+    train_save: Optional[str] = None      # default: run_name(arch, prior)
+    snapshot_prefix: Optional[str] = None  # default: run_name(arch, prior)
+    epoch: int = 200
+    batchsize: int = 16
+    save_every: int = 10
+
+    SCRIPT: ClassVar[str] = "MyTrain_MulClsLungInf_UNet.py"  # named in the command that resumes a run
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch '{self.arch}': choose one of {', '.join(ARCHS)}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe '{self.recipe}': choose one of {', '.join(RECIPES)}")
+        for k, v in RECIPES[self.recipe].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.init not in INITS:
+            raise ValueError(f"init '{self.init}': choose one of {', '.join(INITS)}")
+        if self.arch != "unet" and self.trainsize % 32:
+            raise ValueError(f"{self.arch} needs a trainsize that is a multiple of 32, got {self.trainsize}")
+        if self.pretrained and not has_imagenet_encoder(ARCHS[self.arch]):
+            raise ValueError(f"pretrained (ImageNet encoder weights): arch {self.arch} has no ImageNet encoder")
+        name = run_name(self.arch, self.prior)
+        self.train_save = self.train_save or name
+        self.snapshot_prefix = self.snapshot_prefix or name
+
+    # the fields that are constructor options of an architecture
+    MODEL_OPTIONS: ClassVar[dict] = {"fcn8s": ("fc_width",)}
+
+    def architecture(self):
+        """create_model's arguments for this run's network (recorded in checkpoint.pth; models.load_model)."""
+        return {"name": ARCHS[self.arch], "in_channels": 6 if self.prior else 3, "num_classes": N_CLASSES,
+                **{k: getattr(self, k) for k in self.MODEL_OPTIONS.get(self.arch, ())}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pseudo labels (Algorithm 1)
+# ---------------------------------------------------------------------------------------------
+
+def round_training():
+    """The fine-tuning of each round (release `train_module`): the Inf-Net recipe with 10 epochs, Adam lr 3e-4,
+    batch 16; rounds go to <snapshot_root>/save_weights/<train_save>/round-NNNN/."""
+    return TrainConfig(epoch=10, lr=3e-4, batchsize=16, train_save="Semi-Inf-Net_pseudo")
+
+
+@dataclass
+class PseudoConfig:
+    init: str                                            # Inf-Net trained on the doctor labels
+    unlabeled_path: str = PSEUDO_LABEL + "/Imgs"         # folder of unlabelled slices
+    labeled_path: str = DOCTOR_LABEL                     # seed set: Imgs/, GT/ (and Edge/)
+    save_path: str = PSEUDO_LABEL                        # output: Imgs/, GT/, Edge/ and the state file
+    k: int = 5                                           # slices labelled per round
+    max_rounds: Optional[int] = None                     # rounds in this invocation (None: until done)
+    overwrite: bool = False                              # may replace labels already in save_path/GT
+    testsize: Optional[int] = None                       # inference input side (default: train.trainsize)
+    backbone: Optional[str] = None                       # encoder of init (default: init's saved config, else
+    #                                                      Res2Net-50); the rounds keep it
+    release_pseudo: bool = False                         # labels as the release made them (PSEUDO_LABELS)
+    keep_rounds: bool = False                            # keep every round's weights (default: the current only)
+    # Each round's fine-tuning and the runtime (device, amp, progress...); train.seed also orders the draw
+    # (round r trains with seed + r). Its train_path, init, backbone and run folder are set per round.
+    train: TrainConfig = field(default_factory=round_training)
+
+    @property
+    def seed(self):
+        return self.train.seed
+
+    def as_dict(self):
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))

@@ -1,0 +1,73 @@
+"""Writing a reproduced table: our figures beside the paper's (Markdown and CSV, EvaluationTool.report's writer)."""
+from pathlib import Path
+
+from EvaluationTool.report import TABLE_COLUMNS
+from EvaluationTool.report import write_table as write_files
+
+from .complexity import si_units
+from .table_plan import CLASS_SHORT, CLASSES, PAPER, PAPER_KEYS, PAPER_METRICS, TITLES
+
+
+def _paper_row(table, name):
+    t = PAPER[PAPER_KEYS[table]]
+    values = t["rows"].get(name)
+    return dict(zip(t["columns"], values)) if values else {}
+
+
+def _metric_pairs(table, paper, result):
+    """[(column label, ours, paper)] for one row; `paper` is that row's `_paper_row`."""
+    if table != "III":
+        return [(label, result["metrics"][key], paper.get(p))
+                for (label, key), p in zip(TABLE_COLUMNS, PAPER_METRICS)]
+    pairs = []
+    for cls in CLASSES:
+        short = CLASS_SHORT[cls]
+        pairs += [(f"{short} {label}", result["metrics"][cls][key], paper.get(f"{short}_{p}"))
+                  for (label, key), p in zip(TABLE_COLUMNS, PAPER_METRICS)]
+    return pairs
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+def write_table(table, rows, results, results_root="Results/tables"):
+    """Results/tables/table_<X>.md and .csv from row results; returns the two paths."""
+    root = Path(results_root)
+    budgets = sorted({f"`{r['budget']['name']}` ({r['budget_text']}) on {r['device']}" for r in results.values()})
+    inits = {r["pretrained"] for r in results.values()}
+    init = ("mixed initialisation (see the csv's pretrained column)" if len(inits) > 1 else
+            "ImageNet-initialised encoders (local files)" if True in inits else
+            "encoders from random weights (no ImageNet file)")
+    preamble = [f"# {TITLES[table]}", "",
+          "Each cell: **ours** / paper. Ours: measured by `reproduce.py` with the budget in the last column, "
+          f"{init}, on the 48 test slices with EvaluationTool. "
+          "Paper: Fan et al., IEEE TMI 2020 (ImageNet-pretrained encoders, full recipe). "
+          "Params / FLOPs: ours at 352 x 352 (FLOPs = multiply-accumulates, as the paper's thop counts) "
+          "/ paper.", "", "Budget(s): " + "; ".join(budgets), "", ""]
+    first = results[rows[0].name]
+    labels = [label for label, _, _ in _metric_pairs(table, {}, first)]
+    header = ["Method", "Backbone", "Params", "FLOPs", *labels, "Budget"]
+    md_rows, csv_rows = [], []
+    for row in rows:
+        r = results[row.name]
+        # By the table's own row name: a shared run (Table II's Semi-Inf-Net is Table IV's No.7)
+        # records the name of the table that trained it.
+        paper = _paper_row(table, row.name)
+        pairs = _metric_pairs(table, paper, r)
+        cells = [row.name, row.backbone, f"{si_units(r['params'])} / {paper.get('params', '-')}",
+                 f"{si_units(r['macs'])} / {paper.get('flops', '-')}"]
+        cells += [f"**{_fmt(ours)}** / {_fmt(p)}" for _, ours, p in pairs]
+        cells.append(r["budget_text"])
+        md_rows.append(cells)
+        rec = {"table": table, "row": row.name, "run": r["run"], "backbone": row.backbone, "params": r["params"],
+               "macs": r["macs"], "paper_params": paper.get("params", ""), "paper_flops": paper.get("flops", "")}
+        for label, ours, p in pairs:
+            key = label.lower().replace(" ", "_").replace(".", "")
+            rec[f"{key}_ours"], rec[f"{key}_paper"] = round(ours, 4), "" if p is None else p
+        rec.update(budget=r["budget"]["name"], budget_text=r["budget_text"], device=r["device"],
+                   pretrained=r["pretrained"], minutes=r.get("minutes"))
+        csv_rows.append(rec)
+    md_path, csv_path = write_files(root / f"table_{table}.md", root / f"table_{table}.csv", header, md_rows,
+                                    list(csv_rows[0]), [list(r.values()) for r in csv_rows], "\n".join(preamble))
+    return md_path, csv_path

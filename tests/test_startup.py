@@ -1,0 +1,69 @@
+"""Start-up: --help and argument errors come before any heavy import; optional libraries are imported
+only by what needs them; the random-weights warning is said once, by the entry point."""
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["MyTest_LungInf.py", "MyTrain_LungInf.py", "PseudoGenerator.py", "MyTrain_MulClsLungInf_UNet.py",
+           "MyTest_MulClsLungInf_UNet.py", "reproduce.py"]
+HEAVY = ("torch", "timm", "segmentation_models_pytorch", "scipy", "nibabel", "pydicom", "cv2")
+
+
+def _imported_after(code):
+    """The HEAVY modules imported by running `code` in a fresh interpreter at the repository root."""
+    probe = f"import sys\n{code}\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return set(filter(None, proc.stdout.strip().split(",")))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_imports_nothing_heavy(script):
+    run_help = (f"import runpy, contextlib, io\nsys.argv = [{script!r}, '--help']\n"
+                f"try:\n    with contextlib.redirect_stdout(io.StringIO()):\n"
+                f"        runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit:\n    pass")
+    assert _imported_after(run_help) == set()
+
+
+def test_package_and_evaluation_tool_import_light():
+    assert _imported_after("import Code.model_lung_infection, EvaluationTool, EvaluationTool.report") == set()
+    # naming models and encoders does not import their libraries
+    names = _imported_after("from Code.model_lung_infection.registry import MODELS, ENCODERS\n"
+                            "assert 'unet' in MODELS.names() and 'resnet50' in ENCODERS.names()")
+    assert names == set()
+
+
+def test_optional_libraries_only_for_what_needs_them():
+    # Inf-Net needs timm, not segmentation-models-pytorch; a Table II baseline needs that library
+    inf_net = _imported_after("from Code.model_lung_infection import create_model\n"
+                              "create_model('inf_net', backbone='timm:resnet18')")
+    assert "timm" in inf_net and "segmentation_models_pytorch" not in inf_net
+    assert not {"scipy", "nibabel", "pydicom"} & inf_net
+    unet = _imported_after("from Code.model_lung_infection import create_model\ncreate_model('unet')")
+    assert "segmentation_models_pytorch" in unet
+
+
+def test_random_weights_are_said_once_by_the_training_script(tmp_path, data_root):
+    import MyTrain_LungInf
+    from Code.model_lung_infection import create_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # constructors are silent
+        create_model("inf_net", backbone="timm:resnet18")
+    train = data_root / "TrainingSet" / "LungInfection-Train" / "Doctor-label"
+    argv = ["--train_path", str(train), "--snapshot_root", str(tmp_path), "--train_save", "w", "--backbone",
+            "timm:resnet18", "--epoch", "1", "--batchsize", "2", "--trainsize", "64", "--max_steps", "1",
+            "--no-multi_scale", "--progress", "False", "--device", "cpu"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MyTrain_LungInf.main(argv)
+    said = [w for w in caught if "RANDOM weights" in str(w.message)]
+    assert len(said) == 1 and "--pretrained" in str(said[0].message)
+    with warnings.catch_warnings(record=True) as caught:  # fine-tuning starts from trained weights: nothing said
+        warnings.simplefilter("always")
+        MyTrain_LungInf.main(argv[:5] + ["w2", "--init", str(tmp_path / "save_weights" / "w" / "Inf-Net-1.pth")]
+                             + argv[6:])
+    assert not [w for w in caught if "RANDOM weights" in str(w.message)]
