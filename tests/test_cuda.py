@@ -20,7 +20,6 @@ multi-scale, the 50 doctor-labelled slices): `python -m pytest -s tests/test_cud
 """
 import os
 import runpy
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from slices import copy_doctor_slices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is visible)")
 
@@ -64,13 +64,7 @@ runpy.run_path(script, run_name="__main__")
 
 
 def _copy_slices(data_root, dst, n):
-    src = data_root / DOCTOR
-    stems = sorted((p.stem for p in (src / "Imgs").iterdir()), key=int)[:n]
-    for sub in ("Imgs", "GT", "Edge"):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-        for s in stems:
-            f = next((src / sub).glob(s + ".*"))
-            shutil.copy(f, dst / sub / f.name)
+    copy_doctor_slices(data_root, dst, n, key=int)
     return dst
 
 

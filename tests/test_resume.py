@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from slices import copy_doctor_slices
 
 import MyTrain_LungInf as script
 from Code.model_lung_infection import engine as engine_module
@@ -23,13 +24,7 @@ SMALL = "timm:resnet18"
 
 
 def _copy_slices(data_root, dst, n=4):
-    src = data_root / "TrainingSet/LungInfection-Train/Doctor-label"
-    stems = sorted(p.stem for p in (src / "Imgs").iterdir())[:n]
-    for sub in ("Imgs", "GT", "Edge"):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-        for s in stems:
-            f = next((src / sub).glob(s + ".*"))
-            shutil.copy(f, dst / sub / f.name)
+    copy_doctor_slices(data_root, dst, n)
     return dst
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from slices import copy_doctor_slices
 
 from Code.model_lung_infection import Inf_Net, save_release_weights
 from Code.model_lung_infection.data import DataError, InfectionTrainSet, edge_from_mask, read_mask, read_rgb, resize
@@ -108,14 +109,7 @@ def test_multi_scale_sizes_are_multiples_of_32():
 # ---------------------------------------------------------------- data
 
 def _copy_slices(data_root, dst, n=4, edge=True):
-    src = data_root / "TrainingSet/LungInfection-Train/Doctor-label"
-    stems = sorted(p.stem for p in (src / "Imgs").iterdir())[:n]
-    for sub in ["Imgs", "GT"] + (["Edge"] if edge else []):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-        for s in stems:
-            f = next((src / sub).glob(s + ".*"))
-            shutil.copy(f, dst / sub / f.name)
-    return stems
+    return copy_doctor_slices(data_root, dst, n, edge)
 
 
 def test_pairs_by_stem_not_position(data_root, tmp_path):
