@@ -1,4 +1,4 @@
-"""Segment CT slices or whole CT scans with a trained Inf-Net (ours or a release checkpoint).
+r"""Segment CT slices or whole CT scans with a trained Inf-Net (ours or a release checkpoint).
 
     python MyTest_LungInf.py --pth_path Snapshots/save_weights/Inf-Net/Inf-Net-100.pth \
         --data_path Dataset/TestingSet/LungInfection-Test

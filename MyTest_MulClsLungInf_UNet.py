@@ -1,4 +1,4 @@
-"""Label CT slices as background / GGO / consolidation with a trained multi-class network.
+r"""Label CT slices as background / GGO / consolidation with a trained multi-class network.
 
     # priors from Semi-Inf-Net maps written earlier by MyTest_LungInf.py:
     python MyTest_MulClsLungInf_UNet.py --pth_path Snapshots/save_weights/Semi-Inf-Net_UNet/Semi-Inf-Net_UNet-200.pth \

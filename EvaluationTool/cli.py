@@ -60,8 +60,15 @@ def run(gt_root, pred_root, models, task="binary", dataset=None, save_dir="Evalu
     return results
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors on one line (the package's cli.ArgumentParser; not imported: it would load torch)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = _OneLineErrors(
         prog="python -m EvaluationTool",
         description="Inf-Net evaluation (Dice, Sen, Spe, Prec, S-alpha, E-phi, MAE) with the "
                     "definitions of the released MATLAB toolbox.")
