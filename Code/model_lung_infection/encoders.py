@@ -27,8 +27,14 @@ def _import_timm():
     sys.modules["huggingface_hub"] = None  # makes `import huggingface_hub` raise ImportError, which timm handles
     try:
         import timm
-    finally:
+    except ImportError:  # a timm that needs the hub after all: import it the ordinary way
+        for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+            del sys.modules[name]
         del sys.modules["huggingface_hub"]
+        import timm
+    finally:
+        if sys.modules.get("huggingface_hub", False) is None:  # our marker, not a real import
+            del sys.modules["huggingface_hub"]
     return timm
 
 
