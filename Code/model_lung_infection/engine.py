@@ -191,7 +191,8 @@ class Engine:
         loader = DataLoader(dataset, batch_size=max(1, cfg.batchsize // ddp.world_size), sampler=sampler,
                             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         writer = _tensorboard(cfg) if ddp.is_main else None
-        budget_spent = start_epoch <= cfg.epoch and self._budget_spent()  # on every rank (a broadcast)
+        # a resumed run whose budget is used up trains nothing (checked on every rank: a broadcast)
+        budget_spent = cfg.resume and start_epoch <= cfg.epoch and self._budget_spent()
         if ddp.is_main and start_epoch > cfg.epoch:
             print(f"[train] {cfg.run_dir} has finished epoch {start_epoch - 1}, and --epoch is {cfg.epoch}: "
                   f"nothing to train (give a larger --epoch to extend the run)", flush=True)
