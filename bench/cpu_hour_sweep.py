@@ -25,7 +25,7 @@ OPTIONS = {
     "augment": ["--augment"],
     "cosine": ["--schedule", "cosine"],
     "warmup": ["--warmup_epochs", "2"],
-    "ema": ["--ema", "0.999"],
+    "ema": ["--ema", "0.99"],  # ~100 updates averaged: an hour on 45 slices gives a few hundred updates
     "progressive": ["--progressive_size", "224"],
 }
 MARKS = (0.25, 0.5, 0.75, 1.0)  # fractions of the budget at which Dice-against-minutes is read
@@ -113,6 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--table_only", action="store_true", help="make the table from runs already done")
     p.add_argument("--amp", action="store_true", help="every run with --amp (bf16 on CPU)")
     p.add_argument("--channels_last", action="store_true", help="every run with --channels_last")
+    p.add_argument("--args", default="", help="more MyTrain_LungInf.py options for every run, e.g. "
+                   "'--epoch_samples 45 --num_workers 0'")
     a = p.parse_args(argv)
     for spec in a.set:
         name, _, args = spec.partition("=")
@@ -120,7 +122,7 @@ def parse_args(argv=None):
         if name not in a.options:
             a.options.append(name)
     a.snapshot_root = str(Path(a.snapshot_root).resolve())  # the runs start in the repository root
-    a.extra = ["--amp"] * a.amp + ["--channels_last"] * a.channels_last
+    a.extra = ["--amp"] * a.amp + ["--channels_last"] * a.channels_last + a.args.split()
     return a
 
 

@@ -254,6 +254,37 @@ def test_resume_is_exact_with_every_option_on(tmp_path):
     assert dices[0] == dices[1]
 
 
+def test_ctrl_c_and_resume_by_run_name_is_exact_with_augment_and_ema(tmp_path, monkeypatch):
+    """test_resume.py's exactness check (Ctrl-C mid-epoch, resume naming only the run) with the options on."""
+    import Code.model_lung_infection.train as train_module
+    from Code.model_lung_infection.cli import run_main
+    data, snap = _slices(tmp_path / "d"), tmp_path / "snap"
+    options = ["--train_path", str(data), "--trainsize", "64", "--batchsize", "2", "--epoch", "2", "--seed", "7",
+               "--backbone", SMALL, "--snapshot_root", str(snap), "--save_every", "1", "--no-progress",
+               "--no-multi_scale", "--augment", "--ema", "0.9", "--val_split", "2", "--time_budget", "60"]
+    script.main(options + ["--train_save", "full"])
+    real, calls = train_module.multi_scale_step, []
+
+    def interrupted_step(cfg):
+        step = real(cfg)
+
+        def run(engine, batch):
+            calls.append(1)
+            if len(calls) > 3:  # 4 training slices in batches of 2: in epoch 2's second batch
+                raise KeyboardInterrupt
+            return step(engine, batch)
+        return run
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "multi_scale_step", interrupted_step)
+        with pytest.raises(SystemExit):
+            run_main(script.main, options + ["--train_save", "split"])
+    script.main(["--resume", "--train_save", "split", "--snapshot_root", str(snap)])
+    for name in ("Inf-Net-2.pth", "Inf-Net-ema-2.pth"):
+        full = torch.load(snap / "save_weights/full" / name, weights_only=True)
+        resumed = torch.load(snap / "save_weights/split" / name, weights_only=True)
+        assert all(torch.equal(full[k], resumed[k]) for k in full), name
+
+
 # ---------------------------------------------------------------- CLI and recipes
 
 def test_options_reach_the_config_and_checkpoint_config():
@@ -318,4 +349,4 @@ def test_sweep_commands_run_each_option_alone_with_validation_and_budget(capsys)
     commands = capsys.readouterr().out.strip().splitlines()
     assert len(commands) == 2
     assert all("--val_split 5 --val_every 1 --time_budget 0.2" in c for c in commands)
-    assert "--ema" not in commands[0] and commands[1].endswith("--ema 0.999")
+    assert "--ema" not in commands[0] and commands[1].endswith("--ema 0.99")

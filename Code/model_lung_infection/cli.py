@@ -208,8 +208,9 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
                    help="raise the lr linearly over the first N epochs (lr/N, 2lr/N, ..., lr): large first updates "
                         "of a randomly initialised network can diverge")
     g.add_argument("--ema", type=decay, default=defaults.ema, metavar="DECAY",
-                   help="keep an exponential moving average of the weights (e.g. 0.999, updated after every "
-                        "optimizer update): smoother than the last weights of a short noisy run; used for validation "
+                   help="keep an exponential moving average of the weights, updated after every optimizer update "
+                        "(it spans about 1/(1-DECAY) updates: e.g. 0.99, as an hour on 45 slices makes a few hundred):"
+                        " smoother than the last weights of a short noisy run; used for validation "
                         "and saved as <prefix>-ema-<epoch>.pth beside each snapshot (the raw weights keep training)")
     g.add_argument("--progressive_size", type=positive_int, default=defaults.progressive_size, metavar="START",
                    help="train at START px first, growing linearly to --trainsize over the first half of the epochs "

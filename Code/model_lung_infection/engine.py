@@ -241,11 +241,13 @@ class Engine:
             ddp.sync_buffers(self.model)
             if self.ema_model is not None:
                 ddp.sync_buffers(self.ema_model)
+            if ddp.is_main:
+                self._log_epoch(epoch, meter, writer, lr)
             if ddp.is_main and self.validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epoch):
                 self._validate(epoch, meter, lr, writer)
-            budget_spent = self._budget_spent()
+            budget_spent = self._budget_spent()  # validation time counts
             if ddp.is_main:
-                self._end_of_epoch(epoch, meter, writer, lr, last=budget_spent)
+                self._save_epoch(epoch, last=budget_spent)
             if cfg.resumable:
                 self.saved_epoch = epoch
             ddp.barrier()
@@ -278,6 +280,7 @@ class Engine:
             for k, v in scores.items():
                 writer.add_scalar(f"val_{k}", v, epoch)
             writer.add_scalar("val_minutes", minutes, epoch)
+            writer.flush()
         self.val_rows.append({"epoch": epoch, "minutes": f"{minutes:.4f}", "val_dice": f"{scores['dice']:.6f}",
                               "val_mae": f"{scores.get('mae', float('nan')):.6f}", "train_loss": f"{loss:.6f}",
                               "lr": f"{lr:.6g}"})
@@ -324,9 +327,7 @@ class Engine:
             print(f"[train] resumed {self.cfg.checkpoint_path} after epoch {state['epoch']}", flush=True)
         return state["epoch"] + 1
 
-    def _end_of_epoch(self, epoch, meter, writer, lr, last=False):
-        """Log the epoch; snapshots every save_every epochs and at the last (`last`: the time budget ended
-        the run here); the resumable checkpoint."""
+    def _log_epoch(self, epoch, meter, writer, lr):
         cfg = self.cfg
         losses, ips = meter.means(), meter.per_second()
         print(f"[train] epoch {epoch:03d}/{cfg.epoch} lr {lr:.2e} " +
@@ -337,6 +338,11 @@ class Engine:
             writer.add_scalar("lr", lr, epoch)
             writer.add_scalar("samples_per_second", ips, epoch)
             writer.flush()
+
+    def _save_epoch(self, epoch, last=False):
+        """Snapshots every save_every epochs and at the last (`last`: the time budget ends the run here);
+        the resumable checkpoint."""
+        cfg = self.cfg
         if epoch % cfg.save_every == 0 or epoch == cfg.epoch or last:
             save_release_weights(self.model, cfg.run_dir / f"{cfg.snapshot_prefix}-{epoch}.pth")
             if self.ema_model is not None:
