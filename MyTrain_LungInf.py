@@ -15,6 +15,10 @@ prefix, batch size, epochs and initial weights come from the preset; any of them
 --resume continues a run with the options it was started with (saved in its checkpoint.pth); an
 option given that differs is an error, except --epoch (extend a finished run) and runtime options
 (--device, --num_workers, --progress).
+Training from random weights on a CPU budget (opt-in; see the option groups below):
+    python MyTrain_LungInf.py --val_split 5 --time_budget 60 --augment --schedule cosine --warmup_epochs 2 \
+        --ema 0.999 --progressive_size 224 --amp --channels_last --train_save cpu-try
+
 Snapshots: Snapshots/save_weights/<train_save>/<prefix>-<epoch>.pth (release format) and checkpoint.pth
 (resumable). The recipe lives in Code/model_lung_infection/train.py.
 """
@@ -22,7 +26,7 @@ import argparse
 
 from Code.model_lung_infection import cli
 from Code.model_lung_infection.cli import add_bool, add_debug, add_run_args, given_options, run_main
-from Code.model_lung_infection.configs import STAGES, TrainConfig, stage_config
+from Code.model_lung_infection.configs import STAGES, TRAIN_RECIPES, TrainConfig, apply_recipe, stage_config
 from Code.model_lung_infection.registry import ENCODERS, warn_random_weights
 
 # The release's boolean switches and the stage each selects.
@@ -58,6 +62,7 @@ def build_parser():
     add_bool(g, "--partial_decoder", True, "RFBs + parallel partial decoder for the global map")
     add_bool(g, "--reverse_attention", True, "the three cascaded reverse-attention branches")
     add_run_args(p, d)
+    cli.add_cpu_budget_args(p, d, TRAIN_RECIPES)
     add_debug(p)
     return p
 
@@ -84,9 +89,9 @@ def config_from_args(a):
                        **{k: v for k, v in vars(a).items() if k in fields and k != "stage"})
     if not a.multi_scale:
         cfg.scales = (1.0,)
-    if not a.resume:
-        return cfg
     given = {OPTION_FIELDS.get(k, k) for k in getattr(a, "given", ())} & fields
+    if not a.resume:
+        return apply_recipe(cfg, given)
     from Code.model_lung_infection.engine import restore_config
     return restore_config(TrainConfig, cfg.checkpoint_path, {k: getattr(cfg, k) for k in given})
 

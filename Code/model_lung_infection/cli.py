@@ -165,6 +165,59 @@ def add_train_args(parser, defaults, from_preset=()):
     return g
 
 
+def decay(value):
+    """argparse type: an EMA decay, strictly between 0 and 1."""
+    v = positive_float(value)
+    if not v < 1:
+        raise argparse.ArgumentTypeError(f"expected a decay between 0 and 1 (e.g. 0.999), got '{value}'")
+    return v
+
+
+def add_cpu_budget_args(parser, defaults, recipes=()):
+    """Opt-in options for training from random weights on a small budget (issue 16), MyTrain_LungInf.py's.
+    Every default is the paper's recipe; each option is recorded in the run's config."""
+    g = parser.add_argument_group(
+        "validation and budget (opt-in)",
+        "Hold out training slices to choose options without looking at the test set, and stop on wall time.")
+    g.add_argument("--val_split", type=nonnegative_int, default=defaults.val_split, metavar="N",
+                   help="hold out N training slices (chosen by --val_seed, recorded in the checkpoint so a resumed "
+                        "run keeps them; e.g. 5 of the 50 doctor-labelled, the paper's 45/5 split); they are not "
+                        "trained on and are scored every --val_every epochs: Dice at 0.5 and MAE, as the test stage "
+                        "predicts, printed, logged to TensorBoard and written to <run>/val.csv (Dice against minutes)")
+    g.add_argument("--val_seed", type=int, default=defaults.val_seed,
+                   help="chooses the held-out slices; independent of --seed so that seeds share one split")
+    g.add_argument("--val_every", type=positive_int, default=defaults.val_every, metavar="K",
+                   help="validate every K epochs (and after the last)")
+    g.add_argument("--time_budget", type=positive_float, default=defaults.time_budget, metavar="MINUTES",
+                   help="stop after the epoch that crosses this wall time (from the run's start, resumed time "
+                        "included), saving snapshots as at the last epoch; set --epoch to the epochs expected to "
+                        "fit, which the cosine schedule and --progressive_size count on")
+    g = parser.add_argument_group(
+        "training from random weights (opt-in; the paper's recipe has none of these)",
+        "Options meant for CPU budgets without ImageNet weights; --recipe bundles them.")
+    g.add_argument("--recipe", choices=list(recipes) or ["paper"], default=defaults.recipe,
+                   help="a preset of the options below (paper: none of them); options given explicitly win")
+    add_bool(g, "--augment", defaults.augment,
+             "random horizontal/vertical flips, rotation within 10 degrees, scale 0.9-1.1 (the same on image, GT "
+             "and edge) and brightness/contrast jitter of 10 percent, seeded by (seed, epoch, batch) so --resume "
+             "stays exact: 50 slices are few for a network from random weights")
+    g.add_argument("--schedule", choices=["step", "cosine"], default=defaults.schedule,
+                   help="learning-rate schedule: step (the paper's: x decay_rate every decay_epoch epochs) or cosine "
+                        "(from lr towards 0 over --epoch, after the warm-up), which suits short runs")
+    g.add_argument("--warmup_epochs", type=nonnegative_int, default=defaults.warmup_epochs, metavar="N",
+                   help="raise the lr linearly over the first N epochs (lr/N, 2lr/N, ..., lr): large first updates "
+                        "of a randomly initialised network can diverge")
+    g.add_argument("--ema", type=decay, default=defaults.ema, metavar="DECAY",
+                   help="keep an exponential moving average of the weights, updated after every optimizer update "
+                        "(it spans about 1/(1-DECAY) updates: e.g. 0.99, as an hour on 45 slices makes a few hundred):"
+                        " smoother than the last weights of a short noisy run; used for validation "
+                        "and saved as <prefix>-ema-<epoch>.pth beside each snapshot (the raw weights keep training)")
+    g.add_argument("--progressive_size", type=positive_int, default=defaults.progressive_size, metavar="START",
+                   help="train at START px first, growing linearly to --trainsize over the first half of the epochs "
+                        "(multiples of 32): early epochs are cheaper and coarse shapes come first")
+    return g
+
+
 def given_options(build_parser, argv):
     """The dests of the options given explicitly in `argv` (a default, even an equal one, is not given).
 

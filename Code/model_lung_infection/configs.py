@@ -45,6 +45,10 @@ class RunConfig:
     # False: no checkpoint.pth (runs that are redone from their start, e.g. pseudo-label rounds: a full
     # optimizer checkpoint per epoch would be hundreds of MB written and deleted for nothing).
     resumable: bool = True
+    # Opt-in, off by default (issue 16; the engine applies them, see engine.py):
+    val_every: int = 1                    # validate every N epochs (when the trainer holds slices out)
+    time_budget: Optional[float] = None   # minutes of wall time: stop after the epoch that crosses it
+    ema: Optional[float] = None           # decay of an exponential moving average of the weights
 
     # The script that trains this config: the command that continues an interrupted run names it.
     SCRIPT: ClassVar[str] = "MyTrain_LungInf.py"
@@ -88,14 +92,63 @@ class TrainConfig(RunConfig):
     partial_decoder: bool = True
     reverse_attention: bool = True
     stage: Optional[str] = None           # the STAGES preset the run was made from (stage_config)
+    # Opt-in options for training from scratch on a CPU budget (issue 16); the defaults are the paper's.
+    recipe: str = "paper"                 # the TRAIN_RECIPES preset the options came from
+    val_split: int = 0                    # hold out this many training slices for validation
+    val_seed: int = 2020                  # chooses the held-out slices (not --seed: seeds share one split)
+    val_stems: Optional[List[str]] = None  # the held-out stems, chosen at the start (a resumed run keeps them)
+    augment: bool = False                 # random flips, rotation, scale, brightness/contrast (augment.py)
+    schedule: str = "step"                # lr schedule: step (paper) | cosine
+    warmup_epochs: int = 0                # linear lr warm-up over the first N epochs
+    progressive_size: Optional[int] = None  # train size grows from this to trainsize over the first half
 
     # the fields that are constructor options of a model (the others' constructors take none)
     MODEL_OPTIONS: ClassVar[dict] = {"inf_net": ("backbone",) + INF_NET_COMPONENTS}
+
+    def __post_init__(self):
+        check_train_options(self)
 
     def architecture(self):
         """create_model's arguments for this run's network (recorded in checkpoint.pth; models.load_model)."""
         return {"name": self.model, "in_channels": 3, "num_classes": 1,
                 **{k: getattr(self, k) for k in self.MODEL_OPTIONS.get(self.model, ())}}
+
+
+LR_SCHEDULES = ("step", "cosine")
+
+# Presets of opt-in options (--recipe): {name: {TrainConfig field: value}}; options given explicitly win.
+# `paper` changes nothing. A CPU-budget preset is to be chosen on validation slices (bench/cpu_hour_sweep.py)
+# before it is added here.
+TRAIN_RECIPES = {
+    "paper": {},
+}
+
+
+def check_train_options(cfg):
+    """ValueError naming the option for values no run can use (the CLI's types catch most of them first)."""
+    problems = []
+    if cfg.recipe not in TRAIN_RECIPES:
+        problems.append(f"recipe '{cfg.recipe}': choose one of {', '.join(TRAIN_RECIPES)}")
+    if cfg.schedule not in LR_SCHEDULES:
+        problems.append(f"schedule '{cfg.schedule}': choose one of {', '.join(LR_SCHEDULES)}")
+    if cfg.ema is not None and not 0 < cfg.ema < 1:
+        problems.append(f"ema {cfg.ema}: the decay must lie strictly between 0 and 1 (e.g. 0.999)")
+    if cfg.progressive_size is not None and not 32 <= cfg.progressive_size <= cfg.trainsize:
+        problems.append(f"progressive_size {cfg.progressive_size}: must lie between 32 and trainsize "
+                        f"({cfg.trainsize})")
+    if cfg.val_split < 0 or cfg.warmup_epochs < 0 or cfg.val_every < 1:
+        problems.append("val_split and warmup_epochs must be >= 0, val_every >= 1")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def apply_recipe(cfg, given=()):
+    """Set the options of cfg.recipe's preset on `cfg`, except those in `given` (given explicitly: they win)."""
+    for name, value in TRAIN_RECIPES[cfg.recipe].items():
+        if name not in given:
+            setattr(cfg, name, value)
+    check_train_options(cfg)
+    return cfg
 
 
 DOCTOR_LABEL = "Dataset/TrainingSet/LungInfection-Train/Doctor-label"

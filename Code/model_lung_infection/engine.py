@@ -6,8 +6,17 @@ computes losses and calls `engine.optimize(loss)` (once, or once per scale for m
 Resume is exact: the shuffle depends only on (seed, epoch) and the checkpoint written atomically
 after every epoch holds the model, optimizer, scheduler, grad-scaler and RNG states, and the run's
 config, which `restore_config` gives back to a `--resume` that names only the run.
+
+Opt-in (RunConfig; off by default): `validate` (a trainer's held-out slices) scored every `val_every`
+epochs, logged and written to <run>/val.csv (Dice against minutes); `time_budget` minutes of wall time
+(resumed time included) after which the run ends as at its last epoch; `ema`, an exponential moving
+average of the weights, used for validation and saved as <prefix>-ema-<epoch>.pth beside the snapshots
+(the raw weights stay the training state; both are in checkpoint.pth).
 """
+import copy
+import csv
 import dataclasses
+import io
 import json
 import os
 import shlex
@@ -19,6 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .atomic import atomic_write
 from .checkpoint import atomic_save, load_checkpoint, read_checkpoint, save_release_weights, unwrap
 from .configs import RunConfig
 from .errors import CheckpointError, TrainingInterrupted, UserError
@@ -27,7 +37,8 @@ from .runtime import Distributed, autocast, pick_device, rng_state, set_rng_stat
 # Options that may change between an interrupted run and its resumption: where the run is now, how
 # long it goes (--epoch extends a finished run) and how this process runs (not what it computes).
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epoch", "progress", "num_workers", "max_steps", "device",
-                               "snapshot_root", "train_save"})
+                               "snapshot_root", "train_save", "time_budget", "val_every"})
+VAL_COLUMNS = ("epoch", "minutes", "val_dice", "val_mae", "train_loss", "lr")
 
 
 def check_run_folder(cfg):
@@ -115,6 +126,9 @@ class Engine:
         # classifier, encoders.py) are neither reduced nor waited for.
         self.net = DistributedDataParallel(self.model) if self.ddp.enabled else self.model
         self.optimizer = self.scheduler = None
+        # The averaged weights (--ema): a frozen copy, updated after every optimizer update.
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema else None
+        self.batch_index = 0  # the batch within the epoch (augment.batch_generator's seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
 
     # ---- what a trainer's step uses ----
@@ -137,13 +151,37 @@ class Engine:
             torch.nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema_model is not None:
+            self._update_ema()
+
+    @torch.no_grad()
+    def _update_ema(self):
+        decay = self.cfg.ema
+        for averaged, current in zip(self.ema_model.state_dict().values(), self.model.state_dict().values()):
+            if averaged.is_floating_point():
+                averaged.lerp_(current.to(averaged.dtype), 1 - decay)
+            else:  # BatchNorm's batch counters
+                averaged.copy_(current)
+
+    def eval_model(self):
+        """The weights validation scores: the average under --ema, else the model as trained."""
+        return self.ema_model if self.ema_model is not None else self.model
+
+    def elapsed_minutes(self):
+        """Wall time of the run so far, resumed runs' earlier time included."""
+        return (self.elapsed_before + time.perf_counter() - self.started) / 60
 
     # ---- the loop ----
-    def fit(self, dataset, optimizer, scheduler, step, describe=""):
-        """Run epochs; `step(engine, batch)` returns {name: loss tensor} to log (the first is the total)."""
+    def fit(self, dataset, optimizer, scheduler, step, describe="", validate=None):
+        """Run epochs; `step(engine, batch)` returns {name: loss tensor} to log (the first is the total).
+
+        `validate(model, device, amp)` -> {"dice": ..., ...}: called every cfg.val_every epochs (and at
+        the last) on the main process with `eval_model()`; its figures go to stdout, TensorBoard and val.csv."""
         cfg, ddp = self.cfg, self.ddp
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.optimizer, self.scheduler, self.validate = optimizer, scheduler, validate
+        self.started, self.elapsed_before = time.perf_counter(), 0.0
         start_epoch = self._resume() if cfg.resume else 1
+        self.val_rows = self._val_rows(start_epoch) if validate is not None and ddp.is_main else []
         if cfg.epoch_samples:
             sampler = EpochSliceSampler(len(dataset), cfg.epoch_samples, ddp.world_size, ddp.rank, cfg.seed)
         else:
@@ -153,9 +191,16 @@ class Engine:
         loader = DataLoader(dataset, batch_size=max(1, cfg.batchsize // ddp.world_size), sampler=sampler,
                             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         writer = _tensorboard(cfg) if ddp.is_main else None
+        # a resumed run whose budget is used up trains nothing (checked on every rank: a broadcast)
+        budget_spent = cfg.resume and start_epoch <= cfg.epoch and self._budget_spent()
         if ddp.is_main and start_epoch > cfg.epoch:
             print(f"[train] {cfg.run_dir} has finished epoch {start_epoch - 1}, and --epoch is {cfg.epoch}: "
                   f"nothing to train (give a larger --epoch to extend the run)", flush=True)
+        elif budget_spent:
+            if ddp.is_main:
+                print(f"[train] {cfg.run_dir} has used {self.elapsed_minutes():.1f} of its --time_budget "
+                      f"{cfg.time_budget:g} minutes: nothing to train (give a larger --time_budget to extend "
+                      f"the run)", flush=True)
         elif ddp.is_main:
             budget = f" ({cfg.epoch_samples} per epoch)" if cfg.epoch_samples else ""
             print(f"[train] {len(dataset)} samples{budget}{describe}; device {self.device}"
@@ -164,7 +209,8 @@ class Engine:
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
         self.epoch = start_epoch
         try:
-            self._epochs(loader, sampler, step, writer, start_epoch)
+            if not budget_spent:
+                self._epochs(loader, sampler, step, writer, start_epoch)
         except KeyboardInterrupt as e:
             raise TrainingInterrupted(self._interrupted_message(self.epoch)) from e
         finally:
@@ -182,7 +228,7 @@ class Engine:
             sampler.set_epoch(epoch)
             meter = _Meter()
             bar = _progress(loader, cfg.progress and ddp.is_main, f"epoch {epoch}/{cfg.epoch}")
-            for batch in bar:
+            for self.batch_index, batch in enumerate(bar):
                 terms = step(self, batch)
                 meter.update(terms, len(batch[0]))
                 if bar is not loader:
@@ -190,15 +236,63 @@ class Engine:
                 steps += 1
                 if cfg.max_steps and steps >= cfg.max_steps:
                     break
+            lr = self.optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
             self.scheduler.step()
             ddp.sync_buffers(self.model)
+            if self.ema_model is not None:
+                ddp.sync_buffers(self.ema_model)
             if ddp.is_main:
-                self._end_of_epoch(epoch, meter, writer)
+                self._log_epoch(epoch, meter, writer, lr)
+            if ddp.is_main and self.validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epoch):
+                self._validate(epoch, meter, lr, writer)
+            budget_spent = self._budget_spent()  # validation time counts
+            if ddp.is_main:
+                self._save_epoch(epoch, last=budget_spent)
             if cfg.resumable:
                 self.saved_epoch = epoch
             ddp.barrier()
+            if budget_spent:
+                if ddp.is_main and epoch < cfg.epoch:
+                    print(f"[train] time budget of {cfg.time_budget:g} minutes reached after epoch {epoch} "
+                          f"({self.elapsed_minutes():.2f} minutes): stopping", flush=True)
+                break
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
+
+    def _budget_spent(self):
+        """Whether --time_budget is used up; rank 0 decides for every rank (their clocks differ)."""
+        if self.cfg.time_budget is None:
+            return False
+        spent = torch.tensor([float(self.elapsed_minutes() >= self.cfg.time_budget)])
+        if self.ddp.enabled:
+            import torch.distributed as dist
+            spent = spent.to(self.device)
+            dist.broadcast(spent, src=0)
+        return bool(spent.item())
+
+    def _validate(self, epoch, meter, lr, writer):
+        scores = self.validate(self.eval_model(), self.device, self.amp)
+        minutes = self.elapsed_minutes()
+        loss = next(iter(meter.means().values()), float("nan"))
+        print(f"[val] epoch {epoch:03d} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()) +
+              f"{' (ema)' if self.ema_model is not None else ''} | {minutes:.2f} min", flush=True)
+        if writer:
+            for k, v in scores.items():
+                writer.add_scalar(f"val_{k}", v, epoch)
+            writer.add_scalar("val_minutes", minutes, epoch)
+            writer.flush()
+        self.val_rows.append({"epoch": epoch, "minutes": f"{minutes:.4f}", "val_dice": f"{scores['dice']:.6f}",
+                              "val_mae": f"{scores.get('mae', float('nan')):.6f}", "train_loss": f"{loss:.6f}",
+                              "lr": f"{lr:.6g}"})
+        write_val_csv(self.cfg.run_dir / "val.csv", self.val_rows)
+
+    def _val_rows(self, start_epoch):
+        """The rows of val.csv the run keeps: those of epochs already saved (a resumed run redoes the rest)."""
+        path = self.cfg.run_dir / "val.csv"
+        if not self.cfg.resume or not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
 
     def _interrupted_message(self, epoch):
         cfg = self.cfg
@@ -217,6 +311,13 @@ class Engine:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if self.ema_model is not None:
+            if "ema" in state:
+                load_checkpoint(self.ema_model, state["ema"], name=self.cfg.checkpoint_path)
+            else:
+                warnings.warn(f"{self.cfg.checkpoint_path} holds no averaged weights: --ema starts from the model's")
+                self.ema_model.load_state_dict(unwrap(self.model).state_dict())
         changed = {k: (v, self.cfg.as_dict()[k]) for k, v in state.get("config", {}).items()
                    if k in self.cfg.as_dict() and k not in RESUMABLE_CHANGES and self.cfg.as_dict()[k] != v}
         if changed:
@@ -226,10 +327,9 @@ class Engine:
             print(f"[train] resumed {self.cfg.checkpoint_path} after epoch {state['epoch']}", flush=True)
         return state["epoch"] + 1
 
-    def _end_of_epoch(self, epoch, meter, writer):
+    def _log_epoch(self, epoch, meter, writer, lr):
         cfg = self.cfg
         losses, ips = meter.means(), meter.per_second()
-        lr = self.optimizer.param_groups[0]["lr"]
         print(f"[train] epoch {epoch:03d}/{cfg.epoch} lr {lr:.2e} " +
               " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" | {ips:.2f} samples/s", flush=True)
         if writer:
@@ -238,12 +338,32 @@ class Engine:
             writer.add_scalar("lr", lr, epoch)
             writer.add_scalar("samples_per_second", ips, epoch)
             writer.flush()
-        if epoch % cfg.save_every == 0 or epoch == cfg.epoch:
+
+    def _save_epoch(self, epoch, last=False):
+        """Snapshots every save_every epochs and at the last (`last`: the time budget ends the run here);
+        the resumable checkpoint."""
+        cfg = self.cfg
+        if epoch % cfg.save_every == 0 or epoch == cfg.epoch or last:
             save_release_weights(self.model, cfg.run_dir / f"{cfg.snapshot_prefix}-{epoch}.pth")
+            if self.ema_model is not None:
+                save_release_weights(self.ema_model, cfg.run_dir / f"{cfg.snapshot_prefix}-ema-{epoch}.pth")
         if cfg.resumable:
-            atomic_save({"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                         "epoch": epoch, "rng": rng_state(), "config": cfg.as_dict()}, cfg.checkpoint_path)
+            state = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "epoch": epoch, "rng": rng_state(), "config": cfg.as_dict(),
+                     "elapsed_s": self.elapsed_minutes() * 60}
+            if self.ema_model is not None:
+                state["ema"] = self.ema_model.state_dict()
+            atomic_save(state, cfg.checkpoint_path)
+
+
+def write_val_csv(path, rows):
+    """val.csv (VAL_COLUMNS), rewritten whole and atomically: a crash leaves the previous version."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=VAL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
 
 
 class EpochSliceSampler(torch.utils.data.Sampler):

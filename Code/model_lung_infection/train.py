@@ -4,14 +4,22 @@ Adam; every batch is trained at three scales {0.75, 1, 1.25} (sides rounded to m
 one optimizer update per scale; deep-supervised loss (losses.py); gradient clipping by value;
 learning rate x decay_rate every decay_epoch epochs. The loop itself is engine.Engine.
 
+Opt-in options for training from scratch on a CPU budget (TrainConfig; off by default, the paper's
+recipe unchanged): `val_split` held-out slices scored during training (validation.py), `augment`
+(augment.py), `schedule` cosine and `warmup_epochs` (lr_factor), `progressive_size` (epoch_trainsize),
+`ema` and `time_budget` (engine.py).
+
 Stages (STAGES, `stage_config`): the runs of the paper as presets. `doctor` is Inf-Net on the 50
 doctor-labelled slices; Semi-Inf-Net is `pseudo` (step i: the pseudo-labelled slices) followed by
 `semi` (step ii: step i's weights fine-tuned on the doctor labels).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from .augment import augment_batch, batch_generator
 from .checkpoint import load_checkpoint
 from .configs import (  # noqa: F401 -- the recipe's options, defined with every config
     DOCTOR_LABEL,
@@ -22,11 +30,12 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     TrainConfig,
     stage_config,
 )
-from .data import InfectionTrainSet
+from .data import DataError, InfectionTrainSet
 from .engine import Engine, check_run_folder
 from .losses import segmentation_loss
 from .registry import create_model
 from .runtime import seed_everything
+from .validation import Validator, hold_out
 
 
 def build_model(cfg):
@@ -44,13 +53,29 @@ def rescale_batch(tensors, size):
             F.interpolate(t, size=(size, size), mode="bilinear", align_corners=True) for t in tensors]
 
 
+def epoch_trainsize(cfg, epoch):
+    """The training size of `epoch`: cfg.trainsize, or with --progressive_size, growing linearly from it
+    to trainsize over the first half of the epochs (multiples of 32): small early epochs are cheap, and
+    a network from random weights first learns coarse shapes."""
+    half = max(1, cfg.epoch // 2)
+    if not cfg.progressive_size or epoch > half:
+        return cfg.trainsize
+    size = cfg.progressive_size + (cfg.trainsize - cfg.progressive_size) * (epoch - 1) / half
+    return max(32, int(round(size / 32)) * 32)
+
+
 def multi_scale_step(cfg):
-    """The release's step: for each scale, resize the batch, forward, loss, one update."""
+    """The release's step: for each scale, resize the batch, forward, loss, one update
+    (with --augment, the batch is first augmented; with --progressive_size, scales apply to the epoch's size)."""
     def step(engine, batch):
         images, gts, edges = engine.to_device(*batch)
+        if cfg.augment:
+            generator = batch_generator(cfg.seed, engine.epoch, engine.batch_index, engine.ddp.rank)
+            images, gts, edges = augment_batch(images, gts, edges, generator)
+        base = epoch_trainsize(cfg, engine.epoch)
         logged = None
         for rate in cfg.scales:
-            x, g, e = rescale_batch((images, gts, edges), scaled_size(cfg.trainsize, rate))
+            x, g, e = rescale_batch((images, gts, edges), scaled_size(base, rate))
             with engine.autocast():
                 outputs = engine.net(engine.images(x))
             loss, terms = segmentation_loss(outputs, g, e, cfg.release_bce)
@@ -59,6 +84,44 @@ def multi_scale_step(cfg):
                 logged = {"total": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         return logged
     return step
+
+
+def lr_factor(cfg, k):
+    """The lr multiplier of epoch k + 1 (k epochs done): linear warm-up to 1 over the first warmup_epochs
+    (lr/W, 2lr/W, ..., lr: large first updates from random weights diverge), then the paper's step
+    (decay_rate every decay_epoch epochs) or a cosine from 1 towards 0 over the remaining epochs."""
+    warm = cfg.warmup_epochs
+    if k < warm:
+        return (k + 1) / warm
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, cfg.epoch - warm)))
+    return cfg.decay_rate ** (k // cfg.decay_epoch)
+
+
+def build_scheduler(cfg, optimizer):
+    """The paper's StepLR, unchanged, unless --schedule cosine or --warmup_epochs ask otherwise."""
+    if cfg.schedule == "step" and not cfg.warmup_epochs:
+        # A true step schedule (lr * rate^(epoch // decay_epoch)); the release compounded its decay.
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_epoch, gamma=cfg.decay_rate)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(cfg, k))
+
+
+def split_validation(cfg, dataset):
+    """(training subset, Validator) holding out cfg.val_split slices of `dataset` (an InfectionTrainSet).
+
+    The stems are chosen by cfg.val_seed when the run starts and recorded in cfg.val_stems (and so in
+    checkpoint.pth): a resumed run validates on the same slices."""
+    stems = [sample[0] for sample in dataset.samples]
+    if cfg.val_stems is None:
+        cfg.val_stems = hold_out(stems, cfg.val_split, cfg.val_seed)
+    held = set(cfg.val_stems)
+    missing = sorted(held - set(stems))
+    if missing:
+        raise DataError(f"held-out validation slices {', '.join(missing)} (recorded in the run's config) are not in "
+                        f"{', '.join(map(str, cfg.train_path))}: restore them, or start a new run")
+    rest = [i for i, stem in enumerate(stems) if stem not in held]
+    validator = Validator([s[:3] for s in dataset.samples if s[0] in held], cfg.trainsize)
+    return torch.utils.data.Subset(dataset, rest), validator
 
 
 def train(cfg: TrainConfig, model=None, dataset=None):
@@ -70,13 +133,26 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights
     if dataset is None:
         dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
+    validate = None
+    if cfg.val_split:
+        dataset, validate = split_validation(cfg, dataset)
     if model is None:
         model = build_model(cfg)
     if cfg.init and not cfg.resume:  # a resumed run takes its weights from checkpoint.pth
         load_checkpoint(model, cfg.init)
     engine = Engine(cfg, model)
     optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
-    # A true step schedule (lr * rate^(epoch // decay_epoch)); the release compounded its decay.
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_epoch, gamma=cfg.decay_rate)
-    return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg),
-                      describe=f" from {', '.join(map(str, cfg.train_path))}; scales {cfg.scales}")
+    scheduler = build_scheduler(cfg, optimizer)
+    held = f"; {len(validate)} held out for validation" if validate is not None else ""
+    return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg), validate=validate,
+                      describe=f" from {', '.join(map(str, cfg.train_path))}{held}; scales {cfg.scales}"
+                               f"{opt_in_summary(cfg)}")
+
+
+def opt_in_summary(cfg):
+    """'; augment, ema 0.999, ...': the opt-in options a run uses, for its first log line."""
+    used = {"recipe": cfg.recipe if cfg.recipe != "paper" else None, "augment": cfg.augment or None,
+            "schedule": cfg.schedule if cfg.schedule != "step" else None, "warmup_epochs": cfg.warmup_epochs or None,
+            "progressive_size": cfg.progressive_size, "ema": cfg.ema, "time_budget": cfg.time_budget}
+    shown = [k if v is True else f"{k} {v}" for k, v in used.items() if v is not None]
+    return f"; {', '.join(shown)}" if shown else ""

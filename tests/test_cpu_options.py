@@ -1,0 +1,352 @@
+"""The opt-in options for training from random weights on a CPU budget (issue 16), each observed being
+applied through the real trainer: held-out validation slices and val.csv, the time budget, augmentation,
+the cosine / warm-up schedule, EMA, progressive size, the --recipe registry; that the paper recipe stays
+the default; that a resumed run with all of them on equals an uninterrupted one; the sweep's table.
+Synthetic slices (no shared data needed), 64-128 px, a light encoder."""
+import copy
+import csv
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import MyTrain_LungInf as script
+from Code.model_lung_infection import Inf_Net
+from Code.model_lung_infection import configs as configs_module
+from Code.model_lung_infection.augment import augment_batch, batch_generator
+from Code.model_lung_infection.configs import TrainConfig
+from Code.model_lung_infection.data import IMAGENET_MEAN, IMAGENET_STD, InfectionTrainSet
+from Code.model_lung_infection.train import build_scheduler, train
+from Code.model_lung_infection.validation import Validator, dice, hold_out
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = "timm:resnet18"
+
+
+def _slices(root, n=6, size=96):
+    rng = np.random.default_rng(0)
+    (root / "Imgs").mkdir(parents=True)
+    (root / "GT").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cy, cx, r = rng.integers(30, 66), rng.integers(30, 66), rng.integers(10, 25)
+        mask = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r).astype(np.uint8) * 255
+        image = np.clip(rng.normal(90, 30, (size, size)) + mask * 0.4, 0, 255).astype(np.uint8)
+        Image.fromarray(image).convert("RGB").save(root / "Imgs" / f"s{i}.jpg")
+        Image.fromarray(mask).save(root / "GT" / f"s{i}.png")
+    return root
+
+
+def _cfg(tmp_path, **kw):
+    data = tmp_path / "data"
+    if not data.exists():
+        _slices(data)
+    base = dict(train_path=[str(data)], snapshot_root=str(tmp_path / "snap"), train_save="run", backbone=SMALL,
+                device="cpu", epoch=1, batchsize=2, trainsize=64, save_every=100, progress=False, seed=3,
+                scales=(1.0,))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _forward_sizes(model, record):
+    model.register_forward_pre_hook(lambda mod, args: record.append(args[0].detach().clone()))
+    return model
+
+
+def _val_rows(cfg):
+    with open(cfg.run_dir / "val.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- the paper recipe stays the default
+
+def test_defaults_are_the_paper_recipe():
+    cfg = script.config_from_args(script.parse_args([]))
+    assert (cfg.recipe, cfg.augment, cfg.schedule, cfg.warmup_epochs, cfg.ema, cfg.progressive_size,
+            cfg.val_split, cfg.time_budget) == ("paper", False, "step", 0, None, None, 0, None)
+    assert cfg == TrainConfig(stage="doctor")
+    assert configs_module.TRAIN_RECIPES["paper"] == {}
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], 1e-4)
+    assert type(build_scheduler(cfg, optimizer)) is torch.optim.lr_scheduler.StepLR
+
+
+def test_default_step_sees_the_data_unaugmented_at_trainsize(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=1)
+    seen = []
+    torch.manual_seed(0)
+    train(cfg, model=_forward_sizes(Inf_Net(backbone=SMALL), seen))
+    data = InfectionTrainSet(cfg.train_path, 64)
+    order_sampler = torch.utils.data.DistributedSampler(data, 1, 0, shuffle=True, seed=cfg.seed)
+    order_sampler.set_epoch(1)
+    order = list(order_sampler)[:2]
+    expected = torch.stack([data[i][0] for i in order])
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- validation hold-out
+
+def test_val_split_holds_slices_out_scores_them_and_writes_val_csv(tmp_path, monkeypatch, capsys):
+    trained = []
+    real_read = InfectionTrainSet.read
+    monkeypatch.setattr(InfectionTrainSet, "read",
+                        lambda self, i: trained.append(self.samples[i][0]) or real_read(self, i))
+    cfg = _cfg(tmp_path, epoch=2, val_split=2, val_every=1)
+    train(cfg)
+    held = hold_out([f"s{i}" for i in range(6)], 2, cfg.val_seed)
+    assert cfg.val_stems == held and len(held) == 2
+    assert set(trained) == {f"s{i}" for i in range(6)} - set(held)  # the held-out slices are never trained on
+    rows = _val_rows(cfg)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == ["epoch", "minutes", "val_dice", "val_mae", "train_loss", "lr"]
+    assert all(0 <= float(r["val_dice"]) <= 1 and float(r["minutes"]) > 0 for r in rows)
+    assert float(rows[1]["minutes"]) > float(rows[0]["minutes"])
+    assert "[val] epoch 002 dice" in capsys.readouterr().out
+    saved = torch.load(cfg.checkpoint_path, weights_only=False)["config"]
+    assert saved["val_stems"] == held
+
+    # a resumed run keeps the split (from its checkpoint) and its earlier val.csv rows
+    resumed = script.config_from_args(script.parse_args(
+        ["--resume", "--train_save", "run", "--snapshot_root", cfg.snapshot_root, "--epoch", "3"]))
+    assert resumed.val_stems == held and resumed.val_split == 2
+    train(resumed)
+    assert [int(r["epoch"]) for r in _val_rows(cfg)] == [1, 2, 3]
+
+
+def test_validator_scores_as_the_test_stage_thresholds_at_one_half(tmp_path):
+    data = _slices(tmp_path / "d", n=2)
+    samples = [(s, data / "Imgs" / f"{s}.jpg", data / "GT" / f"{s}.png") for s in ("s0", "s1")]
+
+    class Everywhere(torch.nn.Module):  # predicts infection everywhere, at probability sigmoid(2)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.full((x.shape[0], 1, 8, 8), 2.0) + self.w
+
+    scores = Validator(samples, testsize=64)(Everywhere(), torch.device("cpu"))
+    gts = [np.array(Image.open(g)) > 128 for _, _, g in samples]
+    assert scores["dice"] == pytest.approx(np.mean([2 * g.sum() / (g.size + g.sum()) for g in gts]))
+    p = 1 / (1 + math.exp(-2))
+    assert scores["mae"] == pytest.approx(np.mean([np.abs(p - g).mean() for g in gts]), rel=1e-5)
+    assert dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 0.0  # the evaluation tool's rule
+
+
+# ---------------------------------------------------------------- time budget
+
+def test_time_budget_stops_after_the_epoch_that_crosses_it_and_saves(tmp_path, capsys):
+    cfg = _cfg(tmp_path, epoch=5, time_budget=1e-6)
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "time budget of 1e-06 minutes reached after epoch 1" in out
+    assert (cfg.run_dir / "Inf-Net-1.pth").exists()  # saved as at a normal end (save_every is 100)
+    state = torch.load(cfg.checkpoint_path, weights_only=False)
+    assert state["epoch"] == 1 and state["elapsed_s"] > 0
+    # resumed time counts: the budget is spent, nothing more is trained
+    train(_cfg(tmp_path, epoch=5, time_budget=1e-6, resume=True))
+    assert "nothing to train" in capsys.readouterr().out
+    assert torch.load(cfg.checkpoint_path, weights_only=False)["epoch"] == 1
+
+
+# ---------------------------------------------------------------- augmentation
+
+def test_augment_transforms_image_gt_and_edge_alike_and_is_seeded():
+    yy, xx = np.mgrid[:64, :64]
+    gt = torch.from_numpy(((yy - 20) ** 2 + (xx - 40) ** 2 < 150).astype(np.float32))[None, None].repeat(4, 1, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    image = (gt.repeat(1, 3, 1, 1) * 0.8 + 0.1 - mean) / std
+    out_image, out_gt, out_edge = augment_batch(image, gt, gt.clone(), batch_generator(3, 1, 0))
+    torch.testing.assert_close(out_gt, out_edge)  # one geometric transform for GT and edge
+    assert not torch.equal(out_gt, gt)  # it did transform
+    raw = out_image * std + mean
+    agree = ((raw[:, 0:1] > 0.45) == (out_gt > 0.5)).float().mean()
+    assert agree > 0.98  # ... and the image moved with them
+    again = augment_batch(image, gt, gt.clone(), batch_generator(3, 1, 0))
+    assert all(torch.equal(a, b) for a, b in zip(again, (out_image, out_gt, out_edge)))
+    other = augment_batch(image, gt, gt.clone(), batch_generator(3, 2, 0))
+    assert not torch.equal(other[1], out_gt)  # another epoch, other draws
+
+
+def test_augment_reaches_the_network(tmp_path):
+    inputs = {}
+    for augment in (False, True):
+        seen = []
+        torch.manual_seed(0)
+        train(_cfg(tmp_path, augment=augment, max_steps=1, train_save=f"a{augment}"),
+              model=_forward_sizes(Inf_Net(backbone=SMALL), seen))
+        inputs[augment] = seen[0]
+    assert inputs[True].shape == inputs[False].shape
+    assert not torch.allclose(inputs[True], inputs[False], atol=1e-3)
+
+
+# ---------------------------------------------------------------- schedule and warm-up
+
+@pytest.mark.parametrize("schedule,warmup,expected", [
+    ("cosine", 2, [0.5, 1.0, 1.0, 0.5]),
+    ("step", 2, [0.5, 1.0, 0.1, 0.1]),  # warm-up then the paper's step (decay_epoch 2)
+    ("cosine", 0, [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
+])
+def test_schedule_and_warmup_set_the_lr_of_every_update(tmp_path, schedule, warmup, expected):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    lrs = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        train(_cfg(tmp_path, epoch=4, lr=1e-3, decay_epoch=2, batchsize=1, epoch_samples=1, schedule=schedule,
+                   warmup_epochs=warmup, train_save=f"{schedule}{warmup}"))
+    finally:
+        handle.remove()
+    assert lrs == pytest.approx([1e-3 * f for f in expected], rel=1e-9)
+
+
+# ---------------------------------------------------------------- EMA
+
+def test_ema_averages_every_update_is_validated_and_saved_beside_the_snapshots(tmp_path, monkeypatch):
+    validated = []
+    real_call = Validator.__call__
+    monkeypatch.setattr(Validator, "__call__", lambda self, model, *a: validated.append(
+        copy.deepcopy(model.state_dict())) or real_call(self, model, *a))
+    torch.manual_seed(0)
+    model = Inf_Net(backbone=SMALL)
+    initial = copy.deepcopy(model.state_dict())
+    cfg = _cfg(tmp_path, ema=0.25, batchsize=4, epoch_samples=4, val_split=2)  # one update
+    final = train(cfg, model=model).state_dict()
+    ema = torch.load(cfg.run_dir / "Inf-Net-ema-1.pth", weights_only=True)
+    raw = torch.load(cfg.run_dir / "Inf-Net-1.pth", weights_only=True)
+    for k, v in final.items():
+        torch.testing.assert_close(raw[k], v, rtol=0, atol=0)  # the raw weights are the training state
+        want = 0.25 * initial[k] + 0.75 * v if v.is_floating_point() else v
+        torch.testing.assert_close(ema[k], want, msg=k)
+        torch.testing.assert_close(validated[0][k], ema[k], rtol=0, atol=0)  # validation scores the average
+    assert "ema" in torch.load(cfg.checkpoint_path, weights_only=False)
+
+
+# ---------------------------------------------------------------- progressive size
+
+def test_progressive_size_grows_to_trainsize_over_the_first_half(tmp_path):
+    seen = []
+    torch.manual_seed(0)
+    train(_cfg(tmp_path, epoch=4, trainsize=128, progressive_size=64, batchsize=1, epoch_samples=1,
+               scales=(0.75, 1.0)), model=_forward_sizes(Inf_Net(backbone=SMALL), seen))
+    sides = [x.shape[-1] for x in seen]
+    # epoch 1: 64, epoch 2: 96 (half way), epochs 3-4: 128; each at scales 0.75 and 1 (multiples of 32)
+    assert sides == [64, 64, 64, 96, 96, 128, 96, 128]
+
+
+# ---------------------------------------------------------------- resume exactness with everything on
+
+def test_resume_is_exact_with_every_option_on(tmp_path):
+    opts = dict(augment=True, schedule="cosine", warmup_epochs=1, ema=0.9, progressive_size=32, val_split=2,
+                epoch_samples=2)
+    full = train(_cfg(tmp_path, train_save="full", epoch=2, **opts))
+    train(_cfg(tmp_path, train_save="split", epoch=1, **opts))
+    resumed = train(_cfg(tmp_path, train_save="split", epoch=2, resume=True, **opts))
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    run = tmp_path / "snap/save_weights"
+    ema_full = torch.load(run / "full/Inf-Net-ema-2.pth", weights_only=True)
+    ema_resumed = torch.load(run / "split/Inf-Net-ema-2.pth", weights_only=True)
+    assert all(torch.equal(ema_full[k], ema_resumed[k]) for k in ema_full)
+    dices = [[r["val_dice"] for r in _val_rows(_cfg(tmp_path, train_save=n))] for n in ("full", "split")]
+    assert dices[0] == dices[1]
+
+
+def test_ctrl_c_and_resume_by_run_name_is_exact_with_augment_and_ema(tmp_path, monkeypatch):
+    """test_resume.py's exactness check (Ctrl-C mid-epoch, resume naming only the run) with the options on."""
+    import Code.model_lung_infection.train as train_module
+    from Code.model_lung_infection.cli import run_main
+    data, snap = _slices(tmp_path / "d"), tmp_path / "snap"
+    options = ["--train_path", str(data), "--trainsize", "64", "--batchsize", "2", "--epoch", "2", "--seed", "7",
+               "--backbone", SMALL, "--snapshot_root", str(snap), "--save_every", "1", "--no-progress",
+               "--no-multi_scale", "--augment", "--ema", "0.9", "--val_split", "2", "--time_budget", "60"]
+    script.main(options + ["--train_save", "full"])
+    real, calls = train_module.multi_scale_step, []
+
+    def interrupted_step(cfg):
+        step = real(cfg)
+
+        def run(engine, batch):
+            calls.append(1)
+            if len(calls) > 3:  # 4 training slices in batches of 2: in epoch 2's second batch
+                raise KeyboardInterrupt
+            return step(engine, batch)
+        return run
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "multi_scale_step", interrupted_step)
+        with pytest.raises(SystemExit):
+            run_main(script.main, options + ["--train_save", "split"])
+    script.main(["--resume", "--train_save", "split", "--snapshot_root", str(snap)])
+    for name in ("Inf-Net-2.pth", "Inf-Net-ema-2.pth"):
+        full = torch.load(snap / "save_weights/full" / name, weights_only=True)
+        resumed = torch.load(snap / "save_weights/split" / name, weights_only=True)
+        assert all(torch.equal(full[k], resumed[k]) for k in full), name
+
+
+# ---------------------------------------------------------------- CLI and recipes
+
+def test_options_reach_the_config_and_checkpoint_config():
+    cfg = script.config_from_args(script.parse_args(
+        ["--val_split", "5", "--val_every", "2", "--time_budget", "60", "--augment", "--schedule", "cosine",
+         "--warmup_epochs", "3", "--ema", "0.999", "--progressive_size", "224", "--val_seed", "4"]))
+    assert (cfg.val_split, cfg.val_every, cfg.time_budget, cfg.augment, cfg.schedule, cfg.warmup_epochs, cfg.ema,
+            cfg.progressive_size, cfg.val_seed) == (5, 2, 60.0, True, "cosine", 3, 0.999, 224, 4)
+    saved = cfg.as_dict()
+    assert (saved["augment"], saved["ema"], saved["schedule"]) == (True, 0.999, "cosine")
+
+
+@pytest.mark.parametrize("bad", [["--ema", "1"], ["--ema", "0"], ["--schedule", "linear"], ["--recipe", "nope"],
+                                 ["--val_split", "-1"], ["--time_budget", "0"]])
+def test_bad_values_are_one_line_errors(bad, capsys):
+    with pytest.raises(SystemExit) as stop:
+        script.parse_args(bad)
+    assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_recipe_presets_apply_and_explicit_options_win(monkeypatch):
+    monkeypatch.setitem(configs_module.TRAIN_RECIPES, "test", {"augment": True, "ema": 0.99, "warmup_epochs": 2})
+    monkeypatch.setattr(script, "TRAIN_RECIPES", configs_module.TRAIN_RECIPES)
+    cfg = script.config_from_args(script.parse_args(["--recipe", "test", "--no-augment"]))
+    assert (cfg.recipe, cfg.augment, cfg.ema, cfg.warmup_epochs) == ("test", False, 0.99, 2)
+    with pytest.raises(ValueError, match="progressive_size"):
+        TrainConfig(progressive_size=16)
+
+
+# ---------------------------------------------------------------- the sweep's table
+
+def _sweep():
+    spec = importlib.util.spec_from_file_location("cpu_hour_sweep", os.path.join(ROOT, "bench", "cpu_hour_sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_table_reads_final_dice_and_dice_against_minutes(tmp_path):
+    sweep = _sweep()
+
+    def fake(name, rows):
+        path = tmp_path / name / "val.csv"
+        path.parent.mkdir()
+        path.write_text("epoch,minutes,val_dice,val_mae,train_loss,lr\n" +
+                        "".join(f"{e},{m},{d},0.1,1.0,1e-4\n" for e, m, d in rows))
+        return path
+
+    runs = {"paper": {1: fake("p1", [(1, 3, 0.2), (2, 6, 0.4), (3, 10.5, 0.5)]), 2: fake("p2", [(1, 4, 0.3)])},
+            "augment": {1: fake("a1", [(1, 2, 0.5), (2, 9, 0.7)]), 2: tmp_path / "missing.csv"}}
+    table = sweep.make_table(runs, budget=10)
+    lines = table.splitlines()
+    assert lines[0] == ("| option | seed 1 | seed 2 | mean | vs paper | @2.5 min | @5 min | @7.5 min | @10 min "
+                        "| epochs |")
+    assert lines[2] == "| paper | 0.5000 | 0.3000 | 0.4000 | +0.0000 | – | 0.2500 | 0.3500 | 0.3500 | 3 |"
+    assert lines[3] == "| augment | 0.7000 | – | 0.7000 | +0.3000 | 0.5000 | 0.5000 | 0.5000 | 0.7000 | 2 |"
+
+
+def test_sweep_commands_run_each_option_alone_with_validation_and_budget(capsys):
+    sweep = _sweep()
+    sweep.main(["--budget", "0.2", "--trainsize", "64", "--options", "paper", "ema", "--seeds", "1", "--dry_run"])
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 2
+    assert all("--val_split 5 --val_every 1 --time_budget 0.2" in c for c in commands)
+    assert "--ema" not in commands[0] and commands[1].endswith("--ema 0.99")
