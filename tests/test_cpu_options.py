@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from slices import write_synthetic_slices
 
 import MyTrain_LungInf as script
 from Code.model_lung_infection import Inf_Net
@@ -28,17 +29,7 @@ SMALL = "timm:resnet18"
 
 
 def _slices(root, n=6, size=96):
-    rng = np.random.default_rng(0)
-    (root / "Imgs").mkdir(parents=True)
-    (root / "GT").mkdir()
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        cy, cx, r = rng.integers(30, 66), rng.integers(30, 66), rng.integers(10, 25)
-        mask = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r).astype(np.uint8) * 255
-        image = np.clip(rng.normal(90, 30, (size, size)) + mask * 0.4, 0, 255).astype(np.uint8)
-        Image.fromarray(image).convert("RGB").save(root / "Imgs" / f"s{i}.jpg")
-        Image.fromarray(mask).save(root / "GT" / f"s{i}.png")
-    return root
+    return write_synthetic_slices(root, n, size, prefix="s")
 
 
 def _cfg(tmp_path, **kw):

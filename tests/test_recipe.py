@@ -11,11 +11,10 @@ No shared data is needed.
 """
 import contextlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from slices import write_synthetic_slices
 
 import Code.model_lung_infection.train as train_module
 from Code.model_lung_infection import Inf_Net
@@ -25,18 +24,7 @@ SMALL = "timm:resnet18"  # a light encoder with Inf-Net's four taps
 
 
 def _synthetic_slices(root, n=4, size=96):
-    """n CT-like slices (Imgs/*.jpg) with blob masks (GT/*.png); edges are derived from the masks."""
-    rng = np.random.default_rng(0)
-    (root / "Imgs").mkdir(parents=True)
-    (root / "GT").mkdir()
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        cy, cx, r = rng.integers(30, 66), rng.integers(30, 66), rng.integers(10, 25)
-        mask = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r).astype(np.uint8) * 255
-        image = np.clip(rng.normal(90, 30, (size, size)) + mask * 0.4, 0, 255).astype(np.uint8)
-        Image.fromarray(image).convert("RGB").save(root / "Imgs" / f"{i}.jpg")
-        Image.fromarray(mask).save(root / "GT" / f"{i}.png")
-    return root
+    return write_synthetic_slices(root, n, size)
 
 
 def _cfg(tmp_path, **kw):
