@@ -128,6 +128,7 @@ class Engine:
         self.optimizer = self.scheduler = None
         # The averaged weights (--ema): a frozen copy, updated after every optimizer update.
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema else None
+        self._ema_pairs = None
         self.batch_index = 0  # the batch within the epoch (augment.batch_generator's seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
 
@@ -156,12 +157,15 @@ class Engine:
 
     @torch.no_grad()
     def _update_ema(self):
-        decay = self.cfg.ema
-        for averaged, current in zip(self.ema_model.state_dict().values(), self.model.state_dict().values()):
-            if averaged.is_floating_point():
-                averaged.lerp_(current.to(averaged.dtype), 1 - decay)
-            else:  # BatchNorm's batch counters
-                averaged.copy_(current)
+        if self._ema_pairs is None:  # state-dict tensors share storage with the modules: pair them once
+            pairs = list(zip(self.ema_model.state_dict().values(), self.model.state_dict().values()))
+            floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+            self._ema_pairs = ([a for a, _ in floats], [c for _, c in floats],
+                               [(a, c) for a, c in pairs if not a.is_floating_point()])
+        averaged, current, counters = self._ema_pairs
+        torch._foreach_lerp_(averaged, current, 1 - self.cfg.ema)  # one fused update of every weight
+        for a, c in counters:  # BatchNorm's batch counters
+            a.copy_(c)
 
     def eval_model(self):
         """The weights validation scores: the average under --ema, else the model as trained."""
