@@ -227,11 +227,46 @@ def test_progressive_size_grows_to_trainsize_over_the_first_half(tmp_path):
     assert sides == [64, 64, 64, 96, 96, 128, 96, 128]
 
 
+# ---------------------------------------------------------------- pre-training on extra slices
+
+def test_pretrain_epochs_train_on_pretrain_path_then_on_train_path(tmp_path, monkeypatch):
+    pre = write_synthetic_slices(tmp_path / "pre", 6, 96, prefix="p")
+    seen = []
+    real_item = InfectionTrainSet.__getitem__
+    monkeypatch.setattr(InfectionTrainSet, "__getitem__",
+                        lambda self, i: seen.append(self.samples[i][0]) or real_item(self, i))
+    cfg = _cfg(tmp_path, epoch=4, val_split=2, pretrain_path=str(pre), pretrain_epochs=2)
+    train(cfg)
+    train_stems = {f"s{i}" for i in range(6)} - set(cfg.val_stems)
+    epochs = [seen[k:k + 4] for k in range(0, len(seen), 4)]  # 4 training slices: 4 per epoch, every epoch
+    assert len(epochs) == 4
+    # epochs 1-2: pretraining slices only, continuing through the set (no repeat before all 6 are seen)
+    assert all(s.startswith("p") for s in epochs[0] + epochs[1])
+    assert len(set(epochs[0] + epochs[1][:2])) == 6
+    # epochs 3-4: each training slice once per epoch, never a held-out one
+    assert set(epochs[2]) == set(epochs[3]) == train_stems
+    saved = torch.load(cfg.checkpoint_path, weights_only=False)["config"]
+    assert (saved["pretrain_path"], saved["pretrain_epochs"]) == ([str(pre)], 2)
+
+
+def test_pretraining_on_the_held_out_slices_is_refused(tmp_path):
+    from Code.model_lung_infection.data import DataError
+    cfg = _cfg(tmp_path, epoch=2, val_split=2, pretrain_path=str(tmp_path / "data"), pretrain_epochs=1)
+    with pytest.raises(DataError, match="held-out validation slices .* also in --pretrain_path"):
+        train(cfg)
+    with pytest.raises(ValueError, match="--pretrain_path"):
+        TrainConfig(pretrain_epochs=2)
+    with pytest.raises(ValueError, match="more than --epoch"):
+        TrainConfig(pretrain_path="x", pretrain_epochs=101)
+
+
 # ---------------------------------------------------------------- resume exactness with everything on
 
 def test_resume_is_exact_with_every_option_on(tmp_path):
+    # epoch 1 pretrains, epoch 2 trains: the resume crosses the switch
+    pre = write_synthetic_slices(tmp_path / "pre", 4, 96, prefix="p")
     opts = dict(augment=True, schedule="cosine", warmup_epochs=1, ema=0.9, progressive_size=32, val_split=2,
-                epoch_samples=2)
+                epoch_samples=2, pretrain_path=str(pre), pretrain_epochs=1)
     full = train(_cfg(tmp_path, train_save="full", epoch=2, **opts))
     train(_cfg(tmp_path, train_save="split", epoch=1, **opts))
     resumed = train(_cfg(tmp_path, train_save="split", epoch=2, resume=True, **opts))
@@ -307,15 +342,15 @@ def test_recipe_presets_apply_and_explicit_options_win(monkeypatch):
 
 # ---------------------------------------------------------------- the sweep's table
 
-def _sweep():
-    spec = importlib.util.spec_from_file_location("cpu_hour_sweep", os.path.join(ROOT, "bench", "cpu_hour_sweep.py"))
+def _bench(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_sweep_table_reads_final_dice_and_dice_against_minutes(tmp_path):
-    sweep = _sweep()
+    sweep = _bench("cpu_hour_sweep")
 
     def fake(name, rows):
         path = tmp_path / name / "val.csv"
@@ -335,9 +370,26 @@ def test_sweep_table_reads_final_dice_and_dice_against_minutes(tmp_path):
 
 
 def test_sweep_commands_run_each_option_alone_with_validation_and_budget(capsys):
-    sweep = _sweep()
+    sweep = _bench("cpu_hour_sweep")
     sweep.main(["--budget", "0.2", "--trainsize", "64", "--options", "paper", "ema", "--seeds", "1", "--dry_run"])
     commands = capsys.readouterr().out.strip().splitlines()
     assert len(commands) == 2
     assert all("--val_split 5 --val_every 1 --time_budget 0.2" in c for c in commands)
     assert "--ema" not in commands[0] and commands[1].endswith("--ema 0.99")
+
+
+def test_test_curve_scores_release_snapshots_at_the_minutes_of_val_csv(tmp_path):
+    curve = _bench("test_curve")
+    for name in ("Inf-Net-10.pth", "Inf-Net-20.pth", "Inf-Net-25.pth", "Inf-Net-ema-20.pth", "checkpoint.pth"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "val.csv").write_text("epoch,minutes,val_dice,val_mae,train_loss,lr\n10,6.5,0.5,0.1,1,1e-4\n"
+                                      "20,13.25,0.6,0.1,1,1e-4\n")
+    snaps = curve.snapshots(tmp_path)
+    assert list(snaps) == [10, 20, 25] and snaps[20].name == "Inf-Net-20.pth"  # not the EMA copy
+    assert curve.chosen(snaps, ["20", "last"]) == [20, 25] and curve.chosen(snaps, None) == [10, 20, 25]
+    with pytest.raises(SystemExit, match=r"epoch\(s\) \[30\]"):
+        curve.chosen(snaps, ["30"])
+    minutes = curve.minutes_by_epoch(tmp_path)
+    scores = {k: 0.5 for k, _ in curve.FIGURES}
+    lines = curve.table([("run", 20, minutes[20], scores), ("run", 25, minutes.get(25), scores)]).splitlines()
+    assert lines[2].startswith("| run | 20 | 13.2 | 0.5000") and lines[3].startswith("| run | 25 | - |")

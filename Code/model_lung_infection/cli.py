@@ -215,6 +215,14 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
     g.add_argument("--progressive_size", type=positive_int, default=defaults.progressive_size, metavar="START",
                    help="train at START px first, growing linearly to --trainsize over the first half of the epochs "
                         "(multiples of 32): early epochs are cheaper and coarse shapes come first")
+    g.add_argument("--pretrain_path", nargs="+", default=defaults.pretrain_path, metavar="DIR",
+                   help="folder(s) of extra labelled slices (Imgs/, GT/, Edge/), e.g. the release's 1600 pseudo "
+                        "labels (Dataset/TrainingSet/LungInfection-Train/Pseudo-label) that the first "
+                        "--pretrain_epochs train on before --train_path: Semi-Inf-Net's pre-training and "
+                        "fine-tuning in one run and one --time_budget")
+    g.add_argument("--pretrain_epochs", type=nonnegative_int, default=defaults.pretrain_epochs, metavar="N",
+                   help="epochs 1..N train on --pretrain_path, each on as many slices as a --train_path epoch "
+                        "has (continuing through the set: every epoch costs the same); the rest on --train_path")
     return g
 
 

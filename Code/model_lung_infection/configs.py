@@ -101,11 +101,15 @@ class TrainConfig(RunConfig):
     schedule: str = "step"                # lr schedule: step (paper) | cosine
     warmup_epochs: int = 0                # linear lr warm-up over the first N epochs
     progressive_size: Optional[int] = None  # train size grows from this to trainsize over the first half
+    pretrain_path: Optional[List[str]] = None  # slices the first pretrain_epochs train on (e.g. pseudo labels)
+    pretrain_epochs: int = 0              # Semi-Inf-Net's two steps in one run: pretrain_path, then train_path
 
     # the fields that are constructor options of a model (the others' constructors take none)
     MODEL_OPTIONS: ClassVar[dict] = {"inf_net": ("backbone",) + INF_NET_COMPONENTS}
 
     def __post_init__(self):
+        if isinstance(self.pretrain_path, (str, Path)):
+            self.pretrain_path = [str(self.pretrain_path)]
         check_train_options(self)
 
     def architecture(self):
@@ -136,8 +140,13 @@ def check_train_options(cfg):
     if cfg.progressive_size is not None and not 32 <= cfg.progressive_size <= cfg.trainsize:
         problems.append(f"progressive_size {cfg.progressive_size}: must lie between 32 and trainsize "
                         f"({cfg.trainsize})")
-    if cfg.val_split < 0 or cfg.warmup_epochs < 0 or cfg.val_every < 1:
-        problems.append("val_split and warmup_epochs must be >= 0, val_every >= 1")
+    if cfg.pretrain_epochs and not cfg.pretrain_path:
+        problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: give the slices to pretrain on (--pretrain_path)")
+    if cfg.pretrain_epochs > cfg.epoch:
+        problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: more than --epoch ({cfg.epoch}); leave epochs "
+                        f"for --train_path")
+    if cfg.val_split < 0 or cfg.warmup_epochs < 0 or cfg.pretrain_epochs < 0 or cfg.val_every < 1:
+        problems.append("val_split, warmup_epochs and pretrain_epochs must be >= 0, val_every >= 1")
     if problems:
         raise ValueError("; ".join(problems))
 

@@ -176,8 +176,11 @@ class Engine:
         return (self.elapsed_before + time.perf_counter() - self.started) / 60
 
     # ---- the loop ----
-    def fit(self, dataset, optimizer, scheduler, step, describe="", validate=None):
+    def fit(self, dataset, optimizer, scheduler, step, describe="", validate=None, sampler=None):
         """Run epochs; `step(engine, batch)` returns {name: loss tensor} to log (the first is the total).
+
+        `sampler` (with `set_epoch`, sharded over the DDP ranks) chooses each epoch's samples; by default
+        every sample once per epoch, or cfg.epoch_samples of them (EpochSliceSampler).
 
         `validate(model, device, amp)` -> {"dice": ..., ...}: called every cfg.val_every epochs (and at
         the last) on the main process with `eval_model()`; its figures go to stdout, TensorBoard and val.csv."""
@@ -186,9 +189,9 @@ class Engine:
         self.started, self.elapsed_before = time.perf_counter(), 0.0
         start_epoch = self._resume() if cfg.resume else 1
         self.val_rows = self._val_rows(start_epoch) if validate is not None and ddp.is_main else []
-        if cfg.epoch_samples:
+        if sampler is None and cfg.epoch_samples:
             sampler = EpochSliceSampler(len(dataset), cfg.epoch_samples, ddp.world_size, ddp.rank, cfg.seed)
-        else:
+        elif sampler is None:
             sampler = DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
                                          seed=cfg.seed)
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if self.device.type == "cuda" else 0)
@@ -401,6 +404,37 @@ class EpochSliceSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return -(-self.samples // self.world_size)  # per rank, the same on every rank
+
+
+class PretrainSampler(torch.utils.data.Sampler):
+    """Over ConcatDataset([train set, pretrain set]): epochs 1..pretrain_epochs visit `samples` slices of
+    the pretrain set (continuing through seeded shuffles of it, as EpochSliceSampler), later epochs the
+    train set. Every epoch has the same length, so epochs cost the same and the lr schedule, --time_budget
+    and --resume count them as usual."""
+
+    def __init__(self, train_size, pretrain_size, pretrain_epochs, samples, world_size=1, rank=0, seed=0):
+        self.pretrain_epochs, self.offset = pretrain_epochs, train_size
+        self.train = EpochSliceSampler(train_size, samples, world_size, rank, seed)
+        self.pretrain = EpochSliceSampler(pretrain_size, samples, world_size, rank, seed)
+        self.epoch = 1
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        if epoch <= self.pretrain_epochs:
+            self.pretrain.set_epoch(epoch)
+        else:
+            self.train.set_epoch(epoch - self.pretrain_epochs)
+
+    def pretraining(self):
+        return self.epoch <= self.pretrain_epochs
+
+    def __iter__(self):
+        if self.pretraining():
+            return (self.offset + i for i in self.pretrain)
+        return iter(self.train)
+
+    def __len__(self):
+        return len(self.train)
 
 
 class _Meter:

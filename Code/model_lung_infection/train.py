@@ -31,10 +31,10 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     stage_config,
 )
 from .data import DataError, InfectionTrainSet
-from .engine import Engine, check_run_folder
+from .engine import Engine, PretrainSampler, check_run_folder
 from .losses import segmentation_loss
 from .registry import create_model
-from .runtime import seed_everything
+from .runtime import Distributed, seed_everything
 from .validation import Validator, hold_out
 
 
@@ -136,6 +136,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     validate = None
     if cfg.val_split:
         dataset, validate = split_validation(cfg, dataset)
+    dataset, sampler, pretrain = with_pretraining(cfg, dataset)
     if model is None:
         model = build_model(cfg)
     if cfg.init and not cfg.resume:  # a resumed run takes its weights from checkpoint.pth
@@ -144,15 +145,44 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
     scheduler = build_scheduler(cfg, optimizer)
     held = f"; {len(validate)} held out for validation" if validate is not None else ""
-    return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg), validate=validate,
-                      describe=f" from {', '.join(map(str, cfg.train_path))}{held}; scales {cfg.scales}"
+    return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg), validate=validate, sampler=sampler,
+                      describe=f" from {', '.join(map(str, cfg.train_path))}{held}{pretrain}; scales {cfg.scales}"
                                f"{opt_in_summary(cfg)}")
+
+
+def with_pretraining(cfg, dataset):
+    """(dataset, sampler, description) for --pretrain_path/--pretrain_epochs: Semi-Inf-Net's two steps
+    (pseudo labels, then the doctor labels) in one run, so that both fit one --time_budget.
+
+    Epochs 1..pretrain_epochs each visit as many pretraining slices as a training epoch has (so every
+    epoch costs the same, and the lr schedule spans the whole run); the rest train on `dataset`.
+    Without pretraining: (dataset, None, "")."""
+    if not cfg.pretrain_epochs:
+        return dataset, None, ""
+    try:
+        extra = InfectionTrainSet(cfg.pretrain_path, cfg.trainsize)
+    except DataError as e:
+        raise DataError(f"--pretrain_path: {e} (pass --pretrain_path with the folder of the slices to pretrain on, "
+                        f"e.g. the release's Pseudo-label/, or --pretrain_epochs 0)") from e
+    leaked = sorted(set(cfg.val_stems or ()) & {sample[0] for sample in extra.samples})
+    if leaked:
+        raise DataError(f"the held-out validation slices {', '.join(leaked)} are also in --pretrain_path "
+                        f"{', '.join(cfg.pretrain_path)}: validation would score slices the run trains on; "
+                        f"remove them from one of the two")
+    samples = cfg.epoch_samples or len(dataset)
+    ddp = Distributed()  # torchrun's world: each rank draws its shard
+    sampler = PretrainSampler(len(dataset), len(extra), cfg.pretrain_epochs, samples, ddp.world_size, ddp.rank,
+                              cfg.seed)
+    return (torch.utils.data.ConcatDataset([dataset, extra]), sampler,
+            f"; epochs 1..{cfg.pretrain_epochs} pretrain on {samples} per epoch of the {len(extra)} slices in "
+            f"{', '.join(cfg.pretrain_path)}")
 
 
 def opt_in_summary(cfg):
     """'; augment, ema 0.999, ...': the opt-in options a run uses, for its first log line."""
     used = {"recipe": cfg.recipe if cfg.recipe != "paper" else None, "augment": cfg.augment or None,
             "schedule": cfg.schedule if cfg.schedule != "step" else None, "warmup_epochs": cfg.warmup_epochs or None,
-            "progressive_size": cfg.progressive_size, "ema": cfg.ema, "time_budget": cfg.time_budget}
+            "progressive_size": cfg.progressive_size, "ema": cfg.ema, "time_budget": cfg.time_budget,
+            "pretrain_epochs": cfg.pretrain_epochs or None}
     shown = [k if v is True else f"{k} {v}" for k, v in used.items() if v is not None]
     return f"; {', '.join(shown)}" if shown else ""
