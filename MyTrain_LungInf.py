@@ -26,7 +26,7 @@ import argparse
 
 from Code.model_lung_infection import cli
 from Code.model_lung_infection.cli import add_bool, add_debug, add_run_args, given_options, run_main
-from Code.model_lung_infection.configs import STAGES, TRAIN_RECIPES, TrainConfig, apply_recipe, stage_config
+from Code.model_lung_infection.configs import STAGES, TRAIN_RECIPES, TrainConfig, recipe_options, stage_config
 from Code.model_lung_infection.registry import ENCODERS, warn_random_weights
 
 # The release's boolean switches and the stage each selects.
@@ -82,16 +82,18 @@ def parse_args(argv=None):
 
 
 def config_from_args(a):
-    """TrainConfig of the parsed options: the --stage preset, overridden by every option given;
-    with --resume, the run's saved config, which options given may only extend (restore_config)."""
+    """TrainConfig of the parsed options: the --stage preset and the --recipe preset, overridden by every
+    option given; with --resume, the run's saved config, which options given may only extend (restore_config)."""
     fields = set(TrainConfig.__dataclass_fields__)
-    cfg = stage_config(getattr(a, "stage", None) or "doctor",
-                       **{k: v for k, v in vars(a).items() if k in fields and k != "stage"})
+    given = {OPTION_FIELDS.get(k, k) for k in getattr(a, "given", ())} & fields
+    options = {k: v for k, v in vars(a).items() if k in fields and k != "stage"}
+    if not a.resume:  # a resumed run keeps the options it started with
+        options.update(recipe_options(a.recipe, given))
+    cfg = stage_config(getattr(a, "stage", None) or "doctor", **options)
     if not a.multi_scale:
         cfg.scales = (1.0,)
-    given = {OPTION_FIELDS.get(k, k) for k in getattr(a, "given", ())} & fields
     if not a.resume:
-        return apply_recipe(cfg, given)
+        return cfg
     from Code.model_lung_infection.engine import restore_config
     return restore_config(TrainConfig, cfg.checkpoint_path, {k: getattr(cfg, k) for k in given})
 

@@ -254,6 +254,9 @@ def test_pretraining_on_the_held_out_slices_is_refused(tmp_path):
     cfg = _cfg(tmp_path, epoch=2, val_split=2, pretrain_path=str(tmp_path / "data"), pretrain_epochs=1)
     with pytest.raises(DataError, match="held-out validation slices .* also in --pretrain_path"):
         train(cfg)
+    missing = _cfg(tmp_path, train_save="missing", epoch=2, pretrain_path=str(tmp_path / "nope"), pretrain_epochs=1)
+    with pytest.raises(DataError, match="--pretrain_path: .*nope/Imgs: folder not found .*--pretrain_epochs 0"):
+        train(missing)
     with pytest.raises(ValueError, match="--pretrain_path"):
         TrainConfig(pretrain_epochs=2)
     with pytest.raises(ValueError, match="more than --epoch"):
@@ -338,6 +341,19 @@ def test_recipe_presets_apply_and_explicit_options_win(monkeypatch):
     assert (cfg.recipe, cfg.augment, cfg.ema, cfg.warmup_epochs) == ("test", False, 0.99, 2)
     with pytest.raises(ValueError, match="progressive_size"):
         TrainConfig(progressive_size=16)
+
+
+def test_cpu_hour_recipe_is_pretraining_on_pseudo_labels_in_an_hour_and_options_given_win():
+    cfg = script.config_from_args(script.parse_args(["--recipe", "cpu-hour"]))
+    assert (cfg.recipe, cfg.pretrain_path, cfg.pretrain_epochs, cfg.epoch, cfg.time_budget, cfg.amp,
+            cfg.channels_last) == ("cpu-hour", [configs_module.PSEUDO_LABEL], 50, 100, 60.0, True, True)
+    assert cfg.train_path == [configs_module.DOCTOR_LABEL] and cfg.lr == 1e-4  # the rest is the paper's
+    cfg = script.config_from_args(script.parse_args(
+        ["--recipe", "cpu-hour", "--pretrain_path", "/data/pseudo", "--pretrain_epochs", "30", "--no-amp"]))
+    assert (cfg.pretrain_path, cfg.pretrain_epochs, cfg.amp, cfg.time_budget) == (["/data/pseudo"], 30, False, 60.0)
+    # the paper recipe stays the default: none of it
+    cfg = script.config_from_args(script.parse_args([]))
+    assert (cfg.pretrain_path, cfg.pretrain_epochs, cfg.time_budget, cfg.amp) == (None, 0, None, None)
 
 
 # ---------------------------------------------------------------- the sweep's table
