@@ -165,6 +165,19 @@ def add_train_args(parser, defaults, from_preset=()):
     return g
 
 
+def _as_options(preset):
+    """A --recipe preset {field: value} as the command-line options it stands for."""
+    out = []
+    for name, value in preset.items():
+        if isinstance(value, bool):
+            out.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, list):
+            out += [f"--{name}", *map(str, value)]
+        else:
+            out += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return out
+
+
 def decay(value):
     """argparse type: an EMA decay, strictly between 0 and 1."""
     v = positive_float(value)
@@ -195,8 +208,9 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
     g = parser.add_argument_group(
         "training from random weights (opt-in; the paper's recipe has none of these)",
         "Options meant for CPU budgets without ImageNet weights; --recipe bundles them.")
+    presets = "; ".join(f"{name}: " + (" ".join(_as_options(v)) or "none of them") for name, v in recipes.items())
     g.add_argument("--recipe", choices=list(recipes) or ["paper"], default=defaults.recipe,
-                   help="a preset of the options below (paper: none of them); options given explicitly win")
+                   help=f"a preset of options ({presets}); options given explicitly win")
     add_bool(g, "--augment", defaults.augment,
              "random horizontal/vertical flips, rotation within 10 degrees, scale 0.9-1.1 (the same on image, GT "
              "and edge) and brightness/contrast jitter of 10 percent, seeded by (seed, epoch, batch) so --resume "
