@@ -174,8 +174,8 @@ def with_pretraining(cfg, dataset):
     sampler = PretrainSampler(len(dataset), len(extra), cfg.pretrain_epochs, samples, ddp.world_size, ddp.rank,
                               cfg.seed)
     return (torch.utils.data.ConcatDataset([dataset, extra]), sampler,
-            f"; epochs 1..{cfg.pretrain_epochs} pretrain on {samples} per epoch of the {len(extra)} slices in "
-            f"{', '.join(cfg.pretrain_path)}")
+            f"; epochs 1..{cfg.pretrain_epochs} pretrain on {samples} per epoch of the {len(extra)} more slices in "
+            f"{', '.join(cfg.pretrain_path)}, the rest train on the {len(dataset)}")
 
 
 def opt_in_summary(cfg):
