@@ -130,10 +130,11 @@ def test_validator_scores_as_the_test_stage_thresholds_at_one_half(tmp_path):
 # ---------------------------------------------------------------- time budget
 
 def test_time_budget_stops_after_the_epoch_that_crosses_it_and_saves(tmp_path, capsys):
-    cfg = _cfg(tmp_path, epoch=5, time_budget=1e-6)
+    cfg = _cfg(tmp_path, epoch=5, time_budget=1e-6, val_split=2, val_every=3)
     train(cfg)
     out = capsys.readouterr().out
     assert "time budget of 1e-06 minutes reached after epoch 1" in out
+    assert [r["epoch"] for r in _val_rows(cfg)] == ["1"]  # the last epoch is validated, off the val_every grid
     assert (cfg.run_dir / "Inf-Net-1.pth").exists()  # saved as at a normal end (save_every is 100)
     state = torch.load(cfg.checkpoint_path, weights_only=False)
     assert state["epoch"] == 1 and state["elapsed_s"] > 0
@@ -346,7 +347,8 @@ def test_recipe_presets_apply_and_explicit_options_win(monkeypatch):
 def test_cpu_hour_recipe_is_pretraining_on_pseudo_labels_in_an_hour_and_options_given_win():
     cfg = script.config_from_args(script.parse_args(["--recipe", "cpu-hour"]))
     assert (cfg.recipe, cfg.pretrain_path, cfg.pretrain_epochs, cfg.epoch, cfg.time_budget, cfg.amp,
-            cfg.channels_last) == ("cpu-hour", [configs_module.PSEUDO_LABEL], 50, 100, 60.0, True, True)
+            cfg.channels_last, cfg.schedule) == ("cpu-hour", [configs_module.PSEUDO_LABEL], 50, 100, 60.0, True, True,
+                                                 "cosine")
     assert cfg.train_path == [configs_module.DOCTOR_LABEL] and cfg.lr == 1e-4  # the rest is the paper's
     cfg = script.config_from_args(script.parse_args(
         ["--recipe", "cpu-hour", "--pretrain_path", "/data/pseudo", "--pretrain_epochs", "30", "--no-amp"]))

@@ -126,11 +126,11 @@ PSEUDO_LABEL = "Dataset/TrainingSet/LungInfection-Train/Pseudo-label"
 # Presets of opt-in options (--recipe): {name: {TrainConfig field: value}}; options given explicitly win.
 # `paper` changes nothing. `cpu-hour` was chosen on 5 held-out doctor-labelled slices (docs/results.md,
 # "Accuracy per CPU-hour"): Semi-Inf-Net's two steps in one hour, the first half of the epochs on the
-# release's pseudo labels, then the doctor labels, in bf16 and channels-last.
+# release's pseudo labels, then the doctor labels, a cosine lr, in bf16 and channels-last.
 TRAIN_RECIPES = {
     "paper": {},
-    "cpu-hour": {"pretrain_path": [PSEUDO_LABEL], "pretrain_epochs": 50, "epoch": 100, "time_budget": 60.0,
-                 "amp": True, "channels_last": True},
+    "cpu-hour": {"pretrain_path": [PSEUDO_LABEL], "pretrain_epochs": 50, "epoch": 100, "schedule": "cosine",
+                 "time_budget": 60.0, "amp": True, "channels_last": True},
 }
 
 

@@ -250,9 +250,11 @@ class Engine:
                 ddp.sync_buffers(self.ema_model)
             if ddp.is_main:
                 self._log_epoch(epoch, meter, writer, lr)
-            if ddp.is_main and self.validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epoch):
+            budget_spent = self._budget_spent()  # this epoch is the run's last: validate it too
+            if ddp.is_main and self.validate is not None and (
+                    epoch % cfg.val_every == 0 or epoch == cfg.epoch or budget_spent):
                 self._validate(epoch, meter, lr, writer)
-            budget_spent = self._budget_spent()  # validation time counts
+            budget_spent = budget_spent or self._budget_spent()  # validation time counts
             if ddp.is_main:
                 self._save_epoch(epoch, last=budget_spent)
             if cfg.resumable:
