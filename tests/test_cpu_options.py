@@ -250,7 +250,8 @@ def test_pretrain_epochs_train_on_pretrain_path_then_on_train_path(tmp_path, mon
     assert (saved["pretrain_path"], saved["pretrain_epochs"]) == ([str(pre)], 2)
 
 
-def test_pretraining_on_the_held_out_slices_is_refused(tmp_path):
+def test_pretraining_on_the_held_out_slices_is_refused(tmp_path, capsys):
+    from Code.model_lung_infection.cli import run_main
     from Code.model_lung_infection.data import DataError
     cfg = _cfg(tmp_path, epoch=2, val_split=2, pretrain_path=str(tmp_path / "data"), pretrain_epochs=1)
     with pytest.raises(DataError, match="held-out validation slices .* also in --pretrain_path"):
@@ -260,6 +261,11 @@ def test_pretraining_on_the_held_out_slices_is_refused(tmp_path):
         train(missing)
     with pytest.raises(ValueError, match="--pretrain_path"):
         TrainConfig(pretrain_epochs=2)
+    with pytest.raises(SystemExit) as stop:  # from the command line: one line, no traceback
+        run_main(script.main, ["--pretrain_epochs", "3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: pretrain_epochs 3: give the slices to pretrain on (--pretrain_path)"]
     with pytest.raises(ValueError, match="more than --epoch"):
         TrainConfig(pretrain_path="x", pretrain_epochs=101)
 

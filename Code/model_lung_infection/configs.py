@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, List, Optional
 
+from .errors import OptionError
 from .registry import has_imagenet_encoder
 
 INF_NET_COMPONENTS = ("edge_attention", "partial_decoder", "reverse_attention")
@@ -154,7 +155,7 @@ def check_train_options(cfg):
     if cfg.val_split < 0 or cfg.warmup_epochs < 0 or cfg.pretrain_epochs < 0 or cfg.val_every < 1:
         problems.append("val_split, warmup_epochs and pretrain_epochs must be >= 0, val_every >= 1")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise OptionError("; ".join(problems))
 
 
 def recipe_options(recipe, given=()):

@@ -12,6 +12,10 @@ class DataError(UserError, ValueError):
     """Bad input data: the message names the file or folder and the problem."""
 
 
+class OptionError(UserError, ValueError):
+    """Options no run can use together: the message names them and what to give instead."""
+
+
 class CheckpointError(UserError, ValueError):
     """A weights file that is missing, unreadable, truncated or of another network; names the file."""
 
