@@ -10,13 +10,14 @@ validation (val.csv, bench/cpu_hour_sweep.py), never on this table.
         --data_path ../shared/COVID-SemiSeg/TestingSet/LungInfection-Test --epochs 20 40 60 last
 """
 import argparse
-import csv
 import re
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_hour_sweep import read_val_csv  # noqa: E402 -- val.csv is read one way
 
 FIGURES = (("meanDic", "Dice"), ("meanSen", "Sen."), ("meanSpe", "Spec."), ("Sm", "S-alpha"),
            ("meanEm", "E-phi mean"), ("MAE", "MAE"))
@@ -34,11 +35,7 @@ def snapshots(run_dir):
 
 def minutes_by_epoch(run_dir):
     """{epoch: wall-time minutes} from the run's val.csv ({} without one)."""
-    path = Path(run_dir) / "val.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        return {int(r["epoch"]): float(r["minutes"]) for r in csv.DictReader(f)}
+    return {epoch: minutes for epoch, minutes, _ in read_val_csv(Path(run_dir) / "val.csv")}
 
 
 def chosen(epochs, wanted):

@@ -189,11 +189,11 @@ class Engine:
         self.started, self.elapsed_before = time.perf_counter(), 0.0
         start_epoch = self._resume() if cfg.resume else 1
         self.val_rows = self._val_rows(start_epoch) if validate is not None and ddp.is_main else []
-        if sampler is None and cfg.epoch_samples:
-            sampler = EpochSliceSampler(len(dataset), cfg.epoch_samples, ddp.world_size, ddp.rank, cfg.seed)
-        elif sampler is None:
-            sampler = DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
-                                         seed=cfg.seed)
+        if sampler is None:
+            sampler = (EpochSliceSampler(len(dataset), cfg.epoch_samples, ddp.world_size, ddp.rank, cfg.seed)
+                       if cfg.epoch_samples else
+                       DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
+                                          seed=cfg.seed))
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if self.device.type == "cuda" else 0)
         loader = DataLoader(dataset, batch_size=max(1, cfg.batchsize // ddp.world_size), sampler=sampler,
                             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
