@@ -5,6 +5,7 @@
     python MyTrain_MulClsLungInf_UNet.py --no-prior         # "Multi-class U-Net" baseline (slice only)
     python MyTrain_MulClsLungInf_UNet.py --recipe paper     # 512x512, Xavier, SGD lr 1e-10, momentum 0.99, wd 5e-4
     python MyTrain_MulClsLungInf_UNet.py --resume           # continue an interrupted run, with its options
+    python MyTrain_MulClsLungInf_UNet.py --val_split 5 --val_every 4   # hold out 5 slices, score every 4 epochs
 
 Data: <train_path>/{Imgs,GT,Prior}; GT are palette PNGs whose indices are the classes
 (0 background, 1 GGO, 2 consolidation); Prior is the binary infection map.
@@ -50,6 +51,9 @@ def build_parser():
                    help="FCN8s: ImageNet VGG-16 weights (local file, e.g. vgg16-397923af.pth)")
     add_bool(p, "--binarize_prior", d.binarize_prior, "binarise priors at 128 (the released ones are already 0/255)")
     add_run_args(p, d)
+    cli.add_validation_args(p, d, scores="per class (GGO, consolidation) Dice of the argmax labels and the "
+                                         "fraction of slices on which the class is predicted at all",
+                            example="e.g. 5 of the 50 slices")
     add_debug(p)
     return p
 

@@ -422,3 +422,37 @@ def test_test_curve_scores_release_snapshots_at_the_minutes_of_val_csv(tmp_path)
     scores = {k: 0.5 for k, _ in curve.FIGURES}
     lines = curve.table([("run", 20, minutes[20], scores), ("run", 25, minutes.get(25), scores)]).splitlines()
     assert lines[2].startswith("| run | 20 | 13.2 | 0.5000") and lines[3].startswith("| run | 25 | - |")
+
+
+def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path, data_root):
+    import MyTrain_MulClsLungInf_UNet as mc_script
+    from Code.model_lung_infection.engine import write_val_csv
+    budget = _bench("multiclass_budget")
+    a = budget.parse_args(["--epochs", "24", "--val_every", "8", "--snapshot_root", str(tmp_path)])
+    for name, row in budget.ROWS.items():  # each command is one the training script takes, for that row
+        cfg = mc_script.config_from_args(mc_script.parse_args(budget.command(row, 2020, a)[2:]))
+        assert (cfg.arch, cfg.prior, cfg.trainsize, cfg.epoch, cfg.val_split, cfg.val_every, cfg.recipe) == \
+            (row.model, row.prior, 192, 24, 5, 8, "release")
+    fcn = budget.ROWS["FCN8s"]
+    run = tmp_path / "save_weights" / budget.run_name(fcn, 2020)
+    run.mkdir(parents=True)
+
+    def point(epoch, loss, ggo, cons):
+        return {"epoch": epoch, "minutes": epoch / 2, "val_dice": (ggo + cons) / 2, "val_mae": 0.1,
+                "val_ggo_dice": ggo, "val_cons_dice": cons, "train_loss": loss, "lr": 0.01}
+    # background only at 8; GGO but no consolidation at 16; both at 24
+    write_val_csv(run / "val.csv", [point(8, 0.40, 0, 0), point(16, 0.30, 0.2, 0), point(24, 0.25, 0.3, 0.1)])
+    curve = budget.read_curve(run / "val.csv")
+    assert budget.first_learned(curve, floor=0.27) == 24
+    assert budget.first_learned(curve[:2], floor=0.27) is None
+    # a loss above that of predicting the class frequencies has not learned, whatever the maps
+    assert budget.first_learned(curve, floor=0.2) is None
+    report = budget.make_report({"FCN8s": curve, "DeepLabV3+ (stride=8)": curve[:2]}, a, 0.27)
+    # the class-frequency loss is the training loss (BCE on one-hot targets) of predicting the frequencies
+    from Code.model_lung_infection.multiclass import MultiClassTrainSet
+    root = data_root / "TrainingSet" / "MultiClassInfection-Train"
+    targets = torch.stack([t for _, t in MultiClassTrainSet(root, 64, prior=False)])
+    freq = targets.mean(dim=(0, 2, 3)).view(1, 3, 1, 1).expand_as(targets)
+    bce = torch.nn.functional.binary_cross_entropy(freq, targets)
+    assert budget.frequency_loss(root, 64) == pytest.approx(float(bce), rel=1e-4)
+    assert "| FCN8s | 24 | 24 |" in report and "| DeepLabV3+ (stride=8) | not within 16 | 16 |" in report

@@ -260,3 +260,58 @@ def test_test_stage_with_infnet_priors_on_the_fly(test_slices, unet_pth, tmp_pat
              save_root=tmp_path / "out", testsize=SIZE, model_name="Semi-Inf-Net_UNet", infnet_testsize=SIZE,
              device="cpu", progress=False)
     check_outputs(tmp_path / "out", "Semi-Inf-Net_UNet", sizes)
+
+
+class ConstantLogits(torch.nn.Module):
+    """A 'network' that labels every pixel `label` (its logit high, the others low)."""
+
+    def __init__(self, label):
+        super().__init__()
+        self.label = label
+        self.w = torch.nn.Parameter(torch.zeros(1))  # iter_batches looks up the device of a parameter
+
+    def forward(self, x):
+        logits = torch.full((x.shape[0], 3, *x.shape[2:]), -4.0)
+        logits[:, self.label] = 4.0
+        return logits + self.w
+
+
+def test_validator_scores_each_class_of_the_argmax(train_root):
+    from Code.model_lung_infection.multiclass.validation import MultiClassValidator
+    from Code.model_lung_infection.validation import dice
+    samples = MultiClassTrainSet(train_root, SIZE).samples
+    validator = MultiClassValidator(samples, SIZE)
+    background = validator(ConstantLogits(0), "cpu")  # what a network that learned only frequencies does
+    assert background["ggo_dice"] == background["cons_dice"] == background["dice"] == 0
+    assert background["ggo_found"] == background["cons_found"] == 0
+    ggo = validator(ConstantLogits(1), "cpu")  # GGO everywhere: its Dice is that of the whole slice
+    gts = [read_class_indices(gt) for _, _, gt, _ in samples]
+    expected = np.mean([dice(np.ones_like(g, bool), g == 1) for g in gts])
+    assert ggo["ggo_dice"] == pytest.approx(expected) and 0 < expected < 1
+    assert (ggo["ggo_found"], ggo["cons_found"], ggo["cons_dice"]) == (1, 0, 0)
+    assert ggo["dice"] == pytest.approx(expected / 2)
+
+
+def test_val_split_holds_slices_out_and_writes_per_class_scores(train_root, tmp_path, capsys):
+    cfg = small_config(train_root, tmp_path, epoch=2, val_split=1, val_every=1)
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "3 samples" in out and "1 held out for validation" in out
+    assert cfg.val_stems and cfg.val_stems[0] in TRAIN_STEMS
+    run = tmp_path / "save_weights" / "Semi-Inf-Net_UNet"
+    header, *rows = (run / "val.csv").read_text().splitlines()
+    assert header.split(",") == ["epoch", "minutes", "val_dice", "val_mae", "val_ggo_dice", "val_ggo_found",
+                                 "val_cons_dice", "val_cons_found", "train_loss", "lr"]
+    assert [r.split(",")[0] for r in rows] == ["1", "2"]
+    saved = torch.load(run / "checkpoint.pth", weights_only=True)["config"]
+    assert saved["val_stems"] == cfg.val_stems  # a resumed run validates on the same slice
+
+
+def test_val_split_too_large_is_one_line(train_root, tmp_path, capsys):
+    argv = ["--train_path", str(train_root), "--snapshot_root", str(tmp_path), "--trainsize", str(SIZE),
+            "--epoch", "1", "--val_split", "4"]
+    with pytest.raises(SystemExit) as e:
+        train_cli.run_main(train_cli.main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --val_split 4: the training set has 4 slices; hold out between 1 and 3"

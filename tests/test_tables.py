@@ -188,3 +188,20 @@ def test_torchvision_densenet_file_loads_with_its_old_key_names(tmp_path):
     torch.testing.assert_close(encoder.state_dict()[key], sd[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="densenet161-8d451a50.pth does not fit"):
         load_encoder_weights(smp_encoder("vgg16"), tmp_path / "densenet161-8d451a50.pth")
+
+
+def test_a_multiclass_row_gets_its_own_budget(mini_dataset, tmp_path):
+    # --budget cpu gives the rows whose recipe learns nothing in multiclass_epochs more (issue 16)
+    budget = Budget("tiny", trainsize=64, epochs=1, pseudo_epochs=1, pseudo_samples=2, multiclass_epochs=1,
+                    multiclass_row_epochs=(("mc_deeplabv3plus_os16_image", 2),))
+    assert budget.tag != TINY.tag  # runs of the two budgets never mix
+    os16, os8 = TABLE_ROWS["III"][1], TABLE_ROWS["III"][0]
+    assert (budget.multiclass_epochs_for(os16), budget.multiclass_epochs_for(os8)) == (2, 1)
+    data = mini_dataset(n_train=2, n_test=2)
+    runner = TableRunner(budget, data, snapshot_root=tmp_path / "snap", results_root=tmp_path / "tables",
+                         progress=False, log=lambda *a: None)
+    result = runner.row(os16)
+    assert result["budget_text"] == "2 ep, 64 px"
+    run = tmp_path / "snap" / "save_weights" / "tables" / budget.tag / os16.run
+    assert (run / f"{os16.run}-2.pth").is_file()
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2

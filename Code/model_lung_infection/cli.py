@@ -186,17 +186,17 @@ def decay(value):
     return v
 
 
-def add_cpu_budget_args(parser, defaults, recipes=()):
-    """Opt-in options for training from random weights on a small budget (issue 16), MyTrain_LungInf.py's.
-    Every default is the paper's recipe; each option is recorded in the run's config."""
+def add_validation_args(parser, defaults, scores="Dice at 0.5 and MAE, as the test stage predicts",
+                        example="e.g. 5 of the 50 doctor-labelled, the paper's 45/5 split"):
+    """--val_split / --val_seed / --val_every / --time_budget (RunConfig's opt-in fields, issue 16): every
+    trainer that holds slices out for validation takes them."""
     g = parser.add_argument_group(
         "validation and budget (opt-in)",
         "Hold out training slices to choose options without looking at the test set, and stop on wall time.")
     g.add_argument("--val_split", type=nonnegative_int, default=defaults.val_split, metavar="N",
-                   help="hold out N training slices (chosen by --val_seed, recorded in the checkpoint so a resumed "
-                        "run keeps them; e.g. 5 of the 50 doctor-labelled, the paper's 45/5 split); they are not "
-                        "trained on and are scored every --val_every epochs: Dice at 0.5 and MAE, as the test stage "
-                        "predicts, printed, logged to TensorBoard and written to <run>/val.csv (Dice against minutes)")
+                   help=f"hold out N training slices (chosen by --val_seed, recorded in the checkpoint so a resumed "
+                        f"run keeps them; {example}); they are not trained on and are scored every --val_every "
+                        f"epochs: {scores}, printed, logged to TensorBoard and written to <run>/val.csv")
     g.add_argument("--val_seed", type=int, default=defaults.val_seed,
                    help="chooses the held-out slices; independent of --seed so that seeds share one split")
     g.add_argument("--val_every", type=positive_int, default=defaults.val_every, metavar="K",
@@ -205,6 +205,13 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
                    help="stop after the epoch that crosses this wall time (from the run's start, resumed time "
                         "included), saving snapshots as at the last epoch; set --epoch to the epochs expected to "
                         "fit, which the cosine schedule and --progressive_size count on")
+    return g
+
+
+def add_cpu_budget_args(parser, defaults, recipes=()):
+    """Opt-in options for training from random weights on a small budget (issue 16), MyTrain_LungInf.py's.
+    Every default is the paper's recipe; each option is recorded in the run's config."""
+    add_validation_args(parser, defaults)
     g = parser.add_argument_group(
         "training from random weights (opt-in; the paper's recipe has none of these)",
         "Options meant for CPU budgets without ImageNet weights; --recipe bundles them.")

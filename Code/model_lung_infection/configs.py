@@ -47,6 +47,9 @@ class RunConfig:
     # optimizer checkpoint per epoch would be hundreds of MB written and deleted for nothing).
     resumable: bool = True
     # Opt-in, off by default (issue 16; the engine applies them, see engine.py):
+    val_split: int = 0                    # hold out this many training slices for validation
+    val_seed: int = 2020                  # chooses the held-out slices (not --seed: seeds share one split)
+    val_stems: Optional[List[str]] = None  # the held-out stems, chosen at the start (a resumed run keeps them)
     val_every: int = 1                    # validate every N epochs (when the trainer holds slices out)
     time_budget: Optional[float] = None   # minutes of wall time: stop after the epoch that crosses it
     ema: Optional[float] = None           # decay of an exponential moving average of the weights
@@ -95,9 +98,6 @@ class TrainConfig(RunConfig):
     stage: Optional[str] = None           # the STAGES preset the run was made from (stage_config)
     # Opt-in options for training from scratch on a CPU budget (issue 16); the defaults are the paper's.
     recipe: str = "paper"                 # the TRAIN_RECIPES preset the options came from
-    val_split: int = 0                    # hold out this many training slices for validation
-    val_seed: int = 2020                  # chooses the held-out slices (not --seed: seeds share one split)
-    val_stems: Optional[List[str]] = None  # the held-out stems, chosen at the start (a resumed run keeps them)
     augment: bool = False                 # random flips, rotation, scale, brightness/contrast (augment.py)
     schedule: str = "step"                # lr schedule: step (paper) | cosine
     warmup_epochs: int = 0                # linear lr warm-up over the first N epochs

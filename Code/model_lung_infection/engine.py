@@ -290,9 +290,10 @@ class Engine:
                 writer.add_scalar(f"val_{k}", v, epoch)
             writer.add_scalar("val_minutes", minutes, epoch)
             writer.flush()
-        self.val_rows.append({"epoch": epoch, "minutes": f"{minutes:.4f}", "val_dice": f"{scores['dice']:.6f}",
-                              "val_mae": f"{scores.get('mae', float('nan')):.6f}", "train_loss": f"{loss:.6f}",
-                              "lr": f"{lr:.6g}"})
+        figures = {"dice": scores["dice"], "mae": scores.get("mae", float("nan")), **scores}
+        self.val_rows.append({"epoch": epoch, "minutes": f"{minutes:.4f}",
+                              **{f"val_{k}": f"{v:.6f}" for k, v in figures.items()},
+                              "train_loss": f"{loss:.6f}", "lr": f"{lr:.6g}"})
         write_val_csv(self.cfg.run_dir / "val.csv", self.val_rows)
 
     def _val_rows(self, start_epoch):
@@ -367,9 +368,12 @@ class Engine:
 
 
 def write_val_csv(path, rows):
-    """val.csv (VAL_COLUMNS), rewritten whole and atomically: a crash leaves the previous version."""
+    """val.csv (VAL_COLUMNS, then any further val_ figures a validator gives, e.g. the multi-class one's per
+    class), rewritten whole and atomically: a crash leaves the previous version."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=VAL_COLUMNS, lineterminator="\n")
+    extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in VAL_COLUMNS]
+    columns = list(VAL_COLUMNS[:4]) + extra + list(VAL_COLUMNS[4:])
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))

@@ -32,20 +32,29 @@ class Budget:
     pseudo_epochs: int = 100              # Semi-Inf-Net step (i)
     pseudo_samples: Optional[int] = None  # slices per step-(i) epoch; None: all of them
     multiclass_epochs: int = 200
+    # ((Row.run, epochs), ...): multi-class rows that get more than multiclass_epochs, because their recipe
+    # learns nothing in fewer (the smallest such budget is found on validation: bench/multiclass_budget.py)
+    multiclass_row_epochs: tuple = ()
 
     @property
     def tag(self):
         """Folder name: runs of different budgets never mix."""
         pseudo = f"p{self.pseudo_epochs}x{self.pseudo_samples or 'all'}"
-        return f"{self.name}-{self.trainsize}px-{self.epochs}ep-{pseudo}-mc{self.multiclass_epochs}"
+        rows = "".join(f"-{run}{epochs}" for run, epochs in self.multiclass_row_epochs)
+        return f"{self.name}-{self.trainsize}px-{self.epochs}ep-{pseudo}-mc{self.multiclass_epochs}{rows}"
 
-    def describe(self, recipe):
+    def multiclass_epochs_for(self, row):
+        """The epochs multi-class row `row` trains for at this budget."""
+        return dict(self.multiclass_row_epochs).get(row.run, self.multiclass_epochs)
+
+    def describe(self, recipe, row=None):
+        """The budget of a row of `recipe` in words (a multi-class `row`: its own epochs)."""
         base = f"{self.epochs} ep"
         if recipe == "semi":
             step1 = f"{self.pseudo_samples} slices" if self.pseudo_samples else "all slices"
             base = f"pseudo {self.pseudo_epochs} ep x {step1} + {self.epochs} ep"
         elif recipe == "multiclass":
-            base = f"{self.multiclass_epochs} ep"
+            base = f"{self.multiclass_epochs if row is None else self.multiclass_epochs_for(row)} ep"
         return f"{base}, {self.trainsize} px"
 
 

@@ -110,7 +110,7 @@ class TableRunner:
         result = {"row": row.name, "run": row.run, "recipe": row.recipe, "model": row.model,
                   "options": dict(row.options), "metrics": metrics,
                   "params": complexity["params"], "macs": complexity["macs"],
-                  "budget": dataclasses.asdict(self.budget), "budget_text": self.budget.describe(row.recipe),
+                  "budget": dataclasses.asdict(self.budget), "budget_text": self.budget.describe(row.recipe, row),
                   "device": str(self._device()), "pretrained": self._imagenet_file(row) is not None,
                   "minutes": round((time.time() - started) / 60, 1)}
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
@@ -185,7 +185,8 @@ class TableRunner:
     def _fit_multiclass(self, row):
         cfg = multiclass.MultiClassConfig(train_path=str(self.data.multiclass_train), arch=row.model,
                                           prior=row.prior, trainsize=self.budget.trainsize,
-                                          epoch=self.budget.multiclass_epochs, pretrained=self._imagenet_file(row),
+                                          epoch=self.budget.multiclass_epochs_for(row),
+                                          pretrained=self._imagenet_file(row),
                                           **self._run_fields(row.run))
         return self._fit(cfg)
 

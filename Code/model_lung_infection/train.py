@@ -35,7 +35,7 @@ from .engine import Engine, PretrainSampler, check_run_folder
 from .losses import segmentation_loss
 from .registry import create_model
 from .runtime import Distributed, seed_everything
-from .validation import Validator, hold_out
+from .validation import Validator, split_validation
 
 
 def build_model(cfg):
@@ -106,24 +106,6 @@ def build_scheduler(cfg, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(cfg, k))
 
 
-def split_validation(cfg, dataset):
-    """(training subset, Validator) holding out cfg.val_split slices of `dataset` (an InfectionTrainSet).
-
-    The stems are chosen by cfg.val_seed when the run starts and recorded in cfg.val_stems (and so in
-    checkpoint.pth): a resumed run validates on the same slices."""
-    stems = [sample[0] for sample in dataset.samples]
-    if cfg.val_stems is None:
-        cfg.val_stems = hold_out(stems, cfg.val_split, cfg.val_seed)
-    held = set(cfg.val_stems)
-    missing = sorted(held - set(stems))
-    if missing:
-        raise DataError(f"held-out validation slices {', '.join(missing)} (recorded in the run's config) are not in "
-                        f"{', '.join(map(str, cfg.train_path))}: restore them, or start a new run")
-    rest = [i for i, stem in enumerate(stems) if stem not in held]
-    validator = Validator([s[:3] for s in dataset.samples if s[0] in held], cfg.trainsize)
-    return torch.utils.data.Subset(dataset, rest), validator
-
-
 def train(cfg: TrainConfig, model=None, dataset=None):
     """Train Inf-Net; returns the bare model. Snapshots and the resumable checkpoint go to cfg.run_dir.
 
@@ -135,7 +117,8 @@ def train(cfg: TrainConfig, model=None, dataset=None):
         dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
     validate = None
     if cfg.val_split:
-        dataset, validate = split_validation(cfg, dataset)
+        dataset, validate = split_validation(
+            cfg, dataset, lambda held: Validator([s[:3] for s in held], cfg.trainsize))
     dataset, sampler, pretrain = with_pretraining(cfg, dataset)
     if model is None:
         model = build_model(cfg)

@@ -1,14 +1,16 @@
 """Validation on held-out training slices (opt-in: `--val_split N`), to choose options without the test set.
 
-`hold_out` picks N stems by seed; `Validator` scores a model on them as the test stage predicts
-(infer.probabilities: logits resized to each slice's size, then the sigmoid; the same ImageNet
-normalisation), thresholded at 0.5: Dice as the evaluation tool counts it (0 where nothing is hit)
-and MAE of the probabilities, averaged over the slices. The slices are decoded once.
+`hold_out` picks N stems by seed and `split_validation` takes them out of a training set; `Validator`
+scores an infection model on them as the test stage predicts (infer.probabilities: logits resized to
+each slice's size, then the sigmoid; the same ImageNet normalisation), thresholded at 0.5: Dice as the
+evaluation tool counts it (0 where nothing is hit) and MAE of the probabilities, averaged over the
+slices. The slices are decoded once. (The multi-class one: multiclass/validation.py.)
 """
 import numpy as np
 import torch
 
-from .data import SliceSet, read_mask
+from .data import DataError, SliceSet, read_mask
+from .errors import OptionError
 from .infer import iter_batches, probabilities
 
 THRESHOLD = 0.5
@@ -18,10 +20,30 @@ def hold_out(stems, n, seed):
     """`n` of `stems`, chosen by `seed` alone (the same set on every machine and every resume), sorted."""
     stems = sorted(stems)
     if not 0 < n < len(stems):
-        raise ValueError(f"--val_split {n}: the training set has {len(stems)} slices; hold out between 1 and "
+        raise OptionError(f"--val_split {n}: the training set has {len(stems)} slices; hold out between 1 and "
                          f"{len(stems) - 1}")
     order = torch.randperm(len(stems), generator=torch.Generator().manual_seed(int(seed))).tolist()
     return sorted(stems[i] for i in order[:n])
+
+
+def split_validation(cfg, dataset, make_validator):
+    """(training subset, validator) holding out cfg.val_split samples of `dataset` (its `.samples` are
+    (stem, image, gt, ...) tuples); `make_validator(held-out samples)` builds the validator.
+
+    The stems are chosen by cfg.val_seed when the run starts and recorded in cfg.val_stems (and so in
+    checkpoint.pth): a resumed run validates on the same slices."""
+    stems = [sample[0] for sample in dataset.samples]
+    if cfg.val_stems is None:
+        cfg.val_stems = hold_out(stems, cfg.val_split, cfg.val_seed)
+    held = set(cfg.val_stems)
+    missing = sorted(held - set(stems))
+    if missing:
+        paths = cfg.train_path if isinstance(cfg.train_path, (list, tuple)) else [cfg.train_path]
+        raise DataError(f"held-out validation slices {', '.join(missing)} (recorded in the run's config) are not in "
+                        f"{', '.join(map(str, paths))}: restore them, or start a new run")
+    rest = [i for i, stem in enumerate(stems) if stem not in held]
+    validator = make_validator([s for s in dataset.samples if s[0] in held])
+    return torch.utils.data.Subset(dataset, rest), validator
 
 
 def dice(pred, gt):

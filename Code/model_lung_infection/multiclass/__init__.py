@@ -10,6 +10,7 @@ Split as the binary path is:
   data.py      palette GT read as class indices, priors, MultiClassTrainSet / MultiClassSliceSet
   train.py     MultiClassConfig, the recipes (release / paper), `train`
   predict.py   load_multiclass, class probabilities, class maps, overlays, `run_test`
+  validation.py  MultiClassValidator: per-class scores of held-out slices (`--val_split`)
 """
 from .data import (  # noqa: F401
     CLASSES,

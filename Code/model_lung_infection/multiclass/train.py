@@ -20,7 +20,9 @@ from ..configs import ARCHS, INITS, RECIPES, MultiClassConfig, run_name  # noqa:
 from ..engine import Engine, check_run_folder
 from ..registry import create_model
 from ..runtime import seed_everything
+from ..validation import split_validation
 from .data import MultiClassTrainSet
+from .validation import MultiClassValidator
 
 
 def build_model(cfg: MultiClassConfig):
@@ -45,6 +47,11 @@ def train(cfg: MultiClassConfig, model=None):
     check_run_folder(cfg)  # an existing run or a missing checkpoint: said before reading any data
     seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights
     dataset = MultiClassTrainSet(cfg.train_path, cfg.trainsize, cfg.prior, cfg.binarize_prior)
+    validate, held = None, ""
+    if cfg.val_split:
+        dataset, validate = split_validation(cfg, dataset, lambda samples: MultiClassValidator(
+            samples, cfg.trainsize, cfg.prior, cfg.binarize_prior))
+        held = f"; {len(validate)} held out for validation"
     if model is None:
         model = build_model(cfg)
     engine = Engine(cfg, model)
@@ -52,7 +59,7 @@ def train(cfg: MultiClassConfig, model=None):
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)  # constant, as released
     inputs = "slice + prior (6 ch)" if cfg.prior else "slice only (3 ch)"
-    return engine.fit(dataset, optimizer, scheduler, bce_step,
-                      describe=f" from {cfg.train_path}; {cfg.arch}, {inputs}; recipe {cfg.recipe} "
+    return engine.fit(dataset, optimizer, scheduler, bce_step, validate=validate,
+                      describe=f" from {cfg.train_path}{held}; {cfg.arch}, {inputs}; recipe {cfg.recipe} "
                                f"(size {cfg.trainsize}, SGD lr {cfg.lr:g} momentum {cfg.momentum:g} "
                                f"wd {cfg.weight_decay:g}, init {cfg.init})")

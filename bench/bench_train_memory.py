@@ -1,0 +1,100 @@
+"""Peak memory and time of one Inf-Net training step on the CPU, per precision (issue 16).
+
+One step is the paper recipe's batch: multi-scale (0.75, 1, 1.25 of --size), one forward, loss,
+backward and Adam update per scale (bench_infnet.train_step, as train.py does it). Each variant runs in
+a fresh process, so that its peak resident memory (ru_maxrss) is its own: it builds Inf-Net, makes
+one step to warm up, then --steps timed steps, and reports the peak over all of them and the fastest
+step. A --limit_gb caps each process's address space, so that a variant that needs more memory than
+the machine has fails with a message instead of waking the kernel's OOM killer.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_train_memory.py --size 448 --batchsize 24
+    python bench/bench_train_memory.py --size 128 --batchsize 2 --variants fp32 "bf16 + channels_last"
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {"fp32": (False, False), "fp32 + channels_last": (False, True),
+            "bf16 autocast": (True, False), "bf16 + channels_last": (True, True)}
+
+
+def peak_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+
+
+def child(a):
+    """Runs in the variant's own process; prints one JSON line."""
+    if a.limit_gb:
+        limit = int(a.limit_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench_infnet import make_model, train_step
+
+    from Code.model_lung_infection.train import SCALES
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    amp, channels_last = VARIANTS[a.child]
+    gen = torch.Generator().manual_seed(0)
+    b, s = a.batchsize, a.size
+    images = torch.randn(b, 3, s, s, generator=gen)
+    gts = (torch.rand(b, 1, s, s, generator=gen) > 0.7).float()
+    edges = (torch.rand(b, 1, s, s, generator=gen) > 0.95).float()
+    model = make_model().train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    before = peak_gb()
+    times = []
+    for i in range(1 + a.steps):
+        start = time.perf_counter()
+        train_step(model, optimizer, images, gts, edges, SCALES, amp, channels_last)
+        if i:
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"variant": a.child, "model_gb": before, "peak_gb": peak_gb(), "step_s": min(times)}))
+
+
+def run_variant(name, a):
+    cmd = [sys.executable, __file__, "--child", name, "--size", str(a.size), "--batchsize", str(a.batchsize),
+           "--steps", str(a.steps), "--limit_gb", str(a.limit_gb)]
+    cmd += ["--threads", str(a.threads)] if a.threads else []
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"variant": name, "error": f"exit {done.returncode}: {tail[:160]}"}
+    return json.loads(lines[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=448)
+    p.add_argument("--batchsize", type=int, default=24)
+    p.add_argument("--steps", type=int, default=1, help="timed steps after the warm-up step")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--limit_gb", type=float, default=22.0,
+                   help="address-space cap per variant (0: none); keep it below the machine's memory")
+    p.add_argument("--variants", nargs="+", default=["fp32", "bf16 + channels_last"], choices=list(VARIANTS))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        return child(a)
+    print(f"one multi-scale training step of Inf-Net, batch {a.batchsize}, {a.size} px (scales 0.75, 1, 1.25); "
+          f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}; cap {a.limit_gb:g} GB per variant")
+    print(f"  {'variant':<24s} {'peak GB':>8s} {'model GB':>9s} {'step s':>8s}")
+    results = [run_variant(name, a) for name in a.variants]
+    for r in results:
+        if "error" in r:
+            print(f"  {r['variant']:<24s} failed ({r['error']})")
+        else:
+            print(f"  {r['variant']:<24s} {r['peak_gb']:8.2f} {r['model_gb']:9.2f} {r['step_s']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
