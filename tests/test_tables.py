@@ -86,6 +86,25 @@ def test_table_writer_on_fake_results(tmp_path):
     assert text.count("**0.500**") == 18
     header = csv_path.read_text().splitlines()[0]
     assert "ggo_dice_ours" in header and "avg_mae_paper" in header
+    assert "†" not in text  # rows written before empty maps were recorded get no mark
+
+
+def test_a_row_that_predicts_nothing_is_marked(tmp_path):
+    rows = TABLE_ROWS["III"][:2]
+    metrics = {cls: dict.fromkeys(tables.METRICS, 0.5) for cls in tables.CLASSES}
+    base = {"metrics": metrics, "params": 1, "macs": 1, "budget": {"name": "fake"}, "budget_text": "1 ep, 64 px",
+            "device": "cpu", "pretrained": False}
+    empty = {"Ground-glass opacities": {"empty": 48, "slices": 48}, "Consolidation": {"empty": 48, "slices": 48}}
+    some = {"Ground-glass opacities": {"empty": 47, "slices": 48}, "Consolidation": {"empty": 48, "slices": 48}}
+    fake = {rows[0].name: {**base, "row": rows[0].name, "run": rows[0].run, "empty_maps": empty},
+            rows[1].name: {**base, "row": rows[1].name, "run": rows[1].run, "empty_maps": some}}
+    md, csv_path = tables.write_table("III", rows, fake, tmp_path)
+    text = md.read_text()
+    assert "| DeepLabV3+ (stride=8) †ggo cons | ResNet-50 |" in text
+    assert "| DeepLabV3+ (stride=16) †cons | ResNet-50 |" in text  # GGO predicted on one slice: not marked
+    from Code.model_lung_infection.table_report import EMPTY_NOTE
+    assert EMPTY_NOTE in text
+    assert csv_path.read_text().splitlines()[1].endswith(",ggo cons")
 
 
 def test_shared_run_gets_the_paper_figures_of_each_table_it_appears_in(tmp_path):
@@ -202,6 +221,9 @@ def test_a_multiclass_row_gets_its_own_budget(mini_dataset, tmp_path):
                          progress=False, log=lambda *a: None)
     result = runner.row(os16)
     assert result["budget_text"] == "2 ep, 64 px"
+    # how many test slices get no pixel of each class, for the table's mark of rows that predict nothing
+    assert {cls: n["slices"] for cls, n in result["empty_maps"].items()} == \
+        {"Ground-glass opacities": 2, "Consolidation": 2}
     run = tmp_path / "snap" / "save_weights" / "tables" / budget.tag / os16.run
     assert (run / f"{os16.run}-2.pth").is_file()
     assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2

@@ -31,6 +31,17 @@ def _fmt(x):
     return "-" if x is None else f"{x:.3f}"
 
 
+def _never_predicted(result):
+    """The classes (CLASS_SHORT names; 'infection' for a binary row) the row predicts on no test slice."""
+    empty = result.get("empty_maps") or {}  # rows written before it was recorded have none
+    return [CLASS_SHORT.get(cls, cls) for cls, n in empty.items() if n["slices"] and n["empty"] == n["slices"]]
+
+
+EMPTY_NOTE = ("† after a row's name: it predicts nothing of that class (binary tables: no pixel at probability "
+              "0.5) on any test slice, so those figures measure nothing: an empty map scores Dice 0 at every "
+              "threshold but the lowest, where every pixel counts as positive.")
+
+
 def write_table(table, rows, results, results_root="Results/tables"):
     """Results/tables/table_<X>.md and .csv from row results; returns the two paths."""
     root = Path(results_root)
@@ -45,6 +56,8 @@ def write_table(table, rows, results, results_root="Results/tables"):
           "Paper: Fan et al., IEEE TMI 2020 (ImageNet-pretrained encoders, full recipe). "
           "Params / FLOPs: ours at 352 x 352 (FLOPs = multiply-accumulates, as the paper's thop counts) "
           "/ paper.", "", "Budget(s): " + "; ".join(budgets), "", ""]
+    if any(_never_predicted(r) for r in results.values()):
+        preamble[-1:-1] = [EMPTY_NOTE, ""]
     first = results[rows[0].name]
     labels = [label for label, _, _ in _metric_pairs(table, {}, first)]
     header = ["Method", "Backbone", "Params", "FLOPs", *labels, "Budget"]
@@ -55,7 +68,9 @@ def write_table(table, rows, results, results_root="Results/tables"):
         # records the name of the table that trained it.
         paper = _paper_row(table, row.name)
         pairs = _metric_pairs(table, paper, r)
-        cells = [row.name, row.backbone, f"{si_units(r['params'])} / {paper.get('params', '-')}",
+        never = _never_predicted(r)
+        name = f"{row.name} †{' '.join(never)}" if never else row.name
+        cells = [name, row.backbone, f"{si_units(r['params'])} / {paper.get('params', '-')}",
                  f"{si_units(r['macs'])} / {paper.get('flops', '-')}"]
         cells += [f"**{_fmt(ours)}** / {_fmt(p)}" for _, ours, p in pairs]
         cells.append(r["budget_text"])
@@ -66,7 +81,7 @@ def write_table(table, rows, results, results_root="Results/tables"):
             key = label.lower().replace(" ", "_").replace(".", "")
             rec[f"{key}_ours"], rec[f"{key}_paper"] = round(ours, 4), "" if p is None else p
         rec.update(budget=r["budget"]["name"], budget_text=r["budget_text"], device=r["device"],
-                   pretrained=r["pretrained"], minutes=r.get("minutes"))
+                   pretrained=r["pretrained"], minutes=r.get("minutes"), never_predicted=" ".join(never))
         csv_rows.append(rec)
     md_path, csv_path = write_files(root / f"table_{table}.md", root / f"table_{table}.csv", header, md_rows,
                                     list(csv_rows[0]), [list(r.values()) for r in csv_rows], "\n".join(preamble))

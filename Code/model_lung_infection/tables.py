@@ -24,6 +24,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from EvaluationTool.folder import evaluate_folder
 from EvaluationTool.report import MULTICLASS, average
 
@@ -104,11 +107,11 @@ class TableRunner:
             return json.loads(path.read_text())
         started = time.time()
         trained = self._train(row)
-        metrics = self._test_and_evaluate(row, trained)
+        metrics, empty = self._test_and_evaluate(row, trained)
         model = self._model_for_counting(row, trained)
         complexity = count_complexity(model, 352, row.in_channels)
         result = {"row": row.name, "run": row.run, "recipe": row.recipe, "model": row.model,
-                  "options": dict(row.options), "metrics": metrics,
+                  "options": dict(row.options), "metrics": metrics, "empty_maps": empty,
                   "params": complexity["params"], "macs": complexity["macs"],
                   "budget": dataclasses.asdict(self.budget), "budget_text": self.budget.describe(row.recipe, row),
                   "device": str(self._device()), "pretrained": self._imagenet_file(row) is not None,
@@ -192,11 +195,12 @@ class TableRunner:
 
     # ---- test and evaluate ----
     def _test_and_evaluate(self, row, checkpoint):
+        """(the six figures, {class: test slices on which the row predicts nothing of it})."""
         maps = self.maps_dir(row.run)
         if row.recipe != "multiclass":
             run_test(checkpoint, self.data.test, maps, testsize=self.budget.trainsize,
                      device=self.runtime["device"], progress=self.runtime["progress"])
-            return _six(evaluate_folder(self.data.test / "GT", maps))
+            return _six(evaluate_folder(self.data.test / "GT", maps)), {"infection": empty_maps(maps, 128)}
         prior_path = None
         if row.prior:  # the Semi-Inf-Net row's test maps (a prerequisite: run_table ran it first)
             prior_path = self.maps_dir(SEMI_INF_NET.run)
@@ -210,7 +214,9 @@ class TableRunner:
         for cls, gt in MULTICLASS:
             per_class[cls] = evaluate_folder(self.data.multiclass_test / gt, maps / cls / row.run)
         per_class["Average"] = average(list(per_class.values()))
-        return {cls: _six(s) for cls, s in per_class.items()}
+        # a class map is non-zero exactly where the class wins the argmax (multiclass.class_maps)
+        empty = {cls: empty_maps(maps / cls / row.run, 1) for cls, _ in MULTICLASS}
+        return {cls: _six(s) for cls, s in per_class.items()}, empty
 
     def _model_for_counting(self, row, checkpoint):
         return load_model(checkpoint)  # checkpoint.pth records the architecture
@@ -220,6 +226,16 @@ def final_name(checkpoint_path):
     """The last snapshot of a run, from the config its checkpoint.pth carries."""
     config = read_checkpoint(checkpoint_path)["config"]
     return f"{config['snapshot_prefix']}-{config['epoch']}.pth"
+
+
+def empty_maps(folder, threshold):
+    """{"empty": maps in `folder` with no pixel >= `threshold` (8-bit), i.e. slices on which nothing is
+    predicted, "slices": maps in all}."""
+    peaks = []
+    for path in sorted(Path(folder).glob("*.png")):
+        with Image.open(path) as im:
+            peaks.append(int(np.asarray(im).max()))
+    return {"empty": sum(peak < threshold for peak in peaks), "slices": len(peaks)}
 
 
 def _six(summary):
