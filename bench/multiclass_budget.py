@@ -8,7 +8,8 @@ and validation figures against epochs and the first validated epoch at which the
 
     training loss below the class-frequency loss (the BCE of predicting each class's pixel frequency
     everywhere, which a network reaches without looking at the slice), and both classes predicted where
-    they are on some held-out slice (GGO Dice > 0 and consolidation Dice > 0).
+    they are on some held-out slice (GGO Dice > 0 and consolidation Dice > 0). The report also gives
+    the first epoch at which GGO alone is (consolidation covers a few percent of the pixels).
 
 A network that has learned only the class frequencies labels every pixel background: both Dice are 0.
 The release's learning rate is constant, so the first k epochs of a run are the k-epoch run: one run
@@ -67,11 +68,11 @@ def frequency_loss(train_path, trainsize):
     return float(np.mean(-(freq * np.log(freq) + (1 - freq) * np.log(1 - freq))))
 
 
-def first_learned(curve, floor):
+def first_learned(curve, floor, classes=("ggo", "cons")):
     """The first validated epoch at which the row has learned (see the module docstring): training loss
-    below `floor` (frequency_loss) and both classes' Dice > 0; None if never."""
+    below `floor` (frequency_loss) and the Dice of each of `classes` > 0; None if never."""
     for point in curve:
-        if point["loss"] < floor and point["ggo"] > 0 and point["cons"] > 0:
+        if point["loss"] < floor and all(point[c] > 0 for c in classes):
             return point["epoch"]
     return None
 
@@ -81,15 +82,16 @@ def make_report(curves, a, floor):
     lines = [f"Release recipe at {a.trainsize} px, {a.val_split} of the training slices held out (`--val_seed "
              f"2020`), validated every {a.val_every} epochs, up to {a.epochs}. Class-frequency loss: {floor:.4f} "
              f"(a training loss above it has learned no more than the class frequencies).",
-             "", "| row | learns at epoch | epochs run | minutes | loss: first → last | last GGO / cons. Dice |",
-             "|---|---|---|---|---|---|"]
+             "", "| row | learns at epoch | GGO alone from epoch | epochs run | minutes | loss: first → last | "
+             "last GGO / cons. Dice |", "|---|---|---|---|---|---|---|"]
     for name, curve in curves.items():
         if not curve:
-            lines.append(f"| {name} | – | 0 | – | – | – |")
+            lines.append(f"| {name} | – | – | 0 | – | – | – |")
             continue
-        learned, last = first_learned(curve, floor), curve[-1]
-        learned = learned or f"not within {last['epoch']}"
-        lines.append(f"| {name} | {learned} | "
+        last = curve[-1]
+        learned, ggo = (first_learned(curve, floor, classes) or f"not within {last['epoch']}"
+                        for classes in (("ggo", "cons"), ("ggo",)))
+        lines.append(f"| {name} | {learned} | {ggo} | "
                      f"{last['epoch']} | {last['minutes']:.1f} | {curve[0]['loss']:.4f} → {last['loss']:.4f} | "
                      f"{last['ggo']:.3f} / {last['cons']:.3f} |")
     lines += ["", "Training loss (BCE), GGO Dice and consolidation Dice on the held-out slices, per validated "

@@ -441,7 +441,7 @@ def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path, data_roo
         return {"epoch": epoch, "minutes": epoch / 2, "val_dice": (ggo + cons) / 2, "val_mae": 0.1,
                 "val_ggo_dice": ggo, "val_cons_dice": cons, "train_loss": loss, "lr": 0.01}
     # background only at 8; GGO but no consolidation at 16; both at 24
-    write_val_csv(run / "val.csv", [point(8, 0.40, 0, 0), point(16, 0.30, 0.2, 0), point(24, 0.25, 0.3, 0.1)])
+    write_val_csv(run / "val.csv", [point(8, 0.40, 0, 0), point(16, 0.26, 0.2, 0), point(24, 0.25, 0.3, 0.1)])
     curve = budget.read_curve(run / "val.csv")
     assert budget.first_learned(curve, floor=0.27) == 24
     assert budget.first_learned(curve[:2], floor=0.27) is None
@@ -455,4 +455,5 @@ def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path, data_roo
     freq = targets.mean(dim=(0, 2, 3)).view(1, 3, 1, 1).expand_as(targets)
     bce = torch.nn.functional.binary_cross_entropy(freq, targets)
     assert budget.frequency_loss(root, 64) == pytest.approx(float(bce), rel=1e-4)
-    assert "| FCN8s | 24 | 24 |" in report and "| DeepLabV3+ (stride=8) | not within 16 | 16 |" in report
+    assert "| FCN8s | 24 | 16 | 24 |" in report and "| DeepLabV3+ (stride=8) | not within 16 | 16 | 16 |" in report
+    assert budget.first_learned(curve, 0.27, ("ggo",)) == 16
