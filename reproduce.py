@@ -14,7 +14,15 @@ import argparse
 import dataclasses
 import warnings
 
-from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
+from Code.model_lung_infection.cli import (
+    TRAINING_PRECISION_HELP,
+    ArgumentParser,
+    add_bool,
+    add_debug,
+    add_runtime_args,
+    positive_int,
+    run_main,
+)
 from Code.model_lung_infection.table_plan import BUDGETS, TABLE_ROWS
 
 
@@ -37,7 +45,7 @@ def parse_args(argv=None):
                         "initialised them; without it every encoder starts from random weights")
     add_bool(p, "--retrain", False, "train, test and evaluate every row again")
     add_bool(p, "--progress", True, "progress bars")
-    add_runtime_args(p)
+    add_runtime_args(p, defaults={"channels_last": None}, help=TRAINING_PRECISION_HELP)  # the rows train
     add_debug(p)
     a = p.parse_args(argv)
     names = [r.name for r in TABLE_ROWS[a.table]]

@@ -17,6 +17,7 @@ per row gives every smaller budget (at the resolution of --val_every). The test 
 
     python bench/multiclass_budget.py --epochs 64 --val_every 8 --out Results/multiclass_budget.md
     python bench/multiclass_budget.py --rows FCN8s "DeepLabV3+ (stride=16)" --epochs 64
+    python bench/multiclass_budget.py --rows FCN8s --epochs 128 --extend   # the same runs, 64 epochs more
     python bench/multiclass_budget.py --table_only --snapshot_root Snapshots/multiclass_budget
 """
 import argparse
@@ -38,7 +39,10 @@ def run_name(row, seed):
 
 
 def command(row, seed, a):
-    """The MyTrain_MulClsLungInf_UNet.py command of one row's run."""
+    """The MyTrain_MulClsLungInf_UNet.py command of one row's run (--extend: continue it to --epochs)."""
+    if a.extend:
+        return [sys.executable, str(ROOT / "MyTrain_MulClsLungInf_UNet.py"), "--resume", "--train_save",
+                run_name(row, seed), "--snapshot_root", a.snapshot_root, "--epoch", str(a.epochs), "--no-progress"]
     return [sys.executable, str(ROOT / "MyTrain_MulClsLungInf_UNet.py"), "--arch", row.model,
             "--prior" if row.prior else "--no-prior", "--train_path", a.train_path, "--trainsize", str(a.trainsize),
             "--epoch", str(a.epochs), "--val_split", str(a.val_split), "--val_every", str(a.val_every),
@@ -117,6 +121,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
     p.add_argument("--table_only", action="store_true", help="report the runs already done")
+    p.add_argument("--extend", action="store_true",
+                   help="continue the rows' finished runs to --epochs (the lr is constant: the same as a longer run)")
     p.add_argument("--args", default="", help="more MyTrain_MulClsLungInf_UNet.py options for every run")
     a = p.parse_args(argv)
     a.snapshot_root = str(Path(a.snapshot_root).resolve())  # the runs start in the repository root

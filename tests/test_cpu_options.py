@@ -275,8 +275,8 @@ def test_pretraining_on_the_held_out_slices_is_refused(tmp_path, capsys):
 def test_resume_is_exact_with_every_option_on(tmp_path):
     # epoch 1 pretrains, epoch 2 trains: the resume crosses the switch
     pre = write_synthetic_slices(tmp_path / "pre", 4, 96, prefix="p")
-    opts = dict(augment=True, schedule="cosine", warmup_epochs=1, ema=0.9, progressive_size=32, val_split=2,
-                epoch_samples=2, pretrain_path=str(pre), pretrain_epochs=1)
+    opts = dict(augment=True, schedule="cosine", warmup_epochs=1, ema=0.9, progressive_size=64, trainsize=96,
+                val_split=2, epoch_samples=2, pretrain_path=str(pre), pretrain_epochs=1)
     full = train(_cfg(tmp_path, train_save="full", epoch=2, **opts))
     train(_cfg(tmp_path, train_save="split", epoch=1, **opts))
     resumed = train(_cfg(tmp_path, train_save="split", epoch=2, resume=True, **opts))
@@ -347,7 +347,7 @@ def test_recipe_presets_apply_and_explicit_options_win(monkeypatch):
     cfg = script.config_from_args(script.parse_args(["--recipe", "test", "--no-augment"]))
     assert (cfg.recipe, cfg.augment, cfg.ema, cfg.warmup_epochs) == ("test", False, 0.99, 2)
     with pytest.raises(ValueError, match="progressive_size"):
-        TrainConfig(progressive_size=16)
+        TrainConfig(progressive_size=32)  # 1x1 deepest maps: refused
 
 
 def test_cpu_hour_recipe_is_pretraining_on_pseudo_labels_in_an_hour_and_options_given_win():
@@ -434,6 +434,9 @@ def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path, data_roo
         assert (cfg.arch, cfg.prior, cfg.trainsize, cfg.epoch, cfg.val_split, cfg.val_every, cfg.recipe) == \
             (row.model, row.prior, 192, 24, 5, 8, "release")
     fcn = budget.ROWS["FCN8s"]
+    more = budget.parse_args(["--epochs", "48", "--extend", "--snapshot_root", str(tmp_path)])
+    given = mc_script.parse_args(budget.command(fcn, 2020, more)[2:])  # continues the same run to 48
+    assert (given.resume, given.epoch, given.train_save) == (True, 48, budget.run_name(fcn, 2020))
     run = tmp_path / "save_weights" / budget.run_name(fcn, 2020)
     run.mkdir(parents=True)
 
@@ -457,3 +460,22 @@ def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path, data_roo
     assert budget.frequency_loss(root, 64) == pytest.approx(float(bce), rel=1e-4)
     assert "| FCN8s | 24 | 16 | 24 |" in report and "| DeepLabV3+ (stride=8) | not within 16 | 16 | 16 |" in report
     assert budget.first_learned(curve, 0.27, ("ggo",)) == 16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_training_defaults_to_bf16_and_channels_last_where_bf16_is_native(monkeypatch, native):
+    from Code.model_lung_infection import runtime
+    from Code.model_lung_infection.engine import Engine
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert runtime.training_precision(cpu) == (native, native)
+    assert runtime.training_precision(cpu, amp=False, channels_last=False) == (False, False)  # given: it wins
+    assert runtime.training_precision(torch.device("cuda")) == (True, False)
+    assert runtime.training_precision(cpu, smallest_input=32) == (False, False)  # 1x1 deepest maps: fp32
+    assert TrainConfig(trainsize=64).smallest_input() == 64  # 0.75 x 64 rounds to 64
+    assert TrainConfig(trainsize=352, progressive_size=96).smallest_input() == 64
+    assert TrainConfig().amp is None and TrainConfig().channels_last is None  # unset unless given
+    engine = Engine(TrainConfig(device="cpu", snapshot_root="unused"), torch.nn.Conv2d(3, 4, 3))
+    assert (engine.amp, engine.channels_last) == (native, native)
+    assert engine.model.weight.is_contiguous(memory_format=torch.channels_last) == native
+    assert engine.images(torch.zeros(1, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last) == native

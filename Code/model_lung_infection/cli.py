@@ -134,7 +134,14 @@ def add_run_args(parser, defaults):
                         help="CPU budget: each epoch trains on this many slices (successive epochs continue "
                              "through a seeded shuffle of the set) instead of all of them")
     parser.add_argument("--max_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
-    add_runtime_args(parser)
+    add_runtime_args(parser, defaults={"channels_last": None}, help=TRAINING_PRECISION_HELP)
+
+
+# Training's defaults (runtime.training_precision): None = chosen by the device
+TRAINING_PRECISION_HELP = {
+    "amp": "mixed precision: float16 on CUDA, bfloat16 on CPU; unset: on for CUDA and for CPUs with native bf16 "
+           "(AVX512-BF16, AMX), off elsewhere",
+    "channels_last": "channels-last memory format; unset: on for CPUs with native bf16, off elsewhere"}
 
 
 def add_train_args(parser, defaults, from_preset=()):

@@ -33,8 +33,8 @@ class RunConfig:
     batchsize: int = 24                   # global: split over DDP processes
     clip: Optional[float] = None          # gradient clipping by value
     save_every: int = 10
-    amp: Optional[bool] = None            # None: on for CUDA, off for CPU
-    channels_last: bool = False
+    amp: Optional[bool] = None            # None: on for CUDA and CPUs with native bf16 (runtime.training_precision)
+    channels_last: Optional[bool] = None  # None: on for CPUs with native bf16
     device: str = "auto"
     num_workers: Optional[int] = None     # None: 4 on CUDA, 0 on CPU
     seed: int = 2020
@@ -69,12 +69,21 @@ class RunConfig:
         """create_model's arguments for the run's network (a trainer's config says); saved in the config."""
         return None
 
+    def smallest_input(self):
+        """The smallest side the network is trained at (None: unknown), for runtime.training_precision."""
+        return getattr(self, "trainsize", None)
+
     def as_dict(self):
         """The config as checkpoint.pth records it: every field, and the network's `architecture`."""
         return json.loads(json.dumps({**dataclasses.asdict(self), "architecture": self.architecture()}, default=str))
 
 
 SCALES = (0.75, 1.0, 1.25)
+
+
+def scaled_size(trainsize, rate):
+    """Multi-scale side length, rounded to a multiple of 32 (as released)."""
+    return int(round(trainsize * rate / 32) * 32)
 
 
 @dataclass
@@ -113,6 +122,10 @@ class TrainConfig(RunConfig):
             self.pretrain_path = [str(self.pretrain_path)]
         check_train_options(self)
 
+    def smallest_input(self):
+        return min(scaled_size(min(self.trainsize, self.progressive_size or self.trainsize), rate)
+                   for rate in self.scales)
+
     def architecture(self):
         """create_model's arguments for this run's network (recorded in checkpoint.pth; models.load_model)."""
         return {"name": self.model, "in_channels": 3, "num_classes": 1,
@@ -144,8 +157,10 @@ def check_train_options(cfg):
         problems.append(f"schedule '{cfg.schedule}': choose one of {', '.join(LR_SCHEDULES)}")
     if cfg.ema is not None and not 0 < cfg.ema < 1:
         problems.append(f"ema {cfg.ema}: the decay must lie strictly between 0 and 1 (e.g. 0.999)")
-    if cfg.progressive_size is not None and not 32 <= cfg.progressive_size <= cfg.trainsize:
-        problems.append(f"progressive_size {cfg.progressive_size}: must lie between 32 and trainsize "
+    # Below 64 px the deepest feature maps are 1x1, where CPU bf16 convolutions gave garbage gradients
+    # (PyTorch 2.14, oneDNN; fp32 was exact): such sizes are refused, not trained on.
+    if cfg.progressive_size is not None and not 64 <= cfg.progressive_size <= cfg.trainsize:
+        problems.append(f"progressive_size {cfg.progressive_size}: must lie between 64 and trainsize "
                         f"({cfg.trainsize})")
     if cfg.pretrain_epochs and not cfg.pretrain_path:
         problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: give the slices to pretrain on (--pretrain_path)")

@@ -32,7 +32,7 @@ from .atomic import atomic_write
 from .checkpoint import atomic_save, load_checkpoint, read_checkpoint, save_release_weights, unwrap
 from .configs import RunConfig
 from .errors import CheckpointError, TrainingInterrupted, UserError
-from .runtime import Distributed, autocast, pick_device, rng_state, set_rng_state
+from .runtime import Distributed, autocast, pick_device, rng_state, set_rng_state, training_precision
 
 # Options that may change between an interrupted run and its resumption: where the run is now, how
 # long it goes (--epoch extends a finished run) and how this process runs (not what it computes).
@@ -118,9 +118,10 @@ class Engine:
         check_run_folder(cfg)  # on every rank before any process group exists: an error stops them all
         self.ddp = Distributed()
         self.device = self.ddp.setup(pick_device(cfg.device))
-        self.amp = self.device.type == "cuda" if cfg.amp is None else bool(cfg.amp)
+        self.amp, self.channels_last = training_precision(self.device, cfg.amp, cfg.channels_last,
+                                                          cfg.smallest_input())
         self.model = model.to(self.device)
-        if cfg.channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         # DDP reduces the gradients of parameters that require them; frozen ones (the release's unused
         # classifier, encoders.py) are neither reduced nor waited for.
@@ -138,7 +139,7 @@ class Engine:
 
     def images(self, x):
         x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def to_device(self, *tensors):
         return [t.to(self.device, non_blocking=True) for t in tensors]

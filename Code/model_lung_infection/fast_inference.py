@@ -22,19 +22,11 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .layers import ConvBN
+from .runtime import cpu_has_native_bf16  # noqa: F401 -- exported here too
 
 __all__ = ["prepare_for_inference", "fuse_conv_bn", "count_batchnorms", "cpu_has_native_bf16"]
 
 _BN = nn.BatchNorm2d  # exactly: subclasses such as timm's BatchNormAct2d also apply an activation
-
-
-def cpu_has_native_bf16():
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is fast;
-    elsewhere oneDNN emulates bf16 and it is slower than fp32."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def count_batchnorms(model):

@@ -63,7 +63,7 @@ class TableRunner:
     """Runs rows stage by stage under one budget; see the module docstring for the folders."""
 
     def __init__(self, budget, data_root="Dataset", snapshot_root="Snapshots", results_root="Results/tables",
-                 retrain=False, device="auto", amp=None, channels_last=False, progress=True, log=print,
+                 retrain=False, device="auto", amp=None, channels_last=None, progress=True, log=print,
                  imagenet_dir=None, num_workers=None, seed=2020):
         self.budget, self.data = budget, DataPaths(data_root)
         self.imagenet_dir = Path(imagenet_dir) if imagenet_dir else None

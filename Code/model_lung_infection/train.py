@@ -28,6 +28,7 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     STAGES,
     Stage,
     TrainConfig,
+    scaled_size,
     stage_config,
 )
 from .data import DataError, InfectionTrainSet
@@ -41,11 +42,6 @@ from .validation import Validator, split_validation
 def build_model(cfg):
     """The network a TrainConfig describes, its encoder from cfg.pretrained (an ImageNet file) if given."""
     return create_model(**cfg.architecture(), pretrained=cfg.pretrained)
-
-
-def scaled_size(trainsize, rate):
-    """Multi-scale side length, rounded to a multiple of 32 (as released)."""
-    return int(round(trainsize * rate / 32) * 32)
 
 
 def rescale_batch(tensors, size):
