@@ -6,10 +6,10 @@ constant lr) at the budget's size, on 45 of the 50 multi-class training slices (
 validating every K epochs up to --epochs. Then it reads each run's val.csv and prints, per row, the loss
 and validation figures against epochs and the first validated epoch at which the row has LEARNED:
 
-    training loss below the class-frequency loss (the BCE of predicting each class's pixel frequency
-    everywhere, which a network reaches without looking at the slice), and both classes predicted where
-    they are on some held-out slice (GGO Dice > 0 and consolidation Dice > 0). The report also gives
-    the first epoch at which GGO alone is (consolidation covers a few percent of the pixels).
+    both classes predicted where they are on some held-out slice (GGO Dice > 0 and consolidation
+    Dice > 0), with the training loss below that of the first validation (falling). The report also
+    gives the first epoch at which GGO alone is (consolidation covers a few percent of the pixels),
+    and the training loss at every validation.
 
 A network that has learned only the class frequencies labels every pixel background: both Dice are 0.
 The release's learning rate is constant, so the first k epochs of a run are the k-epoch run: one run
@@ -60,32 +60,19 @@ def read_curve(path):
                  "ggo": float(r["val_ggo_dice"]), "cons": float(r["val_cons_dice"])} for r in csv.DictReader(f)]
 
 
-def frequency_loss(train_path, trainsize):
-    """The BCE (mean over the 3 one-hot channels) of predicting every class's pixel frequency everywhere,
-    over the GT of `train_path` at `trainsize`: the loss of a network that learned only the frequencies."""
-    import numpy as np
-
-    from Code.model_lung_infection.multiclass import MultiClassTrainSet
-    data = MultiClassTrainSet(train_path, trainsize, prior=False, cache=False)
-    counts = sum(np.bincount(data.read(i)[2].ravel(), minlength=3) for i in range(len(data)))
-    freq = np.clip(counts / counts.sum(), 1e-12, 1 - 1e-12)
-    return float(np.mean(-(freq * np.log(freq) + (1 - freq) * np.log(1 - freq))))
-
-
-def first_learned(curve, floor, classes=("ggo", "cons")):
-    """The first validated epoch at which the row has learned (see the module docstring): training loss
-    below `floor` (frequency_loss) and the Dice of each of `classes` > 0; None if never."""
+def first_learned(curve, classes=("ggo", "cons")):
+    """The first validated epoch at which the row has learned (see the module docstring): the Dice of each
+    of `classes` > 0, the training loss at most that of the first validation; None if never."""
     for point in curve:
-        if point["loss"] < floor and all(point[c] > 0 for c in classes):
+        if point["loss"] <= curve[0]["loss"] and all(point[c] > 0 for c in classes):
             return point["epoch"]
     return None
 
 
-def make_report(curves, a, floor):
+def make_report(curves, a):
     """Markdown: per row the epoch it learns at, then its loss / GGO Dice / consolidation Dice per validation."""
     lines = [f"Release recipe at {a.trainsize} px, {a.val_split} of the training slices held out (`--val_seed "
-             f"2020`), validated every {a.val_every} epochs, up to {a.epochs}. Class-frequency loss: {floor:.4f} "
-             f"(a training loss above it has learned no more than the class frequencies).",
+             f"2020`), validated every {a.val_every} epochs.",
              "", "| row | learns at epoch | GGO alone from epoch | epochs run | minutes | loss: first → last | "
              "last GGO / cons. Dice |", "|---|---|---|---|---|---|---|"]
     for name, curve in curves.items():
@@ -93,7 +80,7 @@ def make_report(curves, a, floor):
             lines.append(f"| {name} | – | – | 0 | – | – | – |")
             continue
         last = curve[-1]
-        learned, ggo = (first_learned(curve, floor, classes) or f"not within {last['epoch']}"
+        learned, ggo = (first_learned(curve, classes) or f"not within {last['epoch']}"
                         for classes in (("ggo", "cons"), ("ggo",)))
         lines.append(f"| {name} | {learned} | {ggo} | "
                      f"{last['epoch']} | {last['minutes']:.1f} | {curve[0]['loss']:.4f} → {last['loss']:.4f} | "
@@ -145,7 +132,7 @@ def main(argv=None):
         curves[name] = read_curve(Path(a.snapshot_root) / "save_weights" / run_name(row, a.seed) / "val.csv")
     if a.dry_run:
         return
-    report = make_report(curves, a, frequency_loss(a.train_path, a.trainsize))
+    report = make_report(curves, a)
     print(report)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
