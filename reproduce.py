@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--table", required=True, choices=list(TABLE_ROWS), help="the paper's table")
     p.add_argument("--budget", default="paper", choices=list(BUDGETS),
                    help="; ".join(f"{k}: {v.describe('semi')}, multi-class {v.multiclass_epochs} ep"
+                                  + "".join(f" ({run}: {e})" for run, e in v.multiclass_row_epochs)
                                   for k, v in BUDGETS.items()))
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="override the budget's epochs (doctor-label training and Semi-Inf-Net step ii)")

@@ -227,3 +227,12 @@ def test_a_multiclass_row_gets_its_own_budget(mini_dataset, tmp_path):
     run = tmp_path / "snap" / "save_weights" / "tables" / budget.tag / os16.run
     assert (run / f"{os16.run}-2.pth").is_file()
     assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2
+
+
+def test_every_per_row_budget_names_a_table_III_row():
+    # a misspelt run name would silently leave that row at the budget's default epochs
+    from Code.model_lung_infection.table_plan import BUDGETS
+    runs = {row.run for row in TABLE_ROWS["III"]}
+    for budget in BUDGETS.values():
+        assert {run for run, _ in budget.multiclass_row_epochs} <= runs
+        assert all(epochs > budget.multiclass_epochs for _, epochs in budget.multiclass_row_epochs)
