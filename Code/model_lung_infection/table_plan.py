@@ -63,7 +63,7 @@ BUDGETS = {
     # About 1.5 h for Table IV on 2 CPU cores (bf16); far below the paper's recipe. In 8 epochs (32 updates)
     # DeepLabV3+ and FCN8s learn nothing: they get the first epoch at which they predicted both classes on
     # held-out slices (bench/multiclass_budget.py, docs/tables.md), or GGO alone where consolidation never
-    # came within 128 epochs (Semi-Inf-Net & FCN8s); FCN8s on the slice alone learned nothing within 64.
+    # came within 128 epochs (Semi-Inf-Net & FCN8s); FCN8s on the slice alone learned nothing within 128.
     "cpu": Budget("cpu", trainsize=192, epochs=8, pseudo_epochs=2, pseudo_samples=100, multiclass_epochs=8,
                   multiclass_row_epochs=(("mc_deeplabv3plus_os8_image", 96), ("mc_deeplabv3plus_os16_image", 120),
                                          ("mc_fcn8s_prior", 88))),
