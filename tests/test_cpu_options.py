@@ -347,7 +347,7 @@ def test_recipe_presets_apply_and_explicit_options_win(monkeypatch):
     cfg = script.config_from_args(script.parse_args(["--recipe", "test", "--no-augment"]))
     assert (cfg.recipe, cfg.augment, cfg.ema, cfg.warmup_epochs) == ("test", False, 0.99, 2)
     with pytest.raises(ValueError, match="progressive_size"):
-        TrainConfig(progressive_size=32)  # 1x1 deepest maps: refused
+        TrainConfig(progressive_size=16)
 
 
 def test_cpu_hour_recipe_is_pretraining_on_pseudo_labels_in_an_hour_and_options_given_win():
@@ -467,6 +467,7 @@ def test_cpu_training_defaults_to_bf16_and_channels_last_where_bf16_is_native(mo
     assert runtime.training_precision(cpu, smallest_input=32) == (False, False)  # 1x1 deepest maps: fp32
     assert TrainConfig(trainsize=64).smallest_input() == 64  # 0.75 x 64 rounds to 64
     assert TrainConfig(trainsize=352, progressive_size=96).smallest_input() == 64
+    assert TrainConfig(trainsize=352, progressive_size=32).smallest_input() == 32  # its first epochs: fp32 run
     assert TrainConfig().amp is None and TrainConfig().channels_last is None  # unset unless given
     engine = Engine(TrainConfig(device="cpu", snapshot_root="unused"), torch.nn.Conv2d(3, 4, 3))
     assert (engine.amp, engine.channels_last) == (native, native)

@@ -123,8 +123,7 @@ class TrainConfig(RunConfig):
         check_train_options(self)
 
     def smallest_input(self):
-        return min(scaled_size(min(self.trainsize, self.progressive_size or self.trainsize), rate)
-                   for rate in self.scales)
+        return scaled_size(self.progressive_size or self.trainsize, min(self.scales))
 
     def architecture(self):
         """create_model's arguments for this run's network (recorded in checkpoint.pth; models.load_model)."""
@@ -157,10 +156,8 @@ def check_train_options(cfg):
         problems.append(f"schedule '{cfg.schedule}': choose one of {', '.join(LR_SCHEDULES)}")
     if cfg.ema is not None and not 0 < cfg.ema < 1:
         problems.append(f"ema {cfg.ema}: the decay must lie strictly between 0 and 1 (e.g. 0.999)")
-    # Below 64 px the deepest feature maps are 1x1, where CPU bf16 convolutions gave garbage gradients
-    # (PyTorch 2.14, oneDNN; fp32 was exact): such sizes are refused, not trained on.
-    if cfg.progressive_size is not None and not 64 <= cfg.progressive_size <= cfg.trainsize:
-        problems.append(f"progressive_size {cfg.progressive_size}: must lie between 64 and trainsize "
+    if cfg.progressive_size is not None and not 32 <= cfg.progressive_size <= cfg.trainsize:
+        problems.append(f"progressive_size {cfg.progressive_size}: must lie between 32 and trainsize "
                         f"({cfg.trainsize})")
     if cfg.pretrain_epochs and not cfg.pretrain_path:
         problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: give the slices to pretrain on (--pretrain_path)")

@@ -36,7 +36,8 @@ def training_precision(device, amp=None, channels_last=None, smallest_input=None
     seed-to-seed spread of fp32's validation Dice at equal epochs and seed (docs/results.md, issue 16),
     unless the run trains at a side below MIN_BF16_CPU_SIDE (`smallest_input`): fp32 then.
     Other CPUs: fp32, NCHW (their bf16 is emulated, slower than fp32)."""
-    fast_bf16 = device.type == "cpu" and cpu_has_native_bf16() and (smallest_input or 1e9) >= MIN_BF16_CPU_SIDE
+    large_enough = smallest_input is None or smallest_input >= MIN_BF16_CPU_SIDE
+    fast_bf16 = device.type == "cpu" and cpu_has_native_bf16() and large_enough
     amp = (device.type == "cuda" or fast_bf16) if amp is None else bool(amp)
     channels_last = fast_bf16 if channels_last is None else bool(channels_last)
     return amp, channels_last
