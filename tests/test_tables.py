@@ -163,6 +163,10 @@ def test_interrupted_row_resumes_its_training(mini_dataset, tmp_path, monkeypatc
     assert (run / "checkpoint.pth").exists() and not (run / "gated_unet-2.pth").exists()
     assert not (tmp_path / "tables" / budget.tag / "rows" / "gated_unet.json").exists()
 
+    # The first session "took" 10 minutes: the row's minutes must count it, not only the resumed part.
+    state = torch.load(run / "checkpoint.pth", weights_only=True)
+    torch.save({**state, "elapsed_s": 600.0}, run / "checkpoint.pth")
+
     monkeypatch.setattr(tables, "train", real_train)
     capsys.readouterr()
     TableRunner(budget, data, **kw).run_table("II", ["Gated-UNet"])
@@ -170,6 +174,8 @@ def test_interrupted_row_resumes_its_training(mini_dataset, tmp_path, monkeypatc
     assert "resumed" in out and "after epoch 1" in out
     assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2
     assert (run / "gated_unet-2.pth").exists()
+    row = json.loads((tmp_path / "tables" / budget.tag / "rows" / "gated_unet.json").read_text())
+    assert 10.0 <= row["minutes"] < 11
 
 
 def test_imagenet_dir_initialises_the_encoders(tmp_path):

@@ -68,6 +68,14 @@ def read_training_checkpoint(path, mmap=False):
     return state
 
 
+def training_seconds(path):
+    """Wall seconds a run has trained, every resumed session included (its checkpoint.pth's record);
+    0 for a run that left no checkpoint.pth."""
+    if not Path(path).is_file():
+        return 0.0
+    return float(read_training_checkpoint(path, mmap=True).get("elapsed_s", 0.0))
+
+
 def restore_config(config_class, path, given):
     """The config `path` (a checkpoint.pth) was trained with, for --resume.
 

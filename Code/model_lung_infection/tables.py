@@ -34,6 +34,7 @@ from . import multiclass
 from .atomic import atomic_write
 from .checkpoint import read_checkpoint
 from .complexity import count_complexity
+from .engine import training_seconds
 from .infer import run_test
 from .models import load_model
 from .runtime import pick_device
@@ -74,6 +75,7 @@ class TableRunner:
         self.runtime = dict(device=device, amp=amp, channels_last=channels_last, progress=progress,
                             num_workers=num_workers, seed=seed)
         self._fresh = set()  # runs (re)done by this runner: --retrain redoes each once
+        self._train_seconds = 0.0  # training time of the row being computed (see row)
 
     # ---- folders ----
     @property
@@ -105,8 +107,9 @@ class TableRunner:
         if path.exists() and not self._redo(row.run):
             self.log(f"  finished earlier: {path}")
             return json.loads(path.read_text())
-        started = time.time()
+        self._train_seconds = 0.0  # _fit adds each run's own record, so a resumed row counts all its sessions
         trained = self._train(row)
+        testing_started = time.time()
         metrics, empty = self._test_and_evaluate(row, trained)
         model = self._model_for_counting(row, trained)
         complexity = count_complexity(model, 352, row.in_channels)
@@ -115,7 +118,7 @@ class TableRunner:
                   "params": complexity["params"], "macs": complexity["macs"],
                   "budget": dataclasses.asdict(self.budget), "budget_text": self.budget.describe(row.recipe, row),
                   "device": str(self._device()), "pretrained": self._imagenet_file(row) is not None,
-                  "minutes": round((time.time() - started) / 60, 1)}
+                  "minutes": round((self._train_seconds + time.time() - testing_started) / 60, 1)}
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         self._fresh.add(row.run)
         return result
@@ -176,6 +179,7 @@ class TableRunner:
         run = cfg.train_save
         if final.exists() and not self._redo(run):
             self.log(f"  trained earlier: {final}")
+            self._train_seconds += training_seconds(cfg.checkpoint_path)
             return cfg.checkpoint_path
         if self._redo(run):
             cfg = dataclasses.replace(cfg, overwrite=True)  # a copy: the caller's config stays as given
@@ -183,6 +187,7 @@ class TableRunner:
             cfg = dataclasses.replace(cfg, resume=True)
         (train if isinstance(cfg, TrainConfig) else multiclass.train)(cfg)
         self._fresh.add(run)
+        self._train_seconds += training_seconds(cfg.checkpoint_path)
         return cfg.checkpoint_path
 
     def _fit_multiclass(self, row):
