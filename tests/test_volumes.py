@@ -135,21 +135,22 @@ def test_network_outputs_aligned_with_the_input(phantom, checkpoint, tmp_path):
 
 def test_dicom_series_same_report_as_nifti_and_series_choice(phantom, tmp_path):
     folder = tmp_path / "series"
-    vp.write_dicom_series(folder, phantom["hu"], phantom["affine"], slope=0.5, intercept=-1200.0)
+    main = vp.write_dicom_series(folder, phantom["hu"], phantom["affine"], slope=0.5, intercept=-1200.0)
     other = vp.write_dicom_series(folder, phantom["hu"][:, :, :3], phantom["affine"], series_uid=None,
                                   keep=[0, 1, 2], shuffle_seed=1, description="scout")
     with pytest.warns(UserWarning, match=other):
         volume = read_dicom(folder)
     assert np.array_equal(volume.data, phantom["hu"].astype(np.float32))
     assert np.allclose(volume.affine, phantom["affine"])
-    with pytest.warns(UserWarning, match=other):
-        from_dicom = run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"),
-                                      mask=str(_dicom_mask(phantom, tmp_path))))["series"]
+    with pytest.raises(UserError, match="not a folder of 2"):  # two series: two cases, and --mask fits one
+        run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"), mask=str(phantom["mask"])))
+    from_dicom = run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"), series=main,
+                                  mask=str(_dicom_mask(phantom, tmp_path))))["series__phantom"]
     from_nifti = run_volumes(dict(data_path=str(phantom["scan"]), mask=str(phantom["mask"]),
                                   save_path=str(tmp_path / "n")))["chest"]
     for key in SUMMARY_KEYS - {"spacing_mm", "shape"}:
         assert from_dicom[key] == from_nifti[key], key
-    assert (tmp_path / "d/series/slices.csv").read_text() != ""
+    assert (tmp_path / "d/series__phantom/slices.csv").read_text() != ""
     chosen = read_dicom(folder, series=other)
     assert chosen.data.shape == (*vp.SHAPE[:2], 3)
 
