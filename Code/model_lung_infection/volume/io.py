@@ -134,7 +134,7 @@ def _discovery_header(path):
 
 
 def _label(parts):
-    return "__".join(safe_component(p) for p in parts if str(p) not in ("", "."))
+    return "__".join(safe_component(p) for p in parts)
 
 
 def _relative_parts(path, root):
@@ -200,8 +200,13 @@ def find_cases(path, series=None, skip=()):
         per_folder.setdefault(folder, []).append(uid)
     for uid, members in groups.items():
         folder = Path(os.path.commonpath([str(p.parent) for p, _ in members]))
-        parts = [case_name(path)] if path.is_file() else _relative_parts(folder, root)
-        if len(per_folder[folder]) > 1:
+        if path.is_file():
+            parts = [case_name(path)]
+        elif uid.startswith("file:"):  # a file of its own: named by its path
+            parts = _relative_parts(members[0][0], root)
+        else:
+            parts = _relative_parts(folder, root)
+        if len(per_folder[folder]) > 1 and not uid.startswith("file:"):
             parts.append(_series_tag(members[0][1]))
         cases.append(Case("dicom", folder, _label(parts), tuple(p for p, _ in members),
                           None if uid.startswith("file:") else uid))
