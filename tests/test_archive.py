@@ -20,8 +20,7 @@ from Code.model_lung_infection import Inf_Net  # noqa: E402
 from Code.model_lung_infection.checkpoint import atomic_save  # noqa: E402
 from Code.model_lung_infection.errors import DataError, OptionError  # noqa: E402
 from Code.model_lung_infection.volume import add_volume_args, run_volumes  # noqa: E402
-from Code.model_lung_infection.volume.io import find_cases, read_dicom, read_nifti, safe_component  # noqa: E402
-from Code.model_lung_infection.volume.options import VolumeConfig, check_config  # noqa: E402
+from Code.model_lung_infection.volume.io import find_cases, read_dicom, read_nifti  # noqa: E402
 
 REALCT = SHARED / "realct"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,6 +107,7 @@ def test_every_series_of_an_archive_is_a_case_and_the_corrupt_one_is_named_and_s
 
 
 def test_case_names_are_one_safe_component_each(tmp_path, copd):
+    from Code.model_lung_infection.volume.io import safe_component
     for text in ("..", ".", "a/../b", "/etc/passwd", " spaced  name ", "-rf", "é" * 5, "x" * 400):
         name = safe_component(text)
         assert name not in (".", "..") and "/" not in name and not name.startswith(("-", "."))
@@ -217,6 +217,7 @@ def _script_args(argv):
 
 def test_options_that_would_be_ignored_are_refused(checkpoint, test_slices, tmp_path, capsys):
     import MyTest_LungInf
+    from Code.model_lung_infection.volume.options import VolumeConfig, check_config
     with pytest.raises(SystemExit):
         _script_args(["--threshold", "1.5"])
     assert "0 < t <= 1" in capsys.readouterr().err

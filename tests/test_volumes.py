@@ -264,3 +264,54 @@ def test_multiclass_adds_classes_volume_and_columns(phantom, checkpoint, tmp_pat
     assert {"ggo_ml", "consolidation_ml"} <= set(summary)
     header = (out / "chest/slices.csv").read_text().splitlines()[0]
     assert header == "slice,z_mm,lung_mm2,infection_mm2,infection_percent,ggo_mm2,consolidation_mm2"
+
+
+# ------------------------------------------------------------------------------------ zones
+
+def test_zone_score_uses_the_ct_severity_thresholds():
+    from Code.model_lung_infection.quantify.report import zone_score
+    cases = {0: 0, 1e-6: 1, 4.99: 1, 5: 2, 25: 2, 25.01: 3, 50: 3, 50.5: 4, 75: 4, 75.01: 5, 100: 5}
+    assert {p: zone_score(p) for p in cases} == cases
+
+
+def test_zones_thirds_by_height_and_ventral_dorsal_halves():
+    """Right lung: a 10 x 10 x 9 block; infection in the dorsal half of its three lowest slices."""
+    from Code.model_lung_infection.quantify.report import zones
+    lungs = np.zeros((24, 12, 9), np.uint8)
+    lungs[1:11, 1:11, :] = 1    # right (rows towards the patient's left: right lung first)
+    lungs[13:23, 1:11, 3:] = 2  # left: slices 3..8 only, so its thirds are its own
+    infection = np.zeros(lungs.shape, bool)
+    infection[1:11, 6:11, 0:3] = True  # columns run towards posterior: dorsal half, lower third
+    infection[13:23, 1:11, 7:9] = True  # left: its upper third (slices 7, 8), whole
+    z_mm = np.arange(9) * 2.0 - 30
+    per, total = zones(lungs, infection, 0.001, z_mm)
+    right, left = per["right"], per["left"]
+    assert (right["lower"]["infection_percent"], right["lower"]["score"]) == (50.0, 3)
+    assert right["middle"]["score"] == right["upper"]["score"] == 0
+    assert right["dorsal"]["infection_percent"] == pytest.approx(100 / 3, abs=1e-3)
+    assert right["ventral"]["infection_percent"] == 0
+    assert right["lower"]["lung_ml"] == pytest.approx(0.3)
+    assert (left["upper"]["infection_percent"], left["upper"]["score"]) == (100.0, 5)
+    assert left["lower"]["score"] == left["middle"]["score"] == 0
+    assert total == 8
+
+
+def test_phantom_report_has_zones_in_summary_csv_and_overview(phantom, tmp_path):
+    out = tmp_path / "out"
+    summary = run_volumes(dict(data_path=str(phantom["scan"]), mask=str(phantom["mask"]), save_path=str(out)))["chest"]
+    right = summary["zones"]["right"]
+    thirds = sum(right[z]["infection_ml"] for z in ("upper", "middle", "lower"))
+    halves = sum(right[z]["infection_ml"] for z in ("ventral", "dorsal"))
+    assert thirds == pytest.approx(summary["infection_ml"], abs=1e-3) and halves == pytest.approx(thirds, abs=1e-3)
+    assert sum(right[z]["lung_ml"] for z in ("upper", "middle", "lower")) == pytest.approx(summary["right_lung_ml"],
+                                                                                          abs=1e-3)
+    # the blob (centre 15 mm anterior, RAS +y, and 10 mm up; radius 12 mm): mostly ventral and middle third
+    assert right["ventral"]["infection_ml"] > 2 * right["dorsal"]["infection_ml"]
+    assert right["middle"]["infection_ml"] == max(right[z]["infection_ml"] for z in ("upper", "middle", "lower"))
+    assert all(summary["zones"]["left"][z]["score"] == 0 for z in ("upper", "middle", "lower"))
+    assert summary["zone_score"] == sum(right[z]["score"] for z in ("upper", "middle", "lower"))
+    assert summary["zone_score_max"] == 30
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["case", "status", "source"]
+    assert {"right_upper_percent", "right_upper_score", "left_dorsal_percent", "zone_score"} <= set(header)
+    assert Image.open(out / "chest/overview.png").size[1] > 256 + 160  # the zone table below the plot
