@@ -193,7 +193,7 @@ SCORE_COLOURS = ((255, 255, 255), (255, 240, 200), (255, 215, 150), (255, 180, 1
 def _zone_table(summary, width):
     """The zones as a small table: each lung's thirds (infected %, score 0-5, tinted by score) and halves,
     and the zone score."""
-    img = Image.new("RGB", (width, 150), "white")
+    img = Image.new("RGB", (width, 156), "white")
     d = ImageDraw.Draw(img)
     x0, label_w, cell_w, row_h = 10, 110, 130, 18
     d.text((x0, 4), "infected % of each lung's zone (score 0-5)", fill="black")
@@ -213,6 +213,8 @@ def _zone_table(summary, width):
            f"zone score {summary['zone_score']} / {summary['zone_score_max']}", fill="black")
     d.text((x0 + label_w + 2 * cell_w + 10, 4 + 3 * row_h + 3), "(six zones, lobe-free; not the", fill="black")
     d.text((x0 + label_w + 2 * cell_w + 10, 4 + 4 * row_h + 3), "25-point CT severity score)", fill="black")
+    d.text((x0, 4 + 7 * row_h + 3), "slices above: the patient's right lung on top, anterior to the left",
+           fill=(90, 90, 90))
     return img
 
 
