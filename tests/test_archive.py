@@ -234,3 +234,15 @@ def test_options_that_would_be_ignored_are_refused(checkpoint, test_slices, tmp_
             MyTest_LungInf.main(["--pth_path", str(checkpoint), "--data_path", str(slices),
                                  "--save_path", str(tmp_path / "maps")] + argv)
     assert not (tmp_path / "maps").exists()
+
+
+def test_a_series_split_over_folders_is_one_case_and_dicomdir_is_no_scan(copd, tmp_path):
+    files = sorted(copd["dicom"].iterdir())
+    for i, f in enumerate(files):
+        dst = tmp_path / "CT 1" / ("part1" if i < 40 else "part2") / f.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst)
+    shutil.copy(files[0], tmp_path / "DICOMDIR")  # an index of the files, named so: not an image
+    (cases,) = find_cases(tmp_path)
+    assert (cases.name, len(cases.files)) == ("CT_1", 79)
+    assert cases.path == tmp_path / "CT 1"
