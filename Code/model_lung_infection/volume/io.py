@@ -179,8 +179,7 @@ def find_cases(path, series=None, skip=()):
     if path.is_file() and not (is_nifti(path) or is_dicom_file(path)):
         raise DataError(f"{path}: neither a NIfTI file (.nii, .nii.gz) nor a DICOM file")
     root = path.parent if path.is_file() else path
-    found = [(path.name.lower().endswith(NIFTI_SUFFIXES) and "nifti" or "dicom", path)] if path.is_file() \
-        else list(_scan_files(path, skip))
+    found = [("nifti" if is_nifti(path) else "dicom", path)] if path.is_file() else _scan_files(path, skip)
     cases, groups = [], {}
     for kind, p in found:
         if kind == "nifti":
@@ -194,12 +193,12 @@ def find_cases(path, series=None, skip=()):
         if ds is not None:
             uid = str(getattr(ds, "SeriesInstanceUID", "") or f"file:{p}")  # no UID: the file is its own series
             groups.setdefault(uid, []).append((p, ds))
+    folders = {uid: Path(os.path.commonpath([str(p.parent) for p, _ in members])) for uid, members in groups.items()}
     per_folder = {}
-    for uid, members in groups.items():
-        folder = Path(os.path.commonpath([str(p.parent) for p, _ in members]))
+    for uid, folder in folders.items():
         per_folder.setdefault(folder, []).append(uid)
     for uid, members in groups.items():
-        folder = Path(os.path.commonpath([str(p.parent) for p, _ in members]))
+        folder = folders[uid]
         if path.is_file():
             parts = [case_name(path)]
         elif uid.startswith("file:"):  # a file of its own: named by its path
