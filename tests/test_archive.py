@@ -246,3 +246,13 @@ def test_a_series_split_over_folders_is_one_case_and_dicomdir_is_no_scan(copd, t
     (cases,) = find_cases(tmp_path)
     assert (cases.name, len(cases.files)) == ("CT_1", 79)
     assert cases.path == tmp_path / "CT 1"
+
+
+def test_outputs_never_land_in_a_scans_own_folder(copd, tmp_path):
+    series = tmp_path / "ct-64"
+    shutil.copytree(copd["dicom"], series)
+    mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8))
+    for save in (tmp_path, series):  # OUT/ct-64 is the series folder itself, or lies inside it
+        with pytest.raises(OptionError, match=r"would go into --data_path .*ct-64 itself"):
+            run_volumes(dict(data_path=str(series), mask=str(mask), save_path=str(save)))
+    assert sorted(p.name for p in series.iterdir()) == sorted(p.name for p in copd["dicom"].iterdir())

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data import normalize_image, resize
-from ..errors import DataError, UserError
+from ..errors import DataError, OptionError, UserError
 from ..fast_inference import prepare_for_inference
 from ..infer import default_amp, probabilities
 from ..models import load_model, read_model
@@ -203,6 +203,20 @@ def run_case(case, cfg, nets, out_root):
     return volume.name, summary, t
 
 
+def _check_save_path(save_path, data_path, cases):
+    """Outputs must never land where the next run would read them as scans: a --save_path inside
+    --data_path is left out of discovery; one that is --data_path itself, or whose case folder is it,
+    is refused."""
+    data = Path(data_path).resolve()
+    if not data.is_dir():
+        return
+    clash = [c.name for c in cases if (save_path / c.name).resolve() == data]
+    if save_path.resolve() == data or clash:
+        raise OptionError(f"--save_path {save_path}: the outputs{' of ' + clash[0] if clash else ''} would go into "
+                          f"--data_path {data_path} itself and be read as scans next time; give a --save_path "
+                          f"outside it or inside a subfolder of it")
+
+
 def run_volumes(args_or_config=None, **overrides):
     """The volume stage of MyTest_LungInf.py: every case of `data_path` into `save_path`/<case>/, then
     `save_path`/summary.csv (every case with its status). Returns {case: summary} of the cases done;
@@ -213,6 +227,7 @@ def run_volumes(args_or_config=None, **overrides):
     check_config(cfg)
     save_path = Path(cfg.save_path or Path("Results") / "Volumes")
     cases = find_cases(cfg.data_path, cfg.series, skip=[save_path])
+    _check_save_path(save_path, cfg.data_path, cases)
     if cfg.mask and len(cases) > 1:
         raise UserError(f"--mask {cfg.mask}: give one scan as --data_path, not a folder of {len(cases)}")
     if not cfg.mask and not cfg.pth_path:
