@@ -254,3 +254,40 @@ def test_every_per_row_budget_names_a_table_III_row():
     for budget in BUDGETS.values():
         assert {run for run, _ in budget.multiclass_row_epochs} <= runs
         assert all(epochs > budget.multiclass_epochs for _, epochs in budget.multiclass_row_epochs)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reproduce_under_torchrun_trains_every_row_in_one_group_and_rank_0_writes(mini_dataset, tmp_path):
+    # Three rows, each trained by 2 gloo processes: a process group re-created per row failed at the third
+    # (connectFullMesh), and every rank tested and wrote the table.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    data = mini_dataset(n_train=3, n_test=2)
+    rows = ["Gated-UNet", "U-Net", "Attention-UNet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(root / "reproduce.py"), "--table", "II", "--budget", "cpu", "--epochs", "1", "--trainsize", "64",
+           "--rows", *rows, "--data_root", str(data), "--snapshot_root", str(tmp_path / "snap"),
+           "--results_root", str(tmp_path / "tables"), "--device", "cpu", "--no-progress"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert out.count("[reproduce] wrote") == 2, out  # table_II.md and .csv, by rank 0 only
+    assert out.count("[test] wrote 2 maps") == 3, out  # each row tested once
+    assert out.count("[table II] row") == 3
+    budget = tables.BUDGETS["cpu"]
+    import dataclasses
+    tag = dataclasses.replace(budget, epochs=1, trainsize=64).tag
+    finished = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "tables" / tag / "rows").glob("*.json"))
+    assert finished == ["attention_unet", "gated_unet", "unet"]
+    text = (tmp_path / "tables" / "table_II.md").read_text()
+    assert all(f"\n| {name} " in text for name in rows) and "2 test slices" in text
