@@ -69,12 +69,113 @@ def test_table_rows_run_then_resume_skips_them(mini_dataset, tmp_path, monkeypat
     md2, _ = TableRunner(TINY, data, **kw).run_table("II", rows)
     assert md2.read_text() == text
 
-    # A row whose result was lost but whose training finished is tested again, not retrained.
+    # A row whose result was lost but whose training finished is tested again, not retrained, into its
+    # own maps folder made afresh (what an interrupted test left there is not scored).
     keyed(rows_dir, "gated_unet", ".json").unlink()
+    maps = keyed(tmp_path / "tables" / TINY.tag / "maps", "gated_unet")
+    (maps / "left-by-a-killed-test.png").write_bytes(b"")
     monkeypatch.undo()
     monkeypatch.setattr(tables, "train", forbidden)
     TableRunner(TINY, data, **kw).run_table("II", ["Gated-UNet"])
     assert keyed(rows_dir, "gated_unet", ".json").exists()
+    assert sorted(p.name for p in maps.iterdir()) == sorted(p.name for p in (data / TEST_GT).iterdir())
+
+
+TEST_GT = "TestingSet/LungInfection-Test/GT"
+
+
+def test_a_row_of_other_data_is_computed_again_beside_the_old_one(mini_dataset, tmp_path, monkeypatch):
+    # Finished rows were reused for any --data_root: "finished earlier" and a byte-identical table.
+    import shutil
+    data = mini_dataset(n_train=3, n_test=2)
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    dropped = sorted(p.stem for p in (other / TEST_GT).iterdir())[0]
+    for path in sorted((other / "TestingSet/LungInfection-Test").rglob(f"{dropped}.*")):
+        path.unlink()  # one test slice fewer: its image, GT and edge
+    log = []
+    kw = dict(snapshot_root=tmp_path / "snap", results_root=tmp_path / "tables", progress=False, log=log.append)
+    md, _ = TableRunner(TINY, data, **kw).run_table("II", ["Gated-UNet"])
+    first = md.read_text()
+    assert "2 test slices of" in first and str(data) in first
+
+    def forbidden(*a, **k):
+        raise AssertionError("trained again though its training data did not change")
+    monkeypatch.setattr(tables, "train", forbidden)  # the training data are the same: the run is reused
+    log.clear()
+    md, _ = TableRunner(TINY, other, **kw).run_table("II", ["Gated-UNet"])
+    second = md.read_text()
+    assert not any("finished earlier" in line for line in log), log
+    assert any("finished for other inputs (data (test))" in line for line in log), log
+    assert "1 test slice of" in second and str(other) in second and second != first
+    rows = sorted((tmp_path / "tables" / TINY.tag / "rows").iterdir())
+    assert len(rows) == 2  # the first data's row is kept
+    assert sorted(json.loads(p.read_text())["test_slices"] for p in rows) == [1, 2]
+
+    # Back on the first data (or an identical copy elsewhere): its row again, nothing recomputed.
+    monkeypatch.setattr(tables, "run_test", forbidden)
+    shutil.copytree(data, tmp_path / "copy")
+    log.clear()
+    md, _ = TableRunner(TINY, tmp_path / "copy", **kw).run_table("II", ["Gated-UNet"])
+    assert any("finished earlier" in line for line in log) and md.read_text() == first
+
+
+def test_every_input_of_a_row_changes_its_key(mini_dataset, tmp_path, monkeypatch):
+    from Code.model_lung_infection import table_keys
+    data = mini_dataset(n_train=2, n_test=1)
+    semi, mc = TABLE_ROWS["II"][-1], TABLE_ROWS["III"][-1]
+
+    def names(budget=TINY, **kw):
+        runner = TableRunner(budget, data, **kw)
+        return {"row": runner._row_name(semi), "mc row": runner._row_name(mc),
+                "step1": runner._run_name(semi, "pseudo_inf_net", ("pseudo",)),
+                "step2": runner._run_name(semi, "semi_inf_net", ("pseudo", "doctor"))}
+    base = names()
+    assert len(set(base.values())) == 4 and base["row"].startswith("semi_inf_net-")
+    assert names() == base  # the same inputs: the same folders
+    assert all(names(seed=1)[k] != base[k] for k in base)
+    import dataclasses
+    assert all(names(dataclasses.replace(TINY, epochs=2))[k] != base[k] for k in base)
+    monkeypatch.setattr(table_keys, "RECIPE_VERSION", table_keys.RECIPE_VERSION + 1)
+    monkeypatch.setattr(tables, "RECIPE_VERSION", table_keys.RECIPE_VERSION)
+    assert all(names()[k] != base[k] for k in base)
+    monkeypatch.undo()
+    # a doctor-label slice changed: step (ii) and the rows change, step (i) (pseudo labels only) is reused
+    gt = sorted((data / "TrainingSet/LungInfection-Train/Doctor-label/GT").iterdir())[0]
+    gt.write_bytes(gt.read_bytes() + b"\0")
+    changed = names()
+    assert changed["step1"] == base["step1"]
+    assert all(changed[k] != base[k] for k in ("step2", "row", "mc row"))  # the multi-class row's prior too
+
+
+def test_missing_data_is_named_before_any_row_trains(mini_dataset, tmp_path, monkeypatch):
+    import shutil
+
+    from Code.model_lung_infection.errors import DataError
+    data = mini_dataset(n_train=2, n_test=1)
+    shutil.rmtree(data / "TestingSet")
+
+    def forbidden(*a, **k):
+        raise AssertionError("trained before the missing test data was noticed")
+    monkeypatch.setattr(tables, "train", forbidden)
+    with pytest.raises(DataError, match="LungInfection-Test: folder not found"):
+        TableRunner(TINY, data, snapshot_root=tmp_path / "s", results_root=tmp_path / "t").run_table("II", ["U-Net"])
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "a\\b"])
+def test_a_budget_name_that_is_not_one_folder_name_is_refused(tmp_path, name):
+    from Code.model_lung_infection.errors import OptionError
+    with pytest.raises(OptionError, match="cannot name a folder"):
+        TableRunner(Budget(name, trainsize=64, epochs=1), tmp_path)
+
+
+def test_reproduce_refuses_a_row_name_of_another_table_in_one_line(capsys):
+    import reproduce
+    with pytest.raises(SystemExit) as e:
+        reproduce.parse_args(["--table", "II", "--rows", "../../etc"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no row(s)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unknown_row_is_named(tmp_path):

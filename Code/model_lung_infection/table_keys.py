@@ -62,6 +62,7 @@ def digest(key):
 
 def key_changes(old, new):
     """What differs between two keys, in words: e.g. "data (test), seed"."""
+    old, new = (json.loads(json.dumps(k)) for k in (old, new))  # as stored: tuples become lists
     changed = []
     for field in sorted(set(old) | set(new)):
         a, b = old.get(field), new.get(field)

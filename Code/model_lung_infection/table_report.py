@@ -43,7 +43,7 @@ def _test_slices(results):
     roots = sorted({r.get("data_root") for r in results.values()} - {None})
     if not counts:  # rows written before the count was recorded
         return "the test slices"
-    text = (f"{counts[0]} test slices" if len(counts) == 1 else
+    text = (f"{counts[0]} test slice{'s' * (counts[0] != 1)}" if len(counts) == 1 else
             f"{' or '.join(map(str, counts))} test slices (see the csv's test_slices column)")
     return text + (f" of `{'`, `'.join(roots)}`" if roots else "")
 
