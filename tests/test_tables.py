@@ -95,9 +95,16 @@ def test_a_row_of_other_data_is_computed_again_beside_the_old_one(mini_dataset, 
         path.unlink()  # one test slice fewer: its image, GT and edge
     log = []
     kw = dict(snapshot_root=tmp_path / "snap", results_root=tmp_path / "tables", progress=False, log=log.append)
+    # what earlier versions left, unkeyed: not reused (nothing says which data it was made from), and said
+    legacy_row = tmp_path / "tables" / TINY.tag / "rows" / "gated_unet.json"
+    legacy_row.parent.mkdir(parents=True)
+    legacy_row.write_text("{}")
+    (tmp_path / "snap" / "save_weights" / "tables" / TINY.tag / "gated_unet").mkdir(parents=True)
     md, _ = TableRunner(TINY, data, **kw).run_table("II", ["Gated-UNet"])
     first = md.read_text()
     assert "2 test slices of" in first and str(data) in first
+    assert sum("predates" in line for line in log) == 2 and legacy_row.read_text() == "{}"
+    legacy_row.unlink()
 
     def forbidden(*a, **k):
         raise AssertionError("trained again though its training data did not change")

@@ -1,18 +1,22 @@
 """Reproduce the paper's Tables II, III and IV: one command per table (`reproduce.py`).
 
 Every row goes through three stages, each skipped when its output already exists:
-  train     Snapshots/save_weights/tables/<budget tag>/<run>/      (checkpoint.pth resumes)
-  test      Results/tables/<budget tag>/maps/<run>/                  (one map per test slice)
-  evaluate  Results/tables/<budget tag>/rows/<run>.json              (a finished row)
+  train     Snapshots/save_weights/tables/<budget tag>/<run>-<key>/  (checkpoint.pth resumes)
+  test      Results/tables/<budget tag>/maps/<run>-<key>/              (one map per test slice)
+  evaluate  Results/tables/<budget tag>/rows/<run>-<key>.json          (a finished row)
 then Results/tables/table_<X>.md and .csv put our six figures beside the paper's
-(paper_tables.json, a copy of the paper's Tables II-V), with Params / FLOPs at 352 x 352 and the
-budget the row was trained with. A run interrupted anywhere picks up at the first unfinished stage
-of the first unfinished row; `retrain=True` runs every stage again.
+(paper_tables.json, a copy of the paper's Tables II-V), with Params / FLOPs at 352 x 352, the
+budget the row was trained with and the number of test slices scored. <key> is the digest of what
+the stage's figures depend on (table_keys.py: data contents, budget, seed, ImageNet file, recipe
+version), so other inputs get other folders and never reuse, mix with or replace earlier ones. A run
+interrupted anywhere picks up at the first unfinished stage of the first unfinished row;
+`retrain=True` runs every stage again. Under torchrun every process trains each row (one process
+group for the table) and rank 0 alone tests, evaluates and writes.
 
-The table is three modules: table_plan.py (what runs, as data: budgets, rows, the paper's figures,
-which row needs another's outputs), this runner (TableRunner: one row at a time; a row never runs
-another, `plan` puts prerequisites first; configs are copied, never changed), and table_report.py
-(the Markdown / CSV table, with EvaluationTool.report's writer).
+The table is four modules: table_plan.py (what runs, as data: budgets, rows, the paper's figures,
+which row needs another's outputs), table_keys.py (what a row depends on), this runner (TableRunner:
+one row at a time; a row never runs another, `plan` puts prerequisites first; configs are copied,
+never changed), and table_report.py (the Markdown / CSV table, with EvaluationTool.report's writer).
 
 Recipes: Inf-Net rows use train.py (multi-scale, deep supervision); the single-map baselines of
 Table II the same optimiser, data and epochs at one scale with BCE; Semi-Inf-Net rows (Table IV
@@ -207,7 +211,7 @@ class TableRunner:
             self.log(f"  {row.name} was finished for other inputs ({changed}) in {last.name}, kept; "
                      f"computing it for these in {path.name}")
         elif legacy.exists():
-            self.log(f"  {legacy} predates keyed rows (it does not record its data): not reused; "
+            self.log(f"  {legacy} predates rows keyed by their inputs (it does not record its data): not reused; "
                      f"computing the row in {path.name}")
 
     def _from_main(self, compute):
@@ -273,6 +277,10 @@ class TableRunner:
         final = cfg.run_dir / f"{cfg.snapshot_prefix}-{cfg.epoch}.pth"
         run = cfg.train_save
         trained, started = self._from_main(lambda: (final.exists(), cfg.checkpoint_path.exists()))
+        legacy = cfg.run_dir.with_name(cfg.snapshot_prefix)  # the unkeyed folder of earlier versions
+        if not (trained or started) and legacy.is_dir():
+            self.log(f"  {legacy} predates runs keyed by their inputs and is not reused; if it was trained on "
+                     f"these inputs, rename it to {cfg.run_dir.name} to reuse it")
         if trained and not self._redo(run):
             self.log(f"  trained earlier: {final}")
             self._train_seconds += training_seconds(cfg.checkpoint_path)
