@@ -399,3 +399,10 @@ def test_reproduce_under_torchrun_trains_every_row_in_one_group_and_rank_0_write
     assert finished == ["attention_unet", "gated_unet", "unet"]
     text = (tmp_path / "tables" / "table_II.md").read_text()
     assert all(f"\n| {name} " in text for name in rows) and "2 test slices" in text
+
+    # Again: every rank agrees that all three rows are finished; nothing is trained or tested.
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("finished earlier") == 3 and "[train]" not in r.stdout and "[test]" not in r.stdout
+    assert (tmp_path / "tables" / "table_II.md").read_text() == text

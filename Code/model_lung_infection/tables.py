@@ -153,8 +153,11 @@ class TableRunner:
         selected, order = plan(table, rows)
         self.device = self.ddp.setup(self.device)  # under torchrun: creates the one group every row trains in
         try:
-            # every input read (and checked) before the first row trains; rank 0's keys for every rank
-            self._keys = self._from_main(lambda: {row.run: self.row_key(row) for row in order})
+            def fingerprints():  # every input read (and checked) before the first row trains
+                for row in order:
+                    self.row_key(row)
+                return self._fingerprints
+            self._fingerprints = self._from_main(fingerprints)  # rank 0's, from which every rank keys the same
             results = {}
             for i, row in enumerate(order, 1):
                 users = [r.name for r in selected if row in prerequisites(r)]
