@@ -497,7 +497,8 @@ class NoSingleSampleBatches(torch.utils.data.Sampler):
         indices = list(self.sampler)
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         if len(batches) > 1 and len(batches[-1]) == 1:
-            batches[-2] += batches.pop()
+            last = batches.pop()
+            batches[-1] = batches[-1] + last
         return iter(batches)
 
     def __len__(self):
