@@ -5,7 +5,7 @@ By default the release's encoder (res2net50_v1b_26w_4s, which keeps an unused cl
 multi-scale (three updates per batch at 64, 96 and 128 px: at 64 px all three scales round to 64), two
 batches per rank: what `torchrun MyTrain_LungInf.py` runs. A third argument, JSON, overrides TrainConfig
 fields; each rank then also writes rank<R>.json: the size of every batch its training step saw, and the
-torch RNG state a resumed run restored.
+torch RNG state a resumed run restored, and whether BatchNorm was synchronised.
 """
 import json
 import os
@@ -46,4 +46,5 @@ if __name__ == "__main__":
     rank = os.environ["RANK"]
     torch.save(model.state_dict(), out / f"rank{rank}.pth")
     if overrides:
+        seen["sync_bn"] = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
         (out / f"rank{rank}.json").write_text(json.dumps(seen))
