@@ -53,12 +53,14 @@ if [ $SMOKE = 1 ]; then
   RECIPE=(--train_path "${SMALL[@]}" --trainsize 64 --batchsize 4 --backbone timm:resnet18)
   EPOCH_SAMPLES=(--epoch_samples 4)
   TESTSIZE=64
+  TEST_MODEL=(--backbone timm:resnet18)   # release-format snapshots do not say their encoder
   CAP_TESTS=120; CAP_DDP=120; CAP_EPOCH=90; RESERVE=60
 else
   DEVICE=cuda
   RECIPE=(--train_path "$DOCTOR")   # the paper's: batch 24, 352 px, scales 0.75/1/1.25, Adam 1e-4, clip 0.5
   EPOCH_SAMPLES=()
   TESTSIZE=352
+  TEST_MODEL=()
   CAP_TESTS=200; CAP_DDP=60; CAP_EPOCH=60; RESERVE=60
 fi
 COMMON=(--snapshot_root "$WORK/snap" --no-progress --device "$DEVICE")
@@ -135,7 +137,7 @@ if [ "$left" -ge 30 ]; then
   if [ -n "$last" ]; then
     RESERVE=0
     run test_stage 90 $PY MyTest_LungInf.py --pth_path "$WORK/snap/save_weights/paper/$last" --data_path "$TEST" \
-      --save_path "$WORK/pred/paper" --testsize "$TESTSIZE" --device "$DEVICE" --no-progress
+      --save_path "$WORK/pred/paper" --testsize "$TESTSIZE" --device "$DEVICE" --no-progress "${TEST_MODEL[@]}"
     run evaluation 60 $PY -m EvaluationTool --gt_root "$TEST/GT" --pred_root "$WORK/pred" --models paper \
       --save_dir "$WORK/eval"
   else
@@ -149,7 +151,8 @@ say "## summary"
 for dtype in float16 bfloat16; do
   say "- one paper-recipe epoch, $dtype: $(epoch_line "epoch_$dtype" | sed 's/.*| //' || true)"
 done
-[ -f "$WORK/paper_epochs.log" ] && say "- paper recipe in the time left: $(epoch_line paper_epochs | cut -c1-60)... ;" \
-  "last snapshot ${last:-none}"
-[ -f "$WORK/evaluation.log" ] && say "- test Dice of that snapshot: $(grep -i -m1 'paper' "$WORK/evaluation.log" || true)"
+[ -f "$WORK/paper_epochs.log" ] && say "- paper recipe in the time left: ${last:-no snapshot} (last epoch:" \
+  "$(epoch_line paper_epochs | sed 's/ lr .*| / | /'))"
+[ -f "$WORK/evaluation.log" ] && say "- test scores of that snapshot (EvaluationTool):" \
+  "$(grep -m1 'meanDic' "$WORK/evaluation.log" || true)"
 say "- total $(($(now) - START)) s of ${MINUTES} min; report: $REPORT"
