@@ -101,7 +101,8 @@ def test_amp_dtype_defaults_to_bf16_where_native_and_fp16_with_a_scaler_elsewher
 # ---------------------------------------------------------------- batches
 
 @pytest.mark.parametrize("n,batch,sizes", [(5, 2, [2, 3]), (25, 8, [8, 8, 9]), (4, 2, [2, 2]), (3, 4, [3]),
-                                           (1, 2, [1]), (7, 3, [3, 4]), (6, 4, [4, 2])])
+                                           (1, 2, [1]), (7, 3, [3, 4]),
+                                           (6, 4, [4, 2]), (3, 1, [1, 1, 1])])
 def test_no_batch_of_one_sample_after_others(n, batch, sizes):
     batches = list(NoSingleSampleBatches(range(n), batch))
     assert [len(b) for b in batches] == sizes == [len(b) for b in NoSingleSampleBatches(range(n), batch)]

@@ -485,10 +485,11 @@ def write_val_csv(path, rows):
 
 
 class NoSingleSampleBatches(torch.utils.data.Sampler):
-    """Batches of `batch_size` indices from `sampler`, where a last batch of one sample is merged into the
-    batch before it: BatchNorm cannot normalise a single sample's 1x1 map (DeepLabV3+'s ASPP pooling) and a
-    single sample's statistics are noise. Every sample is still seen; every DDP rank draws as many samples,
-    so all have as many batches."""
+    """Batches of `batch_size` indices from `sampler`, where a last batch of one sample left over from larger
+    ones is merged into the batch before it: BatchNorm cannot normalise a single sample's 1x1 map
+    (DeepLabV3+'s ASPP pooling) and a single sample's statistics are noise. Every sample is still seen;
+    every DDP rank draws as many samples, so all have as many batches. (A --batchsize of one per process
+    is the user's choice, kept.)"""
 
     def __init__(self, sampler, batch_size):
         self.sampler, self.batch_size = sampler, max(1, batch_size)
@@ -496,14 +497,14 @@ class NoSingleSampleBatches(torch.utils.data.Sampler):
     def __iter__(self):
         indices = list(self.sampler)
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) == 1:
+        if len(batches) > 1 and len(batches[-1]) == 1 and self.batch_size > 1:
             last = batches.pop()
             batches[-1] = batches[-1] + last
         return iter(batches)
 
     def __len__(self):
         full, rest = divmod(len(self.sampler), self.batch_size)
-        return full + (rest > 1 or (rest == 1 and full == 0))
+        return full + bool(rest) - (rest == 1 and full > 0 and self.batch_size > 1)
 
 
 class EpochSliceSampler(torch.utils.data.Sampler):
