@@ -3,9 +3,11 @@
 A trainer supplies a model, a dataset, its optimizer/scheduler and a `step(batch)` function that
 computes losses and calls `engine.optimize(loss)` (once, or once per scale for multi-scale steps).
 
-Resume is exact: the shuffle depends only on (seed, epoch) and the checkpoint written atomically
-after every epoch holds the model, optimizer, scheduler, grad-scaler and RNG states, and the run's
-config, which `restore_config` gives back to a `--resume` that names only the run.
+Resume is exact on the CPU: the shuffle depends only on (seed, epoch) and the checkpoint written atomically
+after every epoch holds the model, optimizer, scheduler, grad-scaler and every DDP rank's RNG states, and
+the run's config, which `restore_config` gives back to a `--resume` that names only the run. On CUDA it is
+close, not exact: some backward kernels (bilinear upsampling) add with atomics in a varying order, which
+--deterministic (runtime.set_deterministic) cannot change.
 
 Opt-in (RunConfig; off by default): `validate` (a trainer's held-out slices) scored every `val_every`
 epochs, logged and written to <run>/val.csv (Dice against minutes); `time_budget` minutes of wall time
