@@ -192,7 +192,8 @@ class CachedSampleSet(Dataset):
 
     The cache lives in the process that reads: DataLoader workers would each fill their own copy (workers x
     DDP ranks copies, never seen by the next loader), so a loader with workers is preceded by `fill_caches`,
-    which fills it once in the main process; the workers fork after it and share it."""
+    which fills it once in the main process; the workers fork after it and share it (fork: Linux's start method
+    up to Python 3.13; where workers are spawned, each gets a copy of the filled cache)."""
 
     def __init__(self, cache=True):
         self._cache = {} if cache else None
