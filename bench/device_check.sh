@@ -123,7 +123,7 @@ fi
 
 # 3. one paper-recipe epoch in each precision
 for dtype in float16 bfloat16; do
-  run "epoch_$dtype" "$CAP_EPOCH" $PY MyTrain_LungInf.py "${RECIPE[@]}" "${EPOCH_SAMPLES[@]}" "${COMMON[@]}" \
+  run "epoch_$dtype" "$CAP_EPOCH" $PY MyTrain_LungInf.py "${RECIPE[@]}" ${EPOCH_SAMPLES[@]+"${EPOCH_SAMPLES[@]}"} "${COMMON[@]}" \
     --epoch 1 --amp_dtype "$dtype" --train_save "epoch-$dtype"
 done
 
@@ -131,13 +131,13 @@ done
 left=$((DEADLINE - $(now) - RESERVE - 30))   # 30 s: start-up, data checks, the epoch that crosses the budget
 if [ "$left" -ge 30 ]; then
   budget=$($PY -c "print(round($left / 60, 2))")
-  run paper_epochs $((left + 120)) $PY MyTrain_LungInf.py "${RECIPE[@]}" "${EPOCH_SAMPLES[@]}" "${COMMON[@]}" \
+  run paper_epochs $((left + 120)) $PY MyTrain_LungInf.py "${RECIPE[@]}" ${EPOCH_SAMPLES[@]+"${EPOCH_SAMPLES[@]}"} "${COMMON[@]}" \
     --epoch 100 --save_every 100 --time_budget "$budget" --train_save paper
   last=$(ls "$WORK/snap/save_weights/paper/" 2>/dev/null | grep -E '^Inf-Net-[0-9]+\.pth$' | sort -t- -k3 -n | tail -n 1)
   if [ -n "$last" ]; then
     RESERVE=0
     run test_stage 90 $PY MyTest_LungInf.py --pth_path "$WORK/snap/save_weights/paper/$last" --data_path "$TEST" \
-      --save_path "$WORK/pred/paper" --testsize "$TESTSIZE" --device "$DEVICE" --no-progress "${TEST_MODEL[@]}"
+      --save_path "$WORK/pred/paper" --testsize "$TESTSIZE" --device "$DEVICE" --no-progress ${TEST_MODEL[@]+"${TEST_MODEL[@]}"}
     run evaluation 60 $PY -m EvaluationTool --gt_root "$TEST/GT" --pred_root "$WORK/pred" --models paper \
       --save_dir "$WORK/eval"
   else

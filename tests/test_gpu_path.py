@@ -262,3 +262,9 @@ def test_pseudo_labels_are_predicted_in_the_test_stage_precision(monkeypatch):
     for native in (True, False):
         monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: native)
         assert pseudo.prediction_amp(None, torch.device("cpu")) is native
+
+
+def test_device_check_script_is_valid_bash_with_a_cpu_smoke_mode():
+    script_path = ROOT / "bench" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script_path)], capture_output=True).returncode == 0
+    assert "--cpu-smoke" in script_path.read_text()
