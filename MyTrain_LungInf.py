@@ -14,7 +14,7 @@ Stages (--stage; the release's --is_pseudo / --is_semi select the same): data, r
 prefix, batch size, epochs and initial weights come from the preset; any of them given explicitly wins.
 --resume continues a run with the options it was started with (saved in its checkpoint.pth); an
 option given that differs is an error, except --epoch (extend a finished run) and runtime options
-(--device, --num_workers, --progress).
+(--device, --amp, --amp_dtype, --sync_bn, --deterministic, --num_workers, --progress).
 Training from random weights on a CPU budget (opt-in; see the option groups below):
     python MyTrain_LungInf.py --recipe cpu-hour --train_save cpu-hour   # an hour: pseudo labels, then doctor labels
     python MyTrain_LungInf.py --val_split 5 --time_budget 60 --augment --schedule cosine --warmup_epochs 2 \
