@@ -52,8 +52,9 @@ def build_parser():
                    help="snapshot file names: <prefix>-<epoch>.pth (default from --stage)")
     p.add_argument("--backbone", default=d.backbone,
                    help=f"encoder: {', '.join(ENCODERS.names())} or timm:<name>")
-    p.add_argument("--pretrained", default=None, help="ImageNet weights of the encoder (local file, e.g. "
-                   "res2net50_v1b_26w_4s-3cf99910.pth); without it the encoder starts from random weights")
+    p.add_argument("--pretrained", default=None, help="ImageNet weights of the encoder: a local file (e.g. "
+                   "res2net50_v1b_26w_4s-3cf99910.pth) or 'imagenet' (timm's cache, else an installed weights "
+                   "package: requirements-imagenet.txt); without it the encoder starts from random weights")
     p.add_argument("--init", default=None,
                    help="start from these Inf-Net weights (fine-tuning); --stage semi defaults to step (i)'s")
     cli.add_train_args(p, d, from_preset=("train_save", "epoch", "batchsize"))
