@@ -9,6 +9,7 @@ its feature taps. Nothing is downloaded: ImageNet weights come from a local file
 import sys
 
 from .checkpoint import check_fit, extract_state_dict, key_mismatches
+from .errors import OptionError
 from .registry import ENCODERS
 
 STRIDES = (4, 8, 16, 32)
@@ -73,6 +74,13 @@ def vgg16(**kw):
 @ENCODERS.register("vgg16_bn")
 def vgg16_bn(**kw):
     return _timm("vgg16_bn", **kw)
+
+
+def check_encoder(name):
+    """OptionError for a `timm:<name>` timm does not know (registered names are checked with the options)."""
+    if name.startswith("timm:") and not _import_timm().is_model(name[len("timm:"):]):
+        raise OptionError(f"backbone '{name}': timm has no model '{name[len('timm:'):]}' (timm.list_models() "
+                          f"lists them), or choose one of {', '.join(ENCODERS.names())}")
 
 
 def create_encoder(name, pretrained=None, **kw):
