@@ -64,9 +64,10 @@ def check_run_folder(cfg):
     pick_device(cfg.device)
     main = Distributed().is_main  # torchrun's other ranks work for rank 0, which holds the lock
     if main:
+        for folder in (cfg.run_dir, tensorboard_dir(cfg)):
+            check_writable(folder, "--snapshot_root")
         lock_folder(cfg.run_dir)
         remove_stale_temporaries(cfg.run_dir)
-        check_writable(tensorboard_dir(cfg), "--snapshot_root")
     earlier = run_files(cfg.run_dir, [cfg.snapshot_prefix])
     if earlier and not (cfg.resume or cfg.overwrite):
         what = (f"{cfg.checkpoint_path} exists" if cfg.checkpoint_path.exists() else

@@ -84,13 +84,14 @@ def _alive(holder):
 
 
 def lock_folder(folder, what="run", option="--train_save", log=print):
-    """Hold `folder`'s lock until `release_folder(folder)` or the process ends; FolderInUse when another
-    live process holds it. Re-entrant within a process. `what`/`option` word the messages."""
+    """Hold `folder` (callers check_writable it first, for a clear error) until `release_folder(folder)` or the process ends;
+    FolderInUse when another live process holds it. Re-entrant within a process. `what`/`option` word
+    the messages."""
     folder = Path(folder)
     key = folder.resolve()
     if key in _held:
         return
-    check_writable(folder, option)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
