@@ -272,6 +272,22 @@ def test_a_disk_without_room_for_a_checkpoint_stops_before_the_first_epoch(data,
     assert not list((tmp_path / "snap/save_weights/run").glob("*.pth"))
 
 
+def test_a_disk_that_fills_up_during_the_run_is_one_line_saying_what_is_kept(data, tmp_path, monkeypatch, capsys):
+    usage, full = namedtuple("usage", "total used free"), []
+    real = engine_module.save_release_weights
+
+    def save(model, path):  # the disk fills up while epoch 2's snapshot is written
+        if path.name == "Inf-Net-2.pth":
+            full.append(path)
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123 vs 456")
+        return real(model, path)
+    monkeypatch.setattr(engine_module, "save_release_weights", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 ** 40, 0, 2 ** 20 if full else 2 ** 40))
+    argv = _options(data, tmp_path / "snap", "--epoch", "2", "--save_every", "1")
+    err, _ = _one_line_error(capsys, script.main, argv)
+    assert "epoch 2 could not be saved" in err and "1 MB free" in err and "checkpoint.pth still holds epoch 1" in err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--device", "banana"], "--device banana: not a device"),
     (["--device", "cuda:7"], "--device cuda:7: this machine has"),
@@ -288,7 +304,8 @@ def test_bad_options_are_one_line_before_any_data_is_read(data, tmp_path, capsys
 
 
 @pytest.mark.parametrize("trainer, argv, message", [
-    (script, ["--seed", "1e23"], "expected an integer seed"), (script, ["--seed", str(10 ** 23)], "expected a seed from 0"),
+    (script, ["--seed", "1e23"], "expected an integer seed"),
+    (script, ["--seed", str(10 ** 23)], "expected a seed from 0"),
     (script, ["--seed", "-1"], "expected a seed from 0"), (script, ["--num_workers", "-1"], "expected an integer"),
     (multiclass_script, ["--val_seed", str(2 ** 64)], "expected a seed from 0"),
     (multiclass_script, ["--num_workers", "-1"], "expected an integer")])

@@ -84,9 +84,9 @@ def _alive(holder):
 
 
 def lock_folder(folder, what="run", option="--train_save", log=print):
-    """Hold `folder` (callers check_writable it first, for a clear error) until `release_folder(folder)` or the process ends;
-    FolderInUse when another live process holds it. Re-entrant within a process. `what`/`option` word
-    the messages."""
+    """Hold `folder` until `release_folder(folder)` or the process ends (callers check_writable it first,
+    for a clear error); FolderInUse when another live process holds it. Re-entrant within a process.
+    `what`/`option` word the messages."""
     folder = Path(folder)
     key = folder.resolve()
     if key in _held:
