@@ -86,6 +86,28 @@ def test_a_second_run_on_a_folder_in_use_names_the_process_that_holds_it(data, t
     assert "[train]" not in out  # before any data was read
 
 
+def test_a_second_pseudo_labelling_run_on_a_save_path_in_use_is_refused(data, data_root, tmp_path, capsys):
+    from Code.model_lung_infection.checkpoint import save_release_weights
+    from Code.model_lung_infection.inf_net import Inf_Net
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for p in sorted((data_root / "TrainingSet/LungInfection-Train/Pseudo-label/Imgs").iterdir())[:2]:
+        shutil.copy(p, pool)
+    save_release_weights(Inf_Net(backbone=SMALL), tmp_path / "init.pth")
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err, _ = _one_line_error(capsys, pseudo_script.main, [
+            "--init", str(tmp_path / "init.pth"), "--backbone", SMALL, "--unlabeled_path", str(pool),
+            "--labeled_path", str(data), "--save_path", str(out), "--trainsize", "64", "--no-progress"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"{out} is in use by process {holder.pid}" in err and "choose another --save_path" in err
+    assert not (out / "GT").exists()
+
+
 def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(data, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
