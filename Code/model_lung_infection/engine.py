@@ -276,8 +276,8 @@ class Engine:
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
         self.epoch = start_epoch
         try:
-            if not budget_spent and start_epoch <= cfg.epoch:
-                if ddp.is_main:  # a full disk is said now, not when the first epoch's checkpoint is written
+            if not budget_spent:
+                if ddp.is_main and start_epoch <= cfg.epoch:  # a full disk: said now, not after the first epoch
                     check_free_space(cfg.run_dir, self._bytes_per_save(), "a checkpoint and the snapshots of an epoch")
                 self._epochs(loader, sampler, step, writer, start_epoch)
         except KeyboardInterrupt as e:
@@ -310,9 +310,8 @@ class Engine:
             meter = _Meter()
             bar = _progress(loader, cfg.progress and ddp.is_main, f"epoch {epoch}/{cfg.epoch}")
             for self.batch_index, batch in enumerate(bar):
-                terms = {k: float(v) for k, v in step(self, batch).items()}
-                if not all(map(math.isfinite, terms.values())):
-                    raise TrainingDiverged(self._diverged_message(terms, len(loader)))
+                terms = step(self, batch)
+                self._check_finite(terms, len(loader))
                 meter.update(terms, len(batch[0]))
                 if bar is not loader:
                     bar.set_postfix(loss=f"{float(next(iter(terms.values()))):.4f}")
@@ -380,10 +379,12 @@ class Engine:
         with open(path, newline="") as f:
             return [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
 
-    def _diverged_message(self, terms, batches):
-        """A loss turned nan/inf: the run stops before saving its NaN weights; what is kept, what to do."""
+    def _check_finite(self, terms, batches):
+        """A loss that turned nan/inf stops the run before its NaN weights are saved: where, what is kept."""
+        bad = ", ".join(f"{k} {float(v)}" for k, v in terms.items() if not math.isfinite(float(v)))
+        if not bad:
+            return
         cfg = self.cfg
-        bad = ", ".join(f"{k} {v}" for k, v in terms.items() if not math.isfinite(v))
         where = f"the loss became non-finite ({bad}) in epoch {self.epoch}, batch {self.batch_index + 1} of {batches}"
         if self.saved_epoch is None:
             kept = "this run keeps no checkpoint (resumable=False)"
@@ -391,8 +392,8 @@ class Engine:
             kept = "no epoch was finished, nothing is saved"
         else:
             kept = f"{cfg.checkpoint_path} keeps epoch {self.saved_epoch}, the last good one"
-        return (f"{where}: training stopped; {kept}; start again (--overwrite) with a lower --lr or gradient "
-                f"clipping (--clip), or check the data")
+        raise TrainingDiverged(f"{where}: training stopped; {kept}; start again (--overwrite) with a lower --lr or "
+                               f"gradient clipping (--clip), or check the data")
 
     def _interrupted_message(self, epoch):
         cfg = self.cfg
