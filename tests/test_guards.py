@@ -325,6 +325,14 @@ def test_bad_options_are_one_line_before_any_data_is_read(data, tmp_path, capsys
     assert "[train]" not in out
 
 
+@pytest.mark.parametrize("trainer, argv", [
+    (multiclass_script, ["--train_path", "nowhere", "--device", "banana"]),
+    (pseudo_script, ["--init", "nowhere.pth", "--device", "banana"])])
+def test_the_other_trainers_say_an_unknown_device_before_reading_anything(trainer, argv, tmp_path, capsys):
+    err, _ = _one_line_error(capsys, trainer.main, argv + ["--snapshot_root", str(tmp_path)])
+    assert err.startswith("error: --device banana: not a device"), err
+
+
 @pytest.mark.parametrize("trainer, argv, message", [
     (script, ["--seed", "1e23"], "expected an integer seed"),
     (script, ["--seed", str(10 ** 23)], "expected a seed from 0"),
@@ -348,6 +356,24 @@ def test_sizes_seeds_and_workers_out_of_range_are_refused_by_the_configs():
         pseudo_script.config_from_args(pseudo_script.parse_args(["--init", "w.pth", "--testsize", "100000"]))
     with pytest.raises(OptionError, match="warmup_epochs 11: more than --epoch"):
         TrainConfig(epoch=10, warmup_epochs=11)
+
+
+def test_without_flock_a_lock_is_stale_when_its_process_no_longer_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_folder, "fcntl", None)  # Windows, or a file system without flock
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folder = tmp_path / "run"
+        folder.mkdir()
+        holder = {"pid": live.pid, "host": socket.gethostname(), "since": "now", "command": "train"}
+        (folder / run_folder.LOCK_NAME).write_text(json.dumps(holder))
+        with pytest.raises(run_folder.FolderInUse, match=f"in use by process {live.pid} on host"):
+            run_folder.lock_folder(folder)
+    finally:
+        live.kill()
+        live.wait()
+    run_folder.lock_folder(folder)  # its process has ended: taken over
+    assert f"taking over the lock of process {live.pid}" in capsys.readouterr().out
+    run_folder.release_folder(folder)
 
 
 def test_lock_files_are_not_left_behind(tmp_path):

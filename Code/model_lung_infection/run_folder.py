@@ -24,7 +24,7 @@ from .errors import UserError
 
 try:
     import fcntl
-except ImportError:  # not on Windows: there a lock is stale when its process no longer runs
+except ImportError:  # Windows: there a lock is stale when its process no longer runs (_alive)
     fcntl = None
 
 LOCK_NAME = ".run.lock"
@@ -65,9 +65,10 @@ def _describe(holder):
 def _read(fd):
     os.lseek(fd, 0, os.SEEK_SET)
     try:
-        return json.loads(os.read(fd, 65536).decode() or "null")
+        holder = json.loads(os.read(fd, 65536).decode() or "null")
     except ValueError:
         return None
+    return holder if isinstance(holder, dict) else None
 
 
 def _alive(holder):
@@ -96,15 +97,19 @@ def lock_folder(folder, what="run", option="--train_save", log=print):
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         previous = _read(fd)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise FolderInUse(f"{folder} is in use by {_describe(previous)}: wait for that {what} to end, "
-                                  f"or choose another {option}") from None
+        try:
+            if fcntl is None:
+                raise OSError("no flock")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             previous = _read(fd)
-        elif previous and previous.get("pid") != os.getpid() and _alive(previous):
+            locked = True
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderInUse(f"{folder} is in use by {_describe(previous)}: wait for that {what} to end, "
+                              f"or choose another {option}") from None
+        except OSError:  # no flock here (Windows, some network file systems): ask whether the holder runs
+            locked = False
+        if not locked and previous and previous.get("pid") != os.getpid() and _alive(previous):
             os.close(fd)
             raise FolderInUse(f"{folder} is in use by {_describe(previous)}: wait for that {what} to end, "
                               f"or choose another {option} (if it has ended, delete {path})")
