@@ -310,6 +310,17 @@ def test_a_disk_that_fills_up_during_the_run_is_one_line_saying_what_is_kept(dat
     assert "epoch 2 could not be saved" in err and "1 MB free" in err and "checkpoint.pth still holds epoch 1" in err
 
 
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(data, tmp_path, monkeypatch, capsys):
+    def step_factory(cfg):
+        def step(engine, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+        return step
+    monkeypatch.setattr(train_module, "multi_scale_step", step_factory)
+    err, _ = _one_line_error(capsys, script.main, _options(data, tmp_path / "snap"))
+    assert err == ("error: out of memory in epoch 1, batch 1 on cpu (CUDA out of memory): lower --batchsize or "
+                   "--trainsize")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--device", "banana"], "--device banana: not a device"),
     (["--device", "cuda:7"], "--device cuda:7: this machine has"),

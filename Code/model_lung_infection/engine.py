@@ -282,6 +282,11 @@ class Engine:
                 self._epochs(loader, sampler, step, writer, start_epoch)
         except KeyboardInterrupt as e:
             raise TrainingInterrupted(self._interrupted_message(self.epoch)) from e
+        except RuntimeError as e:  # out of memory (CUDA's OutOfMemoryError, or the CPU allocator's): one line
+            if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+                raise
+            raise UserError(f"out of memory in epoch {self.epoch}, batch {self.batch_index + 1} on {self.device} "
+                            f"({str(e).split('.')[0]}): lower --batchsize or --trainsize") from e
         finally:
             if writer:
                 writer.close()
