@@ -3,8 +3,18 @@
 A crash or Ctrl-C mid-write leaves the old file (or none), never half a file.
 """
 import os
+import re
 import secrets
 from pathlib import Path
+
+# Our temporaries: `.tmp-<16 hex digits><suffix>` (a name no other program is likely to use, so that a
+# killed run's leftovers can be told apart and removed: run_folder.remove_stale_temporaries).
+_TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{16}(\.[A-Za-z0-9.]*)?")
+
+
+def is_temporary(name):
+    """Whether a file name is one of our atomic writes' temporaries."""
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 def _create_temp(folder, suffix):

@@ -1,8 +1,10 @@
 """Command-line helpers shared by the entry-point scripts."""
 import argparse
+import math
 import os
 import sys
 
+from .configs import MAX_SEED
 from .errors import UserError
 
 # What a user can fix: printed as one line, not a traceback (run_main).
@@ -72,8 +74,20 @@ def _bounded(value, kind, low, what, strict=False):
         v = kind(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got '{value}'") from None
-    if (strict and not v > 0) or (low is not None and v < low):
+    # nan passes no comparison and inf passes every lower bound: both would train NaN weights
+    if not math.isfinite(v) or (strict and not v > 0) or (low is not None and v < low):
         raise argparse.ArgumentTypeError(f"expected {what}, got '{value}'")
+    return v
+
+
+def seed(value):
+    """argparse type: a seed, an integer from 0 to MAX_SEED (torch's generators take 64 bits)."""
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got '{value}'") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {MAX_SEED}, got '{value}'")
     return v
 
 
@@ -119,7 +133,7 @@ def add_runtime_args(parser, defaults=None, help=None):
     add_bool(g, "--amp", d["amp"], h["amp"])
     add_bool(g, "--channels_last", d["channels_last"], h["channels_last"])
     g.add_argument("--num_workers", type=nonnegative_int, default=d["num_workers"], help=h["num_workers"])
-    g.add_argument("--seed", type=int, default=d["seed"], help=h["seed"])
+    g.add_argument("--seed", type=seed, default=d["seed"], help=h["seed"])
     return g
 
 
@@ -216,7 +230,7 @@ def add_validation_args(parser, defaults, scores="Dice at 0.5 and MAE, as the te
                    help=f"hold out N training slices (chosen by --val_seed, recorded in the checkpoint so a resumed "
                         f"run keeps them; {example}); they are not trained on and are scored every --val_every "
                         f"epochs: {scores}, printed, logged to TensorBoard and written to <run>/val.csv")
-    g.add_argument("--val_seed", type=int, default=defaults.val_seed,
+    g.add_argument("--val_seed", type=seed, default=defaults.val_seed,
                    help="chooses the held-out slices; independent of --seed so that seeds share one split")
     g.add_argument("--val_every", type=positive_int, default=defaults.val_every, metavar="K",
                    help="validate every K epochs (and after the last)")

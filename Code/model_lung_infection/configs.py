@@ -10,12 +10,13 @@ which its checkpoint.pth records for models.load_model.
 """
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, List, Optional
 
 from .errors import OptionError
-from .registry import has_imagenet_encoder
+from .registry import ENCODERS, has_imagenet_encoder
 
 INF_NET_COMPONENTS = ("edge_attention", "partial_decoder", "reverse_attention")
 # the multi-class script's --arch -> registry name (legacy configs recorded the --arch)
@@ -79,6 +80,37 @@ class RunConfig:
     def as_dict(self):
         """The config as checkpoint.pth records it: every field, and the network's `architecture`."""
         return json.loads(json.dumps({**dataclasses.asdict(self), "architecture": self.architecture()}, default=str))
+
+
+# Sides a network trains or predicts at: every network here downsamples by 32, and far above the 512 px CT
+# slices a batch no longer fits in memory (the paper trained at 352 and 512).
+MIN_SIDE, MAX_SIDE = 32, 2048
+# torch.manual_seed takes 64-bit seeds, and later seeds add a round or sweep number to the one given.
+MAX_SEED = 2 ** 63 - 1
+
+
+def run_option_problems(cfg):
+    """What no run of any trainer can use (RunConfig's fields and `trainsize`), one message per option."""
+    problems = []
+    if cfg.resume and cfg.overwrite:
+        problems.append(f"--resume continues the run in {cfg.run_dir} and --overwrite deletes it: give one of them")
+    # nan and inf train NaN weights without a word (nan even passes a `value > 0` check)
+    problems += [f"{f.name} {value}: must be a finite number" for f in dataclasses.fields(cfg)
+                 if isinstance(value := getattr(cfg, f.name), float) and not math.isfinite(value)]
+    problems += [f"{name} {getattr(cfg, name)}: must be an integer from 0 to {MAX_SEED}"
+                 for name in ("seed", "val_seed") if not 0 <= getattr(cfg, name) <= MAX_SEED]
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        problems.append(f"num_workers {cfg.num_workers}: must be >= 0 (0: load data in the training process)")
+    problems += side_problems("trainsize", getattr(cfg, "trainsize", None))
+    return problems
+
+
+def side_problems(name, side):
+    """[message] when an input side (trainsize, testsize) is one no network here can use; None: not set."""
+    if side is None or MIN_SIDE <= side <= MAX_SIDE:
+        return []
+    return [f"{name} {side}: must lie between {MIN_SIDE} (the networks downsample by 32) and {MAX_SIDE} "
+            f"(far above the 512 px CT slices: a batch would not fit in memory)"]
 
 
 SCALES = (0.75, 1.0, 1.25)
@@ -152,7 +184,9 @@ TRAIN_RECIPES = {
 
 def check_train_options(cfg):
     """ValueError naming the option for values no run can use (the CLI's types catch most of them first)."""
-    problems = []
+    problems = run_option_problems(cfg)
+    if cfg.model == "inf_net" and not (cfg.backbone.startswith("timm:") or cfg.backbone in ENCODERS):
+        problems.append(f"backbone '{cfg.backbone}': choose one of {', '.join(ENCODERS.names())} or timm:<name>")
     if cfg.recipe not in TRAIN_RECIPES:
         problems.append(f"recipe '{cfg.recipe}': choose one of {', '.join(TRAIN_RECIPES)}")
     if cfg.schedule not in LR_SCHEDULES:
@@ -164,6 +198,9 @@ def check_train_options(cfg):
                         f"({cfg.trainsize})")
     if cfg.pretrain_epochs and not cfg.pretrain_path:
         problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: give the slices to pretrain on (--pretrain_path)")
+    if cfg.warmup_epochs > cfg.epoch:
+        problems.append(f"warmup_epochs {cfg.warmup_epochs}: more than --epoch ({cfg.epoch}); the lr would never "
+                        f"reach --lr")
     if cfg.pretrain_epochs > cfg.epoch:
         problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: more than --epoch ({cfg.epoch}); leave epochs "
                         f"for --train_path")
@@ -293,6 +330,9 @@ class MultiClassConfig(RunConfig):
         name = run_name(self.arch, self.prior)
         self.train_save = self.train_save or name
         self.snapshot_prefix = self.snapshot_prefix or name
+        problems = run_option_problems(self)
+        if problems:
+            raise OptionError("; ".join(problems))
 
     # the fields that are constructor options of an architecture
     MODEL_OPTIONS: ClassVar[dict] = {"fcn8s": ("fc_width",)}
@@ -330,6 +370,11 @@ class PseudoConfig:
     # Each round's fine-tuning and the runtime (device, amp, progress...); train.seed also orders the draw
     # (round r trains with seed + r). Its train_path, init, backbone and run folder are set per round.
     train: TrainConfig = field(default_factory=round_training)
+
+    def __post_init__(self):
+        problems = side_problems("testsize", self.testsize) + ([] if self.k >= 1 else [f"k {self.k}: must be >= 1"])
+        if problems:
+            raise OptionError("; ".join(problems))
 
     @property
     def seed(self):

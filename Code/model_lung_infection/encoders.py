@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from .checkpoint import check_fit, extract_state_dict, key_mismatches
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
 from .registry import ENCODERS
 
 STRIDES = (4, 8, 16, 32)
@@ -124,6 +124,13 @@ def efficientnet_lite2(**kw):
 def mobilenetv2(**kw):
     # width 1.0, ReLU6, symmetric padding: the original MobileNetV2; taps of 24, 32, 96, 320 channels
     return _timm("mobilenetv2_100", **kw)
+
+
+def check_encoder(name):
+    """OptionError for a `timm:<name>` timm does not know (registered names are checked with the options)."""
+    if name.startswith("timm:") and not _import_timm().is_model(name[len("timm:"):]):
+        raise OptionError(f"backbone '{name}': timm has no model '{name[len('timm:'):]}' (timm.list_models() "
+                          f"lists them), or choose one of {', '.join(ENCODERS.names())}")
 
 
 def create_encoder(name, pretrained=None, **kw):

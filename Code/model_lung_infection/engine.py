@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import shlex
 import time
@@ -35,6 +36,14 @@ from .checkpoint import atomic_save, load_checkpoint, read_checkpoint, save_rele
 from .configs import RunConfig
 from .data import fill_caches
 from .errors import CheckpointError, OptionError, TrainingInterrupted, UserError
+from .run_folder import (
+    check_free_space,
+    check_writable,
+    lock_folder,
+    release_folder,
+    remove_stale_temporaries,
+    run_files,
+)
 from .runtime import (
     Distributed,
     autocast,
@@ -57,16 +66,58 @@ RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epoch", "progress", "num_
 PRECISION_OPTIONS = ("amp", "amp_dtype")
 # Below this many samples per process, BatchNorm statistics of one GPU's share are noisy (without --sync_bn).
 SMALL_BATCH_PER_GPU = 8
+
+
+class TrainingDiverged(UserError):
+    """The loss turned nan or inf: the run stops (the message says where and which checkpoint is kept)."""
+
+
 VAL_COLUMNS = ("epoch", "minutes", "val_dice", "val_mae", "train_loss", "lr")
 
 
 def check_run_folder(cfg):
-    """Never overwrite a run silently, never resume one that is not there (trainers call this first)."""
-    if cfg.checkpoint_path.exists() and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(f"{cfg.checkpoint_path} exists: pass --resume to continue that run, "
-                              f"--overwrite to start it again, or choose another --train_save")
+    """What trainers check first, before reading any data: the device exists; the run folder is this run's
+    alone (locked: a second run on it stops, naming the first; a killed run's half-written files removed;
+    --overwrite deletes the earlier run's files); never overwrite a run silently, never resume one that
+    is not there."""
+    pick_device(cfg.device)
+    main = Distributed().is_main  # torchrun's other ranks work for rank 0, which holds the lock
+    if main:
+        for folder in (cfg.run_dir, tensorboard_dir(cfg)):
+            check_writable(folder, "--snapshot_root")
+        lock_folder(cfg.run_dir)
+        remove_stale_temporaries(cfg.run_dir)
+    earlier = run_files(cfg.run_dir, [cfg.snapshot_prefix])
+    if earlier and not (cfg.resume or cfg.overwrite):
+        what = (f"{cfg.checkpoint_path} exists" if cfg.checkpoint_path.exists() else
+                f"{cfg.run_dir} holds another run's files ({', '.join(p.name for p in earlier[:3])})")
+        raise FileExistsError(f"{what}: pass --resume to continue that run, --overwrite to delete it and start "
+                              f"again, or choose another --train_save")
     if cfg.resume and not cfg.checkpoint_path.exists():
         read_training_checkpoint(cfg.checkpoint_path)  # the error that says what to do
+    if cfg.overwrite and main:
+        _clear_earlier_run(cfg)
+
+
+def tensorboard_dir(cfg):
+    return Path(cfg.snapshot_root) / "tensorboard" / cfg.train_save
+
+
+def _clear_earlier_run(cfg):
+    """--overwrite: delete what an earlier run wrote here (checkpoint, snapshots of its prefix and ours,
+    val.csv, TensorBoard events), so that the folder holds only the new run's."""
+    prefixes = {cfg.snapshot_prefix}
+    try:
+        prefixes.add(read_training_checkpoint(cfg.checkpoint_path, mmap=True)["config"]["snapshot_prefix"])
+    except (CheckpointError, FileNotFoundError, KeyError, TypeError):
+        pass  # none, or unreadable: the snapshots of our prefix go
+    events = sorted(tensorboard_dir(cfg).glob("events.out.tfevents.*"))
+    removed = run_files(cfg.run_dir, sorted(prefixes)) + events
+    for p in removed:
+        p.unlink(missing_ok=True)
+    if removed:
+        print(f"[train] --overwrite: deleted {len(removed)} file(s) of the earlier run in {cfg.run_dir} "
+              f"({', '.join(p.name for p in removed[:4])}{', ...' if len(removed) > 4 else ''})", flush=True)
 
 
 def read_training_checkpoint(path, mmap=False):
@@ -311,14 +362,33 @@ class Engine:
         self.epoch = start_epoch
         try:
             if not budget_spent:
+                if ddp.is_main and start_epoch <= cfg.epoch:  # a full disk: said now, not after the first epoch
+                    check_free_space(cfg.run_dir, self._bytes_per_save(), "a checkpoint and the snapshots of an epoch")
                 self._epochs(loader, sampler, step, writer, start_epoch)
         except KeyboardInterrupt as e:
             raise TrainingInterrupted(self._interrupted_message(self.epoch)) from e
+        except RuntimeError as e:  # out of memory (CUDA's OutOfMemoryError, or the CPU allocator's): one line
+            if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+                raise
+            raise UserError(f"out of memory in epoch {self.epoch}, batch {self.batch_index + 1} on {self.device} "
+                            f"({str(e).split('.')[0]}): lower --batchsize or --trainsize") from e
         finally:
             if writer:
                 writer.close()
             ddp.cleanup()
+            if ddp.is_main:
+                release_folder(cfg.run_dir)
         return unwrap(self.model)
+
+    def _bytes_per_save(self):
+        """About what one epoch's saves write (checkpoint.pth with two optimizer states per parameter, as
+        Adam keeps, and the snapshots, each with --ema's copy) plus 5 percent: the room a save needs beside
+        the previous checkpoint, which stays until the new one is complete."""
+        model = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        copies = 2 if self.ema_model is not None else 1
+        checkpoint = model * copies + 2 * params if self.cfg.resumable else 0
+        return int(1.05 * (checkpoint + model * copies))
 
     def _epochs(self, loader, sampler, step, writer, start_epoch):
         cfg, ddp = self.cfg, self.ddp
@@ -331,6 +401,7 @@ class Engine:
             bar = _progress(loader, cfg.progress and ddp.is_main, f"epoch {epoch}/{cfg.epoch}")
             for self.batch_index, batch in enumerate(bar):
                 terms = step(self, batch)
+                self._check_finite(terms, len(loader))
                 meter.update(terms, len(batch[0]))
                 if bar is not loader:
                     bar.set_postfix(loss=f"{float(next(iter(terms.values()))):.4f}")
@@ -399,6 +470,22 @@ class Engine:
         with open(path, newline="") as f:
             return [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
 
+    def _check_finite(self, terms, batches):
+        """A loss that turned nan/inf stops the run before its NaN weights are saved: where, what is kept."""
+        bad = ", ".join(f"{k} {float(v)}" for k, v in terms.items() if not math.isfinite(float(v)))
+        if not bad:
+            return
+        cfg = self.cfg
+        where = f"the loss became non-finite ({bad}) in epoch {self.epoch}, batch {self.batch_index + 1} of {batches}"
+        if self.saved_epoch is None:
+            kept = "this run keeps no checkpoint (resumable=False)"
+        elif self.saved_epoch == 0:
+            kept = "no epoch was finished, nothing is saved"
+        else:
+            kept = f"{cfg.checkpoint_path} keeps epoch {self.saved_epoch}, the last good one"
+        raise TrainingDiverged(f"{where}: training stopped; {kept}; start again (--overwrite) with a lower --lr or "
+                               f"gradient clipping (--clip), or check the data")
+
     def _interrupted_message(self, epoch):
         cfg = self.cfg
         stopped = f"training stopped in epoch {epoch} of {cfg.epoch}"
@@ -457,7 +544,20 @@ class Engine:
     def _save_epoch(self, epoch, last=False, rng=None):
         """Snapshots every save_every epochs and at the last (`last`: the time budget ends the run here);
         the resumable checkpoint (`rng`: every rank's RNG states, rank 0's first). Tensors are saved from
-        the CPU, so that a plain torch.load reads them on a machine without the GPU."""
+        the CPU, so that a plain torch.load reads them on a machine without the GPU. A disk that fills up
+        meanwhile is one line saying what is kept."""
+        try:
+            self._write_epoch(epoch, last, rng)
+        except (OSError, RuntimeError) as e:  # torch.save says "unexpected pos" on a full disk
+            try:
+                check_free_space(self.cfg.run_dir, self._bytes_per_save(), f"epoch {epoch}'s checkpoint and snapshots")
+            except UserError as full:
+                kept = (f"; {self.cfg.checkpoint_path} still holds epoch {self.saved_epoch}"
+                        if self.saved_epoch else "")
+                raise UserError(f"epoch {epoch} could not be saved: {full}{kept}") from e
+            raise
+
+    def _write_epoch(self, epoch, last, rng):
         cfg = self.cfg
         if epoch % cfg.save_every == 0 or epoch == cfg.epoch or last:
             save_release_weights(self.model, cfg.run_dir / f"{cfg.snapshot_prefix}-{epoch}.pth")

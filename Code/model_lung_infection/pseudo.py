@@ -41,6 +41,7 @@ from .data import (
 from .errors import UserError
 from .infer import default_amp, iter_probability_maps, save_png, to_uint8
 from .models import read_model
+from .run_folder import check_writable, lock_folder, release_folder, remove_stale_temporaries
 from .runtime import pick_device
 from .train import train
 
@@ -241,10 +242,9 @@ def _check_finished_samples(state, layout):
 
 
 def _clean_temporaries(root):
-    """Half-written files of a killed run (atomic writes leave only `.tmp-*` files)."""
-    for sub in ("Imgs", "GT", "Edge"):
-        for p in (root / sub).glob(".tmp-*") if (root / sub).is_dir() else []:
-            p.unlink(missing_ok=True)
+    """Half-written files of a killed run (our atomic writes' temporaries) in save_path and its Imgs/GT/Edge."""
+    for folder in (root, root / "Imgs", root / "GT", root / "Edge"):
+        remove_stale_temporaries(folder, log=lambda text, **kw: print(f"[pseudo] {text}", **kw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +319,7 @@ def generate(cfg: PseudoConfig):
                              "run PseudoGenerator.py without torchrun")
     if cfg.k < 1:
         raise PseudoRunError(f"k must be at least 1, got {cfg.k}")
+    pick_device(cfg.train.device)  # a device this machine lacks: said before any data is read
     if not Path(cfg.init).is_file():
         raise FileNotFoundError(f"--init: no weights at {cfg.init} (an Inf-Net trained on the doctor labels, "
                                 f"e.g. Snapshots/save_weights/Inf-Net/Inf-Net-100.pth)")
@@ -330,6 +331,15 @@ def generate(cfg: PseudoConfig):
         raise DataError(f"{cfg.unlabeled_path}: {len(clash)} slice name(s) also in the labelled set "
                         f"{cfg.labeled_path} (e.g. '{clash[0]}'); names must be unique across both")
     start = read_model(cfg.init, expect="binary", backbone=cfg.backbone)  # the network and weights of --init
+    check_writable(save, "--save_path")
+    lock_folder(save, what="pseudo-labelling run", option="--save_path")  # one run per save_path at a time
+    try:
+        return _generate(cfg, save, pool, seed_set, start)
+    finally:
+        release_folder(save)
+
+
+def _generate(cfg, save, pool, seed_set, start):
     backbone = start.architecture.get("backbone", DEFAULT_BACKBONE)
     state, resumed = _start_or_resume(cfg, list(pool), backbone)
     layout = _Layout(save, pool)

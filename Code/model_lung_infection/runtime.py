@@ -7,11 +7,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import OptionError
+
 
 def pick_device(name="auto"):
+    """The torch.device `--device` names (auto: CUDA if present); a name that is no device, or a device
+    this machine lacks, is an OptionError saying what there is."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise OptionError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise OptionError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
+    return device
 
 
 def cpu_has_native_bf16():

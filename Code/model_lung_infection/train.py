@@ -32,6 +32,7 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     stage_config,
 )
 from .data import DataError, InfectionTrainSet
+from .encoders import check_encoder
 from .engine import Engine, PretrainSampler, check_run_folder
 from .losses import segmentation_loss
 from .registry import create_model
@@ -108,6 +109,8 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     `dataset` (default: InfectionTrainSet(cfg.train_path)) lets a caller train on a chosen subset.
     """
     check_run_folder(cfg)  # before reading data or building the model
+    if cfg.model == "inf_net":
+        check_encoder(cfg.backbone)
     seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights
     if dataset is None:
         dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)

@@ -26,6 +26,7 @@ from ..data import (
     read_mask,
     read_rgb,
     resize,
+    zero_one_masks,
 )
 
 PRIOR_THRESHOLD = 128  # 8-bit infection maps are binarised as `map >= 128` (0.5), to 0 / 255
@@ -90,7 +91,8 @@ class MultiClassTrainSet(CachedSampleSet):
     (input (6 or 3, s, s), one-hot target (3, s, s)) at s = trainsize.
 
     Every file is checked when the set is built (readable, GT and prior of the slice's size, GT an
-    index image with indices in 0..2); all problems stop the run together, before training starts.
+    index image with indices in 0..2, priors not all 0/1); all problems stop the run together, before
+    training starts.
     Decoded, resized samples are cached as uint8.
     """
 
@@ -103,6 +105,8 @@ class MultiClassTrainSet(CachedSampleSet):
         self.samples = pair_by_stem(folders, problems)  # [(stem, image, gt[, prior])]
         # Every file is checked before the first step (readable, sizes, GT indices); all problems at once.
         problems += check_pairs(self.samples)
+        if prior:  # binary infection maps, read as 0..255 like the binary trainer's GT: 0/1 would be all 0
+            problems += zero_one_masks(root / "Prior", [sample[3] for sample in self.samples])
         for _, _, gt_path, *_ in self.samples:
             try:
                 read_class_indices(gt_path)
