@@ -263,3 +263,53 @@ def test_multiclass_adds_classes_volume_and_columns(phantom, checkpoint, tmp_pat
     assert {"ggo_ml", "consolidation_ml"} <= set(summary)
     header = (out / "chest/slices.csv").read_text().splitlines()[0]
     assert header == "slice,z_mm,lung_mm2,infection_mm2,infection_percent,ggo_mm2,consolidation_mm2"
+
+
+# ------------------------------------------------------------------------ dense disease is lung
+
+@pytest.fixture(scope="module")
+def dense_chest(tmp_path_factory):
+    """vp.dense_phantom as NIfTI (file order permuted / flipped) and its infection (consolidation + GGO) as
+    --mask, with the truth in mL."""
+    root = tmp_path_factory.mktemp("dense")
+    hu, affine, truth = vp.dense_phantom()
+    data, file_affine = vp.to_file_order(hu, affine)
+    scan = vp.write_nifti(root / "dense.nii.gz", data, file_affine)
+    infection, _ = vp.to_file_order((truth["consolidation"] | truth["ggo"]).astype(np.uint8), affine)
+    mask = vp.write_nifti(root / "infection.nii.gz", infection, file_affine)
+    voxel_ml = float(np.prod(vp.DENSE_SPACING)) / 1000.0
+    ml = {k: float(v.sum()) * voxel_ml for k, v in truth.items()}
+    return dict(scan=scan, mask=mask, ml=ml, hu=hu, affine=affine)
+
+
+def test_dependent_consolidation_counts_in_its_lung(dense_chest, tmp_path):
+    """A right lung whose posterior cap is consolidated (soft-tissue HU, 173 mL) plus a GGO blob, given as
+    --mask: the consolidation is that lung's, so its volume and infected percent are the truth's."""
+    ml = dense_chest["ml"]
+    summary = run_volumes(dict(data_path=str(dense_chest["scan"]), mask=str(dense_chest["mask"]),
+                               save_path=str(tmp_path / "out")))["dense"]
+    assert summary["right_lung_ml"] == pytest.approx(ml["right"], rel=0.03)
+    infected = ml["consolidation"] + ml["ggo"]
+    assert summary["right_infection_percent"] == pytest.approx(100 * infected / ml["right"], rel=0.05)
+    assert summary["infection_percent"] == pytest.approx(100 * infected / (ml["right"] + ml["left"]), rel=0.05)
+    assert summary["infection_outside_lungs_ml"] == 0
+    assert summary["right_infection_fill_ml"] == pytest.approx(ml["consolidation"], rel=0.05)
+    assert summary["left_infection_fill_ml"] == 0
+    lungs, _ = _load(tmp_path / "out/dense/lungs.nii.gz")  # the written mask holds the consolidation too
+    assert (lungs == 1).sum() * np.prod(vp.DENSE_SPACING) / 1000 == pytest.approx(summary["right_lung_ml"])
+
+
+def test_pleural_dense_nodule_is_lung_before_the_network(dense_chest):
+    """The left lung's dense pleural-based nodule (lung on both sides of it along the pleura) is filled by the
+    HU mask itself, and reported as dense_fill_ml."""
+    from Code.model_lung_infection.quantify.lungs import LEFT, fill_summary, find_lungs
+    from Code.model_lung_infection.volume import geometry
+    orient = geometry.orientation(dense_chest["affine"], dense_chest["hu"].shape)
+    lungs = find_lungs(orient.display(dense_chest["hu"]).astype(np.float32), orient.spacing)
+    voxel_ml = float(np.prod(vp.DENSE_SPACING)) / 1000.0
+    ml = dense_chest["ml"]
+    assert (lungs.labels == LEFT).sum() * voxel_ml == pytest.approx(ml["left"], rel=0.005)
+    fill = fill_summary(lungs.labels, lungs.dense, np.zeros_like(lungs.dense), voxel_ml)
+    assert 0.6 * ml["nodule"] <= fill["left_dense_fill_ml"] <= 1.2 * ml["nodule"]
+    assert fill["right_dense_fill_ml"] < 0.02 * ml["right"]  # nothing invented in the other lung
+    assert fill["dense_fill_ml"] == pytest.approx(fill["left_dense_fill_ml"] + fill["right_dense_fill_ml"])

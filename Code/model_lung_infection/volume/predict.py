@@ -19,7 +19,7 @@ from ..infer import default_amp, probabilities
 from ..models import load_model, read_model
 from ..multiclass.predict import predict_probabilities
 from ..quantify import report
-from ..quantify.lungs import lung_mask
+from ..quantify.lungs import attach_infection, fill_summary, find_lungs
 from ..runtime import pick_device
 from . import geometry
 from .io import case_name, find_cases, read_case, read_nifti, save_nifti
@@ -123,7 +123,8 @@ def run_case(kind, path, cfg, nets, out_root):
 
     start = time.perf_counter()
     spacing = orient.spacing
-    lungs = lung_mask(hu, spacing)
+    found = find_lungs(hu, spacing)
+    lungs = found.labels
     if not lungs.any():
         warnings.warn(f"{volume.source}: no lungs found (no air-filled region inside the body below -320 HU); "
                       f"percentages are 0 -- is this a chest CT in HU?")
@@ -136,6 +137,7 @@ def run_case(kind, path, cfg, nets, out_root):
         infection = orient.display(_read_mask(cfg.mask, volume))
     else:
         infection, prob, classes = predict_case(nets, gray, lungs, cfg, volume.name, spacing)
+    lungs, attached = attach_infection(lungs, infection)  # infection at a lung's border is that lung's
     t["network"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -157,6 +159,7 @@ def run_case(kind, path, cfg, nets, out_root):
     rows, summary = report.quantify(lungs, infection, volume.voxel_ml, spacing[0] * spacing[1], z_mm,
                                     orient.file_slice_index(), volume.spacing, volume.data.shape, classes)
     summary["window_hu"] = None if already_gray else [float(v) for v in window]
+    summary.update(fill_summary(lungs, found.dense, attached, volume.voxel_ml))
     report.write_csv(out / "slices.csv", rows)
     report.write_summary(out / "summary.json", summary)
     report.overview(out / "overview.png", gray, lungs, infection, z_mm, spacing, classes)
