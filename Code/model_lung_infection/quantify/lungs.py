@@ -58,6 +58,9 @@ DENSE_MIN_MM = 3.0      # opening radius: slivers along the outline (partial vol
 DENSE_MAX_SHARE = 1.0   # and is no bigger than the lung's aerated part in that slice
 OUTER_SHARE = 0.5       # a dense region is pleural when most of it lies outwards of the lung
 JUNCTION_BAND = 0.1     # touching lungs are cut within this share of the body's width of its midline
+ATTACH_MM = 40.0        # infection adds to a lung at most this far from it (a consolidated base)
+BONE_HU = 300.0         # cortical and trabecular bone; muscle and consolidation are below 100
+CAGE_MIN_PIXELS = 20
 RIGHT, LEFT = 1, 2
 
 
@@ -65,6 +68,7 @@ RIGHT, LEFT = 1, 2
 class Lungs:
     labels: np.ndarray   # uint8, 1 right / 2 left, display view
     dense: np.ndarray    # bool, what the dense-lung step added (a subset of labels > 0)
+    inner: np.ndarray    # bool, the body without its outer WALL_MM (bounds what infection may add)
 
 
 def _disk(radius_mm, spacing):
@@ -233,6 +237,16 @@ def _angle_bins(shape, frame, r0, c0):
     return np.minimum(((angle + np.pi) / (2 * np.pi) * ANGLE_BINS).astype(np.int64), ANGLE_BINS - 1)
 
 
+def _rays(lung, frame, r0=0, c0=0):
+    """(outwardness of each pixel, the outwardness of the lung's furthest pixel on the pixel's ray from the
+    body's centre, 0 where the ray meets no lung) for one lung in one slice, on the (r0, c0) box."""
+    out = _outwardness(lung.shape, frame, r0, c0)
+    bins = _angle_bins(lung.shape, frame, r0, c0)
+    furthest = np.zeros(ANGLE_BINS)
+    np.maximum.at(furthest, bins[lung], out[lung])
+    return out, furthest[bins]
+
+
 def _dense_lung(labels, hu, inner, spacing):
     """Step 6: uint8 side labels of the dense regions in each lung's hull that lie between it and the
     chest wall: along the ray from the body's centre, further out than any of the lung."""
@@ -254,11 +268,8 @@ def _dense_lung(labels, hu, inner, spacing):
             gap = cv2.morphologyEx(gap.view(np.uint8), cv2.MORPH_OPEN, thin).view(bool)
             if not gap.any():
                 continue
-            out = _outwardness(lung.shape, frame, rows[0], cols[0])
-            bins = _angle_bins(lung.shape, frame, rows[0], cols[0])
-            lung_max = np.zeros(ANGLE_BINS)
-            np.maximum.at(lung_max, bins[lung], out[lung])
-            outer = gap & (lung_max[bins] > 0) & (out > lung_max[bins])  # lung inwards, none outwards
+            out, furthest = _rays(lung, frame, rows[0], cols[0])
+            outer = gap & (furthest > 0) & (out > furthest)  # lung inwards along the ray, none outwards
             n, lab = _regions(gap)
             touch = cv2.dilate(lung.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
             flat = lab.ravel()
@@ -300,7 +311,7 @@ def find_lungs(hu, spacing):
     labels = _fill(labels, spacing)
     dense = _dense_lung(labels, hu, inner, spacing)
     labels = np.where(labels > 0, labels, dense)
-    return Lungs(labels, dense > 0)
+    return Lungs(labels, dense > 0, inner)
 
 
 def lung_mask(hu, spacing):
@@ -308,44 +319,53 @@ def lung_mask(hu, spacing):
     return find_lungs(hu, spacing).labels
 
 
-def _envelope(labels, slices):
-    """uint8 side labels: each lung's convex hull per slice (on `slices` only)."""
-    env = np.zeros(labels.shape, np.uint8)
-    for z in slices:
-        for side in (RIGHT, LEFT):
-            m = labels[..., z] == side
-            if m.any():
-                env[..., z][_hull(m) & (env[..., z] == 0)] = side
-    return env
+def _cage(hu2d, inner2d):
+    """The rib cage in one slice: the convex hull of its bone (spine, ribs, sternum) inside the body; the
+    body's inner part where a slice shows too little bone to draw one."""
+    bone = (hu2d > BONE_HU) & inner2d
+    if bone.sum() < CAGE_MIN_PIXELS:
+        return inner2d
+    return _hull(bone) & inner2d
 
 
-def attach_infection(labels, infection):
-    """(labels, added): infection that touches a lung or lies in its envelope (per-slice convex hull)
-    belongs to that lung -- dense disease at the pleura or the hilum that the HU mask left out. A
-    component touching both lungs is split voxel by voxel towards the nearer lung. `added` is bool."""
+def _reach(lungs, hu, z, side, spacing, frame):
+    """(distance in mm from the lung in slice z, the lung's hull, where infection touching the lung may add to
+    it: within ATTACH_MM inside the rib cage, on its side of the midline, not bone (below DENSE_MAX_HU) and
+    not inwards of the lung (heart, mediastinum, liver dome))."""
+    lung = lungs.labels[..., z] == side
+    if not lung.any():
+        return np.full(lung.shape, np.inf), lung, lung
+    d = cv2.distanceTransform((~lung).view(np.uint8), cv2.DIST_L2, 5) * float(min(spacing[:2]))
+    out, furthest = _rays(lung, frame)
+    near = ((d <= ATTACH_MM) & _cage(hu[..., z], lungs.inner[..., z]) & _own_side(lung.shape, frame, side)
+            & (hu[..., z] < DENSE_MAX_HU) & (out >= furthest))
+    return d, _hull(lung), near
+
+
+def attach_infection(lungs, infection, hu, spacing):
+    """(labels, added): infection that touches a lung or lies in its envelope belongs to that lung --
+    dense disease at the pleura or the hilum that the HU mask left out -- within the bounds of `_reach`;
+    a voxel both lungs may take goes to the nearer. `lungs` is find_lungs' result; `added` is bool."""
+    labels = lungs.labels
     added = np.zeros(labels.shape, bool)
     outside = infection & (labels == 0)
     if not outside.any() or not labels.any():
         return labels, added
-    # work on the box of the infection outside the lungs, one voxel wider (touching is within one voxel)
-    box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in ndimage.find_objects(outside.astype(np.uint8))[0])
-    comp, n = ndimage.label(outside[box])
-    near = _envelope(labels[box], range(comp.shape[2]))
-    near = np.where(labels[box] > 0, labels[box], near)
-    flat = comp.ravel()
-    touches = [np.bincount(flat[ndimage.binary_dilation(near == side).ravel()], minlength=n + 1) > 0
-               for side in (RIGHT, LEFT)]
-    right, left = touches[0][1:], touches[1][1:]
-    out = labels[box].copy()
-    out[np.isin(comp, np.flatnonzero(right & ~left) + 1)] = RIGHT
-    out[np.isin(comp, np.flatnonzero(left & ~right) + 1)] = LEFT
-    both = np.isin(comp, np.flatnonzero(right & left) + 1)
-    if both.any():  # each voxel to the nearer lung
-        _, nearest = ndimage.distance_transform_edt(near == 0, return_indices=True)
-        out[both] = near[tuple(nearest)][both]
+    comp, _ = ndimage.label(outside)
+    touching = np.unique(comp[ndimage.binary_dilation(labels > 0) & (comp > 0)])
     result = labels.copy()
-    result[box] = out
-    added[box] = (out > 0) & (labels[box] == 0)
+    for z in np.flatnonzero(outside.any(axis=(0, 1))):
+        frame = _slice_frame(lungs.inner[..., z])
+        if frame is None:
+            continue
+        touches = np.isin(comp[..., z], touching)
+        dist = []
+        for side in (RIGHT, LEFT):
+            d, hull, near = _reach(lungs, hu, z, side, spacing, frame)
+            dist.append(np.where(hull | (near & touches), d, np.inf))
+        take = outside[..., z] & np.isfinite(np.minimum(*dist))
+        result[..., z][take] = np.where(dist[0] <= dist[1], RIGHT, LEFT)[take]
+    added = (result > 0) & (labels == 0)
     return result, added
 
 
