@@ -313,3 +313,22 @@ def test_pleural_dense_nodule_is_lung_before_the_network(dense_chest):
     assert 0.6 * ml["nodule"] <= fill["left_dense_fill_ml"] <= 1.2 * ml["nodule"]
     assert fill["right_dense_fill_ml"] < 0.02 * ml["right"]  # nothing invented in the other lung
     assert fill["dense_fill_ml"] == pytest.approx(fill["left_dense_fill_ml"] + fill["right_dense_fill_ml"])
+
+
+def test_bowel_under_touching_lungs_is_not_the_left_lung():
+    """Lungs touching in front (one air mass) and a large mottled bowel loop (not pure gas) under the left
+    lung: the bowel lies below the lungs' mid-height, so it is not taken for the left lung."""
+    from Code.model_lung_infection.quantify.lungs import LEFT, RIGHT, find_lungs
+    spacing = (2.0, 2.0, 4.0)
+    r, c, s = np.meshgrid(np.arange(150) * 2.0 - 150, np.arange(110) * 2.0 - 110, np.arange(50) * 4.0 - 120,
+                          indexing="ij")  # display view, mm from the centre: rows to the left, columns posterior
+    hu = np.full(r.shape, -1000.0)
+    hu[(r / 145) ** 2 + (c / 105) ** 2 <= 1] = 40
+    lungs = [((r - cr) / a) ** 2 + (c / 70) ** 2 + (s / 70) ** 2 <= 1 for cr, a in ((-65, 50), (60, 42))]
+    bridge = (np.abs(r) < 25) & (c > -55) & (c < -35) & (np.abs(s) < 20)
+    hu[lungs[0] | lungs[1] | bridge] = -850
+    bowel = (((r - 70) / 55) ** 2 + (c / 70) ** 2 <= 1) & (s < -76)  # 0.5 L under the left lung: > a fifth of them
+    hu[bowel] = (-700 + 150 * np.sin(r / 3.0) * np.cos(c / 3.0))[bowel]  # gas mixed with stool: not pure gas
+    labels = find_lungs(hu, spacing).labels
+    assert not (labels[bowel] > 0).any()
+    assert (labels[lungs[0]] == RIGHT).mean() > 0.97 and (labels[lungs[1]] == LEFT).mean() > 0.97

@@ -180,7 +180,10 @@ def _split(lab, ids, ml, body):
     mid = (rows[0] + rows[-1]) / 2.0
     if len(big) == 2 and big_ml[1] > 0.2 * big_ml[0]:
         centres = [c[0] for c in ndimage.center_of_mass(np.isin(lab, big), lab, big)]
-        if (centres[0] - mid) * (centres[1] - mid) < 0:  # one each side of the midline: the two lungs
+        first, second = (np.flatnonzero(np.any(lab == i, axis=(0, 1))) for i in big)
+        # the two lungs: one each side of the midline, both reaching up as far as the other's middle (bowel
+        # under the diaphragm does not)
+        if (centres[0] - mid) * (centres[1] - mid) < 0 and second[-1] >= (first[0] + first[-1]) / 2:
             right, left = (big[0], big[1]) if centres[0] < centres[1] else (big[1], big[0])
             out[lab == right] = RIGHT
             out[lab == left] = LEFT
