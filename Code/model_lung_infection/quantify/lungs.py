@@ -56,6 +56,7 @@ DENSE_MAX_HU = 100.0     # consolidation and effusion are 0-40 HU; ribs and cont
 ANGLE_BINS = 180        # 2 degree rays from the body's centre
 DENSE_MIN_MM = 3.0      # opening radius: slivers along the outline (partial volume) are not consolidation
 DENSE_MAX_SHARE = 1.0   # and is no bigger than the lung's aerated part in that slice
+DENSE_MIN_OUT = 0.5     # and lies in the outer half of the body (the pleura; not the hila's vessels)
 OUTER_SHARE = 0.5       # a dense region is pleural when most of it lies outwards of the lung
 JUNCTION_BAND = 0.1     # touching lungs are cut within this share of the body's width of its midline
 ATTACH_MM = 40.0        # infection adds to a lung at most this far from it (a consolidated base)
@@ -280,7 +281,8 @@ def _dense_lung(labels, hu, inner, spacing):
             outer_share = np.bincount(flat, weights=outer.ravel(), minlength=n) / np.maximum(count, 1)
             touching = np.bincount(flat, weights=touch.ravel(), minlength=n) > 0
             small = count <= DENSE_MAX_SHARE * lung.sum()
-            fill = np.flatnonzero(touching & small & (outer_share >= OUTER_SHARE))
+            peripheral = np.bincount(flat, weights=out.ravel(), minlength=n) / np.maximum(count, 1) > DENSE_MIN_OUT
+            fill = np.flatnonzero(touching & small & peripheral & (outer_share >= OUTER_SHARE))
             fill = fill[fill > 0]
             if fill.size:
                 dense[..., z][box][np.isin(lab, fill)] = side
