@@ -333,7 +333,7 @@ def _cage(hu2d, inner2d):
     return _hull(bone) & inner2d
 
 
-def _reach(lungs, hu, z, side, spacing, frame):
+def _reach(lungs, hu, z, side, spacing, frame, cage):
     """(distance in mm from the lung in slice z, the lung's hull, where infection touching the lung may add to
     it: within ATTACH_MM inside the rib cage, on its side of the midline, not bone (below DENSE_MAX_HU) and
     not inwards of the lung (heart, mediastinum, liver dome))."""
@@ -342,7 +342,7 @@ def _reach(lungs, hu, z, side, spacing, frame):
         return np.full(lung.shape, np.inf), lung, lung
     d = cv2.distanceTransform((~lung).view(np.uint8), cv2.DIST_L2, 5) * float(min(spacing[:2]))
     out, furthest = _rays(lung, frame)
-    near = ((d <= ATTACH_MM) & _cage(hu[..., z], lungs.inner[..., z]) & _own_side(lung.shape, frame, side)
+    near = ((d <= ATTACH_MM) & cage & _own_side(lung.shape, frame, side)
             & (hu[..., z] < DENSE_MAX_HU) & (out >= furthest))
     return d, _hull(lung), near
 
@@ -364,9 +364,10 @@ def attach_infection(lungs, infection, hu, spacing):
         if frame is None:
             continue
         touches = np.isin(comp[..., z], touching)
+        cage = _cage(hu[..., z], lungs.inner[..., z])
         dist = []
         for side in (RIGHT, LEFT):
-            d, hull, near = _reach(lungs, hu, z, side, spacing, frame)
+            d, hull, near = _reach(lungs, hu, z, side, spacing, frame, cage)
             dist.append(np.where(hull | (near & touches), d, np.inf))
         take = outside[..., z] & np.isfinite(np.minimum(*dist))
         result[..., z][take] = np.where(dist[0] <= dist[1], RIGHT, LEFT)[take]

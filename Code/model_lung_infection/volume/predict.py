@@ -137,8 +137,10 @@ def run_case(kind, path, cfg, nets, out_root):
         infection = orient.display(_read_mask(cfg.mask, volume))
     else:
         infection, prob, classes = predict_case(nets, gray, lungs, cfg, volume.name, spacing)
-    lungs, attached = attach_infection(found, infection, hu, spacing)  # infection at a lung's border is its
     t["network"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lungs, attached = attach_infection(found, infection, hu, spacing)  # infection at a lung's border is its
+    t["lungs"] += time.perf_counter() - start
 
     start = time.perf_counter()
     out = Path(out_root) / volume.name
