@@ -72,6 +72,7 @@ def main(argv=None):
         if pth is None:
             pth = tmp / "checkpoint.pth"
             backbone = a.backbone or "res2net50_v1b_26w_4s"
+            torch.manual_seed(0)  # the same random network for both checkouts under --compare
             atomic_save({"model": Inf_Net(backbone=backbone).eval().state_dict(),
                          "config": {"model": "inf_net", "backbone": backbone}}, pth)
         start = time.perf_counter()
