@@ -20,9 +20,9 @@ import argparse
 from pathlib import Path
 
 from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
-from Code.model_lung_infection.errors import UserError
 from Code.model_lung_infection.maps import NORMALIZATIONS
 from Code.model_lung_infection.volume import add_volume_args, is_volume_input
+from Code.model_lung_infection.volume.options import check_slice_options
 
 DEFAULT_PTH = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
 
@@ -77,8 +77,7 @@ def main(argv=None):
     if is_volume_input(a.data_path):
         from Code.model_lung_infection.volume.predict import run_volumes
         return run_volumes(a)
-    if a.mask:
-        raise UserError(f"--mask quantifies CT volumes, and {a.data_path} holds no NIfTI file or DICOM series")
+    check_slice_options(a)  # --mask, --window ... on slices would be silently ignored
     from Code.model_lung_infection.infer import run_test
     return run_test(a.pth_path, a.data_path, a.save_path, a.testsize, a.backbone, a.device, a.amp,
                     a.channels_last, a.batchsize, a.progress, a.fuse_bn, a.compile, a.normalize)

@@ -4,14 +4,19 @@
     python reproduce.py --table IV --budget cpu        # Table IV scaled down for a CPU
     python reproduce.py --table II --budget cpu --epochs 4 --rows "Inf-Net" "U-Net"
     python reproduce.py --table II --retrain           # ignore finished rows and trained runs
+    torchrun --nproc_per_node=4 reproduce.py --table II   # every row trained on 4 GPUs (DDP)
 
 Writes Results/tables/table_<X>.md and .csv (ours beside the paper's figures, Params / FLOPs at
 352 x 352, the budget of each row). Finished rows and trained runs are reused, and an interrupted
 run continues at the first unfinished row (training resumes from its checkpoint.pth). The stages
-and folders are described in Code/model_lung_infection/tables.py.
+and folders are described in Code/model_lung_infection/tables.py. Rows are reused only for the same
+inputs (data files, budget, seed, ImageNet files, recipe version): others get folders of their own.
+Under torchrun every process trains each row in one process group; rank 0 alone tests, evaluates and
+writes.
 """
 import argparse
 import dataclasses
+import os
 import warnings
 
 from Code.model_lung_infection.cli import (
@@ -62,7 +67,7 @@ def main(argv=None):
     overrides = {k: v for k, v in (("epochs", a.epochs), ("trainsize", a.trainsize)) if v is not None}
     if overrides:
         budget = dataclasses.replace(budget, **overrides)  # the tag and the table state the change
-    if not a.imagenet_dir:
+    if not a.imagenet_dir and os.environ.get("RANK", "0") == "0":  # said once under torchrun
         warnings.warn("every encoder starts from RANDOM weights: no --imagenet_dir was given. Expect far lower "
                       "accuracy than the paper's (the tables say so).")
     from Code.model_lung_infection.tables import TableRunner  # PyTorch: after the arguments are parsed

@@ -135,21 +135,22 @@ def test_network_outputs_aligned_with_the_input(phantom, checkpoint, tmp_path):
 
 def test_dicom_series_same_report_as_nifti_and_series_choice(phantom, tmp_path):
     folder = tmp_path / "series"
-    vp.write_dicom_series(folder, phantom["hu"], phantom["affine"], slope=0.5, intercept=-1200.0)
+    main = vp.write_dicom_series(folder, phantom["hu"], phantom["affine"], slope=0.5, intercept=-1200.0)
     other = vp.write_dicom_series(folder, phantom["hu"][:, :, :3], phantom["affine"], series_uid=None,
                                   keep=[0, 1, 2], shuffle_seed=1, description="scout")
     with pytest.warns(UserWarning, match=other):
         volume = read_dicom(folder)
     assert np.array_equal(volume.data, phantom["hu"].astype(np.float32))
     assert np.allclose(volume.affine, phantom["affine"])
-    with pytest.warns(UserWarning, match=other):
-        from_dicom = run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"),
-                                      mask=str(_dicom_mask(phantom, tmp_path))))["series"]
+    with pytest.raises(UserError, match="not a folder of 2"):  # two series: two cases, and --mask fits one
+        run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"), mask=str(phantom["mask"])))
+    from_dicom = run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"), series=main,
+                                  mask=str(_dicom_mask(phantom, tmp_path))))["series__phantom"]
     from_nifti = run_volumes(dict(data_path=str(phantom["scan"]), mask=str(phantom["mask"]),
                                   save_path=str(tmp_path / "n")))["chest"]
     for key in SUMMARY_KEYS - {"spacing_mm", "shape"}:
         assert from_dicom[key] == from_nifti[key], key
-    assert (tmp_path / "d/series/slices.csv").read_text() != ""
+    assert (tmp_path / "d/series__phantom/slices.csv").read_text() != ""
     chosen = read_dicom(folder, series=other)
     assert chosen.data.shape == (*vp.SHAPE[:2], 3)
 
@@ -332,3 +333,54 @@ def test_bowel_under_touching_lungs_is_not_the_left_lung():
     labels = find_lungs(hu, spacing).labels
     assert not (labels[bowel] > 0).any()
     assert (labels[lungs[0]] == RIGHT).mean() > 0.97 and (labels[lungs[1]] == LEFT).mean() > 0.97
+
+
+# ------------------------------------------------------------------------------------ zones
+
+def test_zone_score_uses_the_ct_severity_thresholds():
+    from Code.model_lung_infection.quantify.report import zone_score
+    cases = {0: 0, 1e-6: 1, 4.99: 1, 5: 2, 25: 2, 25.01: 3, 50: 3, 50.5: 4, 75: 4, 75.01: 5, 100: 5}
+    assert {p: zone_score(p) for p in cases} == cases
+
+
+def test_zones_thirds_by_height_and_ventral_dorsal_halves():
+    """Right lung: a 10 x 10 x 9 block; infection in the dorsal half of its three lowest slices."""
+    from Code.model_lung_infection.quantify.report import zones
+    lungs = np.zeros((24, 12, 9), np.uint8)
+    lungs[1:11, 1:11, :] = 1    # right (rows towards the patient's left: right lung first)
+    lungs[13:23, 1:11, 3:] = 2  # left: slices 3..8 only, so its thirds are its own
+    infection = np.zeros(lungs.shape, bool)
+    infection[1:11, 6:11, 0:3] = True  # columns run towards posterior: dorsal half, lower third
+    infection[13:23, 1:11, 7:9] = True  # left: its upper third (slices 7, 8), whole
+    z_mm = np.arange(9) * 2.0 - 30
+    per, total = zones(lungs, infection, 0.001, z_mm)
+    right, left = per["right"], per["left"]
+    assert (right["lower"]["infection_percent"], right["lower"]["score"]) == (50.0, 3)
+    assert right["middle"]["score"] == right["upper"]["score"] == 0
+    assert right["dorsal"]["infection_percent"] == pytest.approx(100 / 3, abs=1e-3)
+    assert right["ventral"]["infection_percent"] == 0
+    assert right["lower"]["lung_ml"] == pytest.approx(0.3)
+    assert (left["upper"]["infection_percent"], left["upper"]["score"]) == (100.0, 5)
+    assert left["lower"]["score"] == left["middle"]["score"] == 0
+    assert total == 8
+
+
+def test_phantom_report_has_zones_in_summary_csv_and_overview(phantom, tmp_path):
+    out = tmp_path / "out"
+    summary = run_volumes(dict(data_path=str(phantom["scan"]), mask=str(phantom["mask"]), save_path=str(out)))["chest"]
+    right = summary["zones"]["right"]
+    thirds = sum(right[z]["infection_ml"] for z in ("upper", "middle", "lower"))
+    halves = sum(right[z]["infection_ml"] for z in ("ventral", "dorsal"))
+    assert thirds == pytest.approx(summary["infection_ml"], abs=1e-3) and halves == pytest.approx(thirds, abs=1e-3)
+    assert sum(right[z]["lung_ml"] for z in ("upper", "middle", "lower")) == pytest.approx(summary["right_lung_ml"],
+                                                                                          abs=1e-3)
+    # the blob (centre 15 mm anterior, RAS +y, and 10 mm up; radius 12 mm): mostly ventral and middle third
+    assert right["ventral"]["infection_ml"] > 2 * right["dorsal"]["infection_ml"]
+    assert right["middle"]["infection_ml"] == max(right[z]["infection_ml"] for z in ("upper", "middle", "lower"))
+    assert all(summary["zones"]["left"][z]["score"] == 0 for z in ("upper", "middle", "lower"))
+    assert summary["zone_score"] == sum(right[z]["score"] for z in ("upper", "middle", "lower"))
+    assert summary["zone_score_max"] == 30
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["case", "status", "source"]
+    assert {"right_upper_percent", "right_upper_score", "left_dorsal_percent", "zone_score"} <= set(header)
+    assert Image.open(out / "chest/overview.png").size[1] > 256 + 160  # the zone table below the plot

@@ -85,6 +85,7 @@ class Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.owns_group = False  # whether setup created the process group (only then does cleanup end it)
 
     @property
     def enabled(self):
@@ -106,6 +107,7 @@ class Distributed:
             torch.cuda.set_device(device)
         if self.enabled and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.owns_group = True
         return device
 
     def sync_buffers(self, model):
@@ -123,5 +125,8 @@ class Distributed:
             dist.barrier()
 
     def cleanup(self):
-        if self.enabled and dist.is_initialized():
+        """End the process group if this object created it: a group created by a caller (reproduce.py's one
+        group for a whole table) outlives every training that reuses it (gloo cannot re-create it reliably)."""
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        self.owns_group = False

@@ -15,8 +15,8 @@ from EvaluationTool.report import MULTICLASS, TABLE_COLUMNS
 
 PAPER = json.loads(Path(__file__).with_name("paper_tables.json").read_text())
 PAPER_KEYS = {"II": "table_II_infection", "III": "table_III_multiclass", "IV": "table_IV_ablation"}
-TITLES = {"II": "Table II: lung infection segmentation, 48 test slices",
-          "III": "Table III: multi-class infection labelling (GGO, consolidation), 48 test slices",
+TITLES = {"II": "Table II: lung infection segmentation",
+          "III": "Table III: multi-class infection labelling (GGO, consolidation)",
           "IV": "Table IV: ablations of Inf-Net, trained with the Semi-Inf-Net recipe"}
 METRICS = [key for _, key in TABLE_COLUMNS]          # meanDic, meanSen, meanSpe, Sm, meanEm, MAE
 CLASSES = tuple(cls for cls, _ in MULTICLASS) + ("Average",)

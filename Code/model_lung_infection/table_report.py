@@ -37,6 +37,17 @@ def _never_predicted(result):
     return [CLASS_SHORT.get(cls, cls) for cls, n in empty.items() if n["slices"] and n["empty"] == n["slices"]]
 
 
+def _test_slices(results):
+    """The test slices the rows were scored on, as counted when each was scored, and where they were."""
+    counts = sorted({r.get("test_slices") for r in results.values()} - {None})
+    roots = sorted({r.get("data_root") for r in results.values()} - {None})
+    if not counts:  # rows written before the count was recorded
+        return "the test slices"
+    text = (f"{counts[0]} test slice{'s' * (counts[0] != 1)}" if len(counts) == 1 else
+            f"{' or '.join(map(str, counts))} test slices (see the csv's test_slices column)")
+    return text + (f" of `{'`, `'.join(roots)}`" if roots else "")
+
+
 EMPTY_NOTE = ("† after a row's name: it predicts nothing of that class (binary tables: no pixel at probability "
               "0.5) on any test slice, so those figures measure nothing: an empty map scores Dice 0 at every "
               "threshold but the lowest, where every pixel counts as positive.")
@@ -52,7 +63,7 @@ def write_table(table, rows, results, results_root="Results/tables"):
             "encoders from random weights (no ImageNet file)")
     preamble = [f"# {TITLES[table]}", "",
           "Each cell: **ours** / paper. Ours: measured by `reproduce.py` with the budget in the last column, "
-          f"{init}, on the 48 test slices with EvaluationTool. "
+          f"{init}, on {_test_slices(results)} with EvaluationTool. "
           "Paper: Fan et al., IEEE TMI 2020 (ImageNet-pretrained encoders, full recipe). "
           "Params / FLOPs: ours at 352 x 352 (FLOPs = multiply-accumulates, as the paper's thop counts) "
           "/ paper.", "", "Budget(s): " + "; ".join(budgets), "", ""]
@@ -81,7 +92,8 @@ def write_table(table, rows, results, results_root="Results/tables"):
             key = label.lower().replace(" ", "_").replace(".", "")
             rec[f"{key}_ours"], rec[f"{key}_paper"] = round(ours, 4), "" if p is None else p
         rec.update(budget=r["budget"]["name"], budget_text=r["budget_text"], device=r["device"],
-                   pretrained=r["pretrained"], minutes=r.get("minutes"), never_predicted=" ".join(never))
+                   pretrained=r["pretrained"], minutes=r.get("minutes"), never_predicted=" ".join(never),
+                   test_slices=r.get("test_slices", ""), data_root=r.get("data_root", ""))
         csv_rows.append(rec)
     md_path, csv_path = write_files(root / f"table_{table}.md", root / f"table_{table}.csv", header, md_rows,
                                     list(csv_rows[0]), [list(r.values()) for r in csv_rows], "\n".join(preamble))

@@ -3,6 +3,12 @@
 Millilitres are voxel counts x the voxel volume from the header's spacing. Percentages are of lung
 volume, and only infection inside the lung mask counts towards them; infection the network finds
 outside the lung mask is reported separately (`infection_outside_lungs_ml`), never dropped silently.
+
+Zones: each lung is cut into thirds by height (its own superior-inferior extent) and into halves front
+to back (ventral / dorsal: its own anterior-posterior extent; dorsal is the dependent lung of a supine
+patient). Each third gets a score 0-5 from its infected percent with the thresholds of the lobe-based
+CT severity score (0 none, 1 < 5%, 2 5-25%, 3 26-50%, 4 51-75%, 5 > 75%); the six thirds sum to the
+zone score, 0-30: a lobe-free analogue (no lobes are segmented here), not the 25-point CT severity score.
 """
 import csv
 import io
@@ -19,12 +25,62 @@ GGO, CONSOLIDATION = 1, 2
 COLOURS = {"infection": (255, 40, 40), GGO: (255, 40, 40), CONSOLIDATION: (40, 220, 40)}
 OVERVIEW_SLICES = 3
 PANEL = 256
+THIRDS = ("upper", "middle", "lower")
+HALVES = ("ventral", "dorsal")
+SIDES = {RIGHT: "right", LEFT: "left"}
+ZONE_SCORE_MAX = 5 * len(THIRDS) * len(SIDES)
 SUMMARY_KEYS = ("lung_ml", "right_lung_ml", "left_lung_ml", "infection_ml", "infection_percent",
                 "right_infection_percent", "left_infection_percent", "slices_with_infection", "spacing_mm", "shape")
 
 
 def _percent(part, whole):
     return round(100.0 * part / whole, 4) if whole else 0.0
+
+
+def zone_score(percent):
+    """0 none, 1 under 5%, 2 5-25%, 3 over 25 to 50%, 4 over 50 to 75%, 5 over 75% (of the zone's lung)."""
+    if percent <= 0:
+        return 0
+    return 1 + int(percent >= 5) + int(percent > 25) + int(percent > 50) + int(percent > 75)
+
+
+def _fractions(coord, present, n_parts):
+    """Part index (0 .. n_parts-1) of each position along one axis, equal lengths over the extent of
+    `present` (voxel edges included), counted from the smallest coordinate."""
+    coord = np.asarray(coord, np.float64)
+    step = float(np.median(np.abs(np.diff(coord)))) if len(coord) > 1 else 1.0
+    lo, hi = coord[present].min() - step / 2, coord[present].max() + step / 2
+    return np.clip(((coord - lo) / (hi - lo) * n_parts).astype(int), 0, n_parts - 1)
+
+
+def zones(lungs, infection, voxel_ml, z_mm):
+    """{side: {zone: {lung_ml, infection_ml, infection_percent[, score]}}} and the zone score (0-30).
+
+    Display view: columns run towards posterior (ventral first), z_mm is each slice's height."""
+    out, total = {}, 0
+    for side, side_name in SIDES.items():
+        lung = lungs == side
+        infected = lung & infection
+        per_z = lung.sum(axis=(0, 1)), infected.sum(axis=(0, 1))
+        per_col = lung.sum(axis=(0, 2)), infected.sum(axis=(0, 2))
+        counts = {}
+        if per_z[0].any():
+            third = _fractions(z_mm, per_z[0] > 0, 3)  # 0 lowest .. 2 highest
+            for i, zone in enumerate(reversed(THIRDS)):
+                counts[zone] = (int(per_z[0][third == i].sum()), int(per_z[1][third == i].sum()))
+            half = _fractions(np.arange(lung.shape[1]), per_col[0] > 0, 2)  # 0 ventral, 1 dorsal
+            for i, zone in enumerate(HALVES):
+                counts[zone] = (int(per_col[0][half == i].sum()), int(per_col[1][half == i].sum()))
+        side_zones = {}
+        for zone in THIRDS + HALVES:
+            n, k = counts.get(zone, (0, 0))
+            side_zones[zone] = {"lung_ml": round(n * voxel_ml, 4), "infection_ml": round(k * voxel_ml, 4),
+                                "infection_percent": _percent(k, n)}
+            if zone in THIRDS:
+                side_zones[zone]["score"] = zone_score(100.0 * k / n if n else 0.0)  # unrounded: 1 voxel counts
+                total += side_zones[zone]["score"]
+        out[side_name] = side_zones
+    return out, total
 
 
 def quantify(lungs, infection, voxel_ml, pixel_mm2, z_mm, file_index, spacing_mm, shape, classes=None):
@@ -57,6 +113,8 @@ def quantify(lungs, infection, voxel_ml, pixel_mm2, z_mm, file_index, spacing_mm
                "slices_with_infection": int((inf_mm2 > 0).sum()),
                "spacing_mm": [round(float(s), 6) for s in spacing_mm], "shape": [int(s) for s in shape],
                "infection_outside_lungs_ml": round(int((infection & (lungs == 0)).sum()) * voxel_ml, 4)}
+    summary["zones"], summary["zone_score"] = zones(lungs, infection, voxel_ml, z_mm)
+    summary["zone_score_max"] = ZONE_SCORE_MAX
     if classes is not None:
         for key, c in (("ggo_ml", GGO), ("consolidation_ml", CONSOLIDATION)):
             summary[key] = round(int(((classes == c) & (lungs > 0)).sum()) * voxel_ml, 4)
@@ -80,13 +138,25 @@ def write_summary(path, summary):
     return _write_text(path, json.dumps(summary, indent=1) + "\n")
 
 
+def _flat(summary):
+    """summary.json's fields as table columns: lists joined with 'x', zones as right_upper_percent,
+    right_upper_score ..."""
+    row = {}
+    for k, v in summary.items():
+        if k == "zones":
+            for side, per_zone in v.items():
+                for zone, z in per_zone.items():
+                    row[f"{side}_{zone}_percent"] = z["infection_percent"]
+                    if "score" in z:
+                        row[f"{side}_{zone}_score"] = z["score"]
+        else:
+            row[k] = "x".join(str(x) for x in v) if isinstance(v, list) else v
+    return row
+
+
 def write_summary_table(path, summaries):
-    """OUT/summary.csv: one row per case (list-valued fields joined with 'x')."""
-    rows = []
-    for case, s in summaries.items():
-        row = {"case": case}
-        row.update({k: "x".join(str(v) for v in s[k]) if isinstance(s[k], list) else s[k] for k in s})
-        rows.append(row)
+    """OUT/summary.csv: one row per case (a case's `status` and `source` first when given)."""
+    rows = [{"case": case, **_flat(s)} for case, s in summaries.items()]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "") for k in keys} for r in rows]
     return write_csv(path, rows)
@@ -117,9 +187,41 @@ def _plot(z_mm, percent, width):
     return img
 
 
-def overview(path, gray, lungs, infection, z_mm, spacing, classes=None):
+SCORE_COLOURS = ((255, 255, 255), (255, 240, 200), (255, 215, 150), (255, 180, 110), (250, 130, 80), (230, 70, 60))
+
+
+def _zone_table(summary, width):
+    """The zones as a small table: each lung's thirds (infected %, score 0-5, tinted by score) and halves,
+    and the zone score."""
+    img = Image.new("RGB", (width, 156), "white")
+    d = ImageDraw.Draw(img)
+    x0, label_w, cell_w, row_h = 10, 110, 130, 18
+    d.text((x0, 4), "infected % of each lung's zone (score 0-5)", fill="black")
+    for j, side in enumerate(SIDES.values()):
+        d.text((x0 + label_w + j * cell_w + 4, 4 + row_h), f"{side} lung", fill="black")
+    for i, zone in enumerate(THIRDS + HALVES):
+        y = 4 + (i + 2) * row_h
+        d.text((x0, y + 3), f"{zone} {'third' if zone in THIRDS else 'half'}", fill="black")
+        for j, side in enumerate(SIDES.values()):
+            z = summary["zones"][side][zone]
+            x = x0 + label_w + j * cell_w
+            fill = SCORE_COLOURS[z["score"]] if "score" in z else (245, 245, 245)
+            d.rectangle([x, y, x + cell_w - 4, y + row_h - 2], fill=fill, outline=(180, 180, 180))
+            text = f"{z['infection_percent']:.1f}%" + (f"  ({z['score']})" if "score" in z else "")
+            d.text((x + 4, y + 3), text, fill="black")
+    d.text((x0 + label_w + 2 * cell_w + 10, 4 + 2 * row_h + 3),
+           f"zone score {summary['zone_score']} / {summary['zone_score_max']}", fill="black")
+    d.text((x0 + label_w + 2 * cell_w + 10, 4 + 3 * row_h + 3), "(six zones, lobe-free; not the", fill="black")
+    d.text((x0 + label_w + 2 * cell_w + 10, 4 + 4 * row_h + 3), "25-point CT severity score)", fill="black")
+    d.text((x0, 4 + 7 * row_h + 3), "slices above: the patient's right lung on top, anterior to the left",
+           fill=(90, 90, 90))
+    return img
+
+
+def overview(path, gray, lungs, infection, z_mm, spacing, classes=None, summary=None):
     """overview.png: the most infected slices (infection, or GGO red / consolidation green, over the CT;
-    lung outline in blue) and the infected percent of lung along z."""
+    lung outline in blue), the infected percent of lung along z and, given the summary, the zones."""
+    from scipy import ndimage
     lung_area = (lungs > 0).sum(axis=(0, 1))
     inf_area = (infection & (lungs > 0)).sum(axis=(0, 1))
     percent = np.where(lung_area > 0, 100.0 * inf_area / np.maximum(lung_area, 1), 0.0)
@@ -127,7 +229,6 @@ def overview(path, gray, lungs, infection, z_mm, spacing, classes=None):
     panels = []
     for z in sorted(order):
         lung = lungs[..., z] > 0
-        from scipy import ndimage
         outline = lung & ~ndimage.binary_erosion(lung)
         masks = [(outline, (60, 120, 255))]
         if classes is not None:
@@ -137,11 +238,15 @@ def overview(path, gray, lungs, infection, z_mm, spacing, classes=None):
         panel = _panel(gray[..., z], masks, spacing[1] / spacing[0])
         ImageDraw.Draw(panel).text((4, 4), f"z {z_mm[z]:.1f} mm  {percent[z]:.1f}%", fill=(255, 255, 0))
         panels.append(panel)
-    width = max(sum(p.width for p in panels), 400)
-    canvas = Image.new("RGB", (width, PANEL + 160), "white")
+    width = max(sum(p.width for p in panels), 560 if summary else 400)
+    parts = [_plot(z_mm, percent, width)] + ([_zone_table(summary, width)] if summary else [])
+    canvas = Image.new("RGB", (width, PANEL + sum(p.height for p in parts)), "white")
     x = 0
     for p in panels:
         canvas.paste(p, (x, 0))
         x += p.width
-    canvas.paste(_plot(z_mm, percent, width), (0, PANEL))
+    y = PANEL
+    for p in parts:
+        canvas.paste(p, (0, y))
+        y += p.height
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

@@ -5,10 +5,16 @@ affine that maps voxel indices to RAS+ millimetres, so every output can be writt
 exactly the input's shape and geometry. DICOM is read into the same convention (i = column,
 j = row, k = slice ordered along the slice normal; LPS patient coordinates turned into RAS).
 
-Each problem is one line naming the file: a 4D image, an unreadable file, a folder without any
-scan, a modality other than CT (errors); several series in one folder, gaps or uneven spacing
-along z (warnings naming the series / the gap).
+`find_cases` turns any folder (an archive of patient / study / series folders, at any depth) into
+cases: every NIfTI file and every DICOM series (by SeriesInstanceUID, wherever its files lie), each
+named by one safe path component made from its path. Each problem is one line naming the file: a
+4D image, an unreadable file, a singular affine, non-finite voxels, a folder without any scan, a
+modality other than CT (errors); a file without Modality whose values are HU, several series in
+one folder read directly, gaps or uneven spacing along z, implausible voxel sizes (warnings).
 """
+import hashlib
+import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +27,14 @@ from ..errors import DataError
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIXES = (".dcm", ".ima", "")  # DICOM files often have no extension at all
 SPACING_TOLERANCE = 0.01  # relative: slice steps differing by more than 1% are "uneven"
+# Voxel sizes outside this range (mm) are not a CT scanner's: a broken header, or a unit mistake (cm, m).
+PLAUSIBLE_VOXEL_MM = (0.1, 20.0)
+# A file without Modality is read as CT when its values are HU: air (1st percentile at most AIR_HU_MAX)
+# and nothing beyond dense bone and contrast at the 99th percentile. MR, PET, ultrasound and
+# radiographs store non-negative values, so they never pass.
+AIR_HU_MAX, DENSE_HU_MAX = -500.0, 4000.0
+NAME_MAX = 150  # characters of a case name (a folder name); longer ones are cut and end with a hash
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index of the files, not an image
 
 
 @dataclass
@@ -40,12 +54,32 @@ class Volume:
         return abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
 
 
+@dataclass
+class Case:
+    """One scan to process: a NIfTI file, a DICOM series (its files), or a file that could not be read."""
+    kind: str             # "nifti", "dicom" or "unreadable"
+    path: Path            # the file, or the folder holding the series
+    name: str             # the output folder's name: one safe path component, unique in the run
+    files: tuple = ()     # DICOM: the series' files
+    series: str = None    # DICOM: SeriesInstanceUID
+    error: str = None     # "unreadable": why
+
+
 def case_name(path):
     path = Path(path)
     for suffix in NIFTI_SUFFIXES:
         if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
     return path.stem if path.is_file() else path.name
+
+
+def safe_component(text):
+    """`text` as one safe path component: letters, digits and . _ + - only (every other run of
+    characters becomes '_'), no leading dot or dash (never '.' or '..'), at most NAME_MAX characters."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._-") or "case"
+    if len(name) > NAME_MAX:
+        name = f"{name[:NAME_MAX - 9]}_{hashlib.sha1(str(text).encode()).hexdigest()[:8]}"
+    return name
 
 
 def is_nifti(path):
@@ -71,44 +105,166 @@ def _dicom_files(folder):
     return [p for p in sorted(Path(folder).iterdir()) if is_dicom_file(p)]
 
 
-def find_cases(path):
-    """[(kind, path)] with kind 'nifti' or 'dicom': a NIfTI file, a DICOM file or series folder, or a
-    folder holding NIfTI files and/or DICOM series folders. A folder without any scan is an error."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found")
-    if path.is_file():
-        if is_nifti(path):
-            return [("nifti", path)]
-        if is_dicom_file(path):
-            return [("dicom", path)]
-        raise DataError(f"{path}: neither a NIfTI file (.nii, .nii.gz) nor a DICOM file")
-    if _dicom_files(path):
-        return [("dicom", path)]
-    cases = [("nifti", p) for p in sorted(path.iterdir()) if is_nifti(p) and not p.name.startswith(".")]
-    cases += [("dicom", p) for p in sorted(path.iterdir()) if p.is_dir() and _dicom_files(p)]
-    if not cases:
-        raise DataError(f"{path}: no scan found (expected NIfTI files .nii/.nii.gz, DICOM files, "
-                        f"or folders of DICOM series)")
+def _scan_files(root, skip=()):
+    """(kind, path) of every NIfTI and DICOM-looking file below `root`, in sorted order; hidden files
+    and folders and the folders in `skip` (our own output) are left out."""
+    skip = {os.path.realpath(p) for p in skip}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(Path(folder, d)) not in skip)
+        for f in sorted(files):
+            p = Path(folder, f)
+            if is_nifti(p):
+                yield "nifti", p
+            elif is_dicom_file(p):
+                yield "dicom", p
+
+
+def _discovery_header(path):
+    """The few tags discovery needs, or None for a DICOM index (DICOMDIR). Raises DataError."""
+    import pydicom
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription"])
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as DICOM ({' '.join(str(e).split())})") from e
+    sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or getattr(ds, "SOPClassUID", ""))
+    if sop == DICOMDIR_SOP_CLASS or path.name.upper() == "DICOMDIR":
+        return None
+    return ds
+
+
+def _label(parts):
+    return "__".join(safe_component(p) for p in parts)
+
+
+def _relative_parts(path, root):
+    rel = Path(path).relative_to(root) if Path(path) != Path(root) else Path(".")
+    parts = list(rel.parts)
+    if parts and Path(path).is_file():
+        parts[-1] = case_name(path)
+    return parts or [case_name(root)]
+
+
+def _series_tag(ds):
+    number = str(getattr(ds, "SeriesNumber", "") or "")
+    desc = str(getattr(ds, "SeriesDescription", "") or "")
+    text = "_".join(t for t in (f"series{number}" if number else "", desc if desc.lower() != "none" else "") if t)
+    return text or str(getattr(ds, "SeriesInstanceUID", ""))[-12:] or "series"
+
+
+def _unique_names(cases):
+    """Names made unique in the run (case-insensitively, for case-insensitive file systems) by _2, _3 ..."""
+    taken = {"summary.csv"}  # OUT/summary.csv sits beside the case folders
+    for case in cases:
+        name, n = case.name, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{case.name}_{n}"
+        taken.add(name.lower())
+        case.name = name
     return cases
 
 
+def find_cases(path, series=None, skip=()):
+    """Every scan below `path` as a list of Case: a NIfTI file, a DICOM file or series folder, or any
+    folder (an archive of patient / study / series folders at any depth) holding NIfTI files and DICOM
+    series. A series is every file with one SeriesInstanceUID, so several series in one folder are
+    several cases. Names come from the path below `path` (patient__study__series; the series' number
+    and description are added where a folder holds several). A file that cannot be read becomes an
+    "unreadable" case (the run reports and skips it). `series`: only the DICOM series with that UID.
+    `skip`: folders to leave out (the run's own --save_path). A folder without any scan is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found")
+    if path.is_file() and not (is_nifti(path) or is_dicom_file(path)):
+        raise DataError(f"{path}: neither a NIfTI file (.nii, .nii.gz) nor a DICOM file")
+    root = path.parent if path.is_file() else path
+    found = [("nifti" if is_nifti(path) else "dicom", path)] if path.is_file() else _scan_files(path, skip)
+    cases, groups = [], {}
+    for kind, p in found:
+        if kind == "nifti":
+            cases.append(Case("nifti", p, _label(_relative_parts(p, root))))
+            continue
+        try:
+            ds = _discovery_header(p)
+        except DataError as e:
+            cases.append(Case("unreadable", p, _label(_relative_parts(p, root)), error=str(e)))
+            continue
+        if ds is not None:
+            uid = str(getattr(ds, "SeriesInstanceUID", "") or f"file:{p}")  # no UID: the file is its own series
+            groups.setdefault(uid, []).append((p, ds))
+    folders = {uid: Path(os.path.commonpath([str(p.parent) for p, _ in members])) for uid, members in groups.items()}
+    per_folder = {}
+    for uid, folder in folders.items():
+        per_folder.setdefault(folder, []).append(uid)
+    for uid, members in groups.items():
+        folder = folders[uid]
+        if path.is_file():
+            parts = [case_name(path)]
+        elif uid.startswith("file:"):  # a file of its own: named by its path
+            parts = _relative_parts(members[0][0], root)
+        else:
+            parts = _relative_parts(folder, root)
+        if len(per_folder[folder]) > 1 and not uid.startswith("file:"):
+            parts.append(_series_tag(members[0][1]))
+        cases.append(Case("dicom", folder, _label(parts), tuple(p for p, _ in members),
+                          None if uid.startswith("file:") else uid))
+    if series is not None:
+        chosen = [c for c in cases if c.series == series]
+        if not chosen:
+            uids = sorted(c.series for c in cases if c.series)
+            raise DataError(f"{path}: no DICOM series with UID {series} (found: {', '.join(uids) or 'none'})")
+        cases = chosen
+    if not cases:
+        raise DataError(f"{path}: no scan found (expected NIfTI files .nii/.nii.gz or DICOM files, in this "
+                        f"folder or below it)")
+    cases.sort(key=lambda c: str(c.path))
+    return _unique_names(cases)
+
+
 def is_volume_input(path):
-    """True when `path` is a CT volume or a folder of them (NIfTI / DICOM), False for 2D slices."""
+    """True when `path` is a CT volume or a folder with one at any depth (NIfTI / DICOM), False for 2D
+    slices. Looks at file names and DICOM preambles only (fast: no header is parsed)."""
     path = Path(path)
     if path.is_file():
         return is_nifti(path) or is_dicom_file(path)
     if not path.is_dir() or (path / "Imgs").is_dir():
         return False
-    try:
-        find_cases(path)
-    except (DataError, OSError):
-        return False
-    return True
+    return next(_scan_files(path), None) is not None
 
 
-def read_case(kind, path, series=None):
-    return read_nifti(path) if kind == "nifti" else read_dicom(path, series)
+def read_case(case):
+    """The Volume of a Case (named by the case), its voxels and geometry checked."""
+    if case.kind == "unreadable":
+        raise DataError(case.error)
+    volume = read_nifti(case.path) if case.kind == "nifti" else read_dicom(case.path, case.series, case.files)
+    volume.name = case.name
+    return volume
+
+
+def check_volume(volume):
+    """Refuse what cannot be measured, warn about what is implausible; one line each, naming the file.
+
+    Non-finite voxels (NaN, inf) are refused: any value put in their place would be invented HU, and
+    air there (the usual fill) becomes lung inside the body and changes the lung volume itself."""
+    affine = volume.affine
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-9:
+        sizes = ", ".join(f"{v:g}" for v in np.linalg.norm(np.nan_to_num(affine[:3, :3]), axis=0))
+        raise DataError(f"{volume.source}: its voxel-to-mm matrix (affine) is singular or not finite (voxel sizes "
+                        f"{sizes} mm): a zero voxel size or axes in one plane; fix the header's pixdim/sform/qform "
+                        f"(DICOM: PixelSpacing, ImageOrientationPatient)")
+    bad = volume.data.size - int(np.isfinite(volume.data).sum())
+    if bad:
+        raise DataError(f"{volume.source}: {bad} of {volume.data.size} voxels are not finite (NaN or inf); their HU "
+                        f"are unknown and would change the lung volume. Replace them (e.g. with -1024 outside the "
+                        f"field of view) and run again")
+    low, high = PLAUSIBLE_VOXEL_MM
+    spacing = volume.spacing
+    if not all(low <= s <= high for s in spacing):
+        warnings.warn(f"{volume.source}: voxel size {' x '.join(f'{s:g}' for s in spacing)} mm is outside "
+                      f"{low:g}..{high:g} mm, not a CT scanner's: volumes in mL will be wrong; check the header's "
+                      f"spacing (pixdim / PixelSpacing, slice positions)")
+    return volume
 
 
 # ------------------------------------------------------------------------------------------ NIfTI
@@ -130,9 +286,7 @@ def read_nifti(path):
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot read as NIfTI ({' '.join(str(e).split())})") from e
-    if not np.isfinite(data).all():
-        data = np.nan_to_num(data, nan=-1024.0, posinf=-1024.0, neginf=-1024.0)
-    return Volume(data, img.affine.astype(np.float64), case_name(path), path)
+    return check_volume(Volume(data, img.affine.astype(np.float64), case_name(path), path))
 
 
 # ------------------------------------------------------------------------------------------ DICOM
@@ -167,10 +321,26 @@ def _pick_series(folder, headers, series):
 
 
 def _check_ct(path, ds):
-    modality = getattr(ds, "Modality", None)
+    """Refuse a modality other than CT; True when the file has no Modality (checked on its values later)."""
+    modality = str(getattr(ds, "Modality", "") or "").strip()
+    if not modality:
+        return True
     if modality != "CT":
-        raise DataError(f"{path}: modality {modality or 'unknown'}, not CT; this tool reads CT scans only "
-                        f"(Hounsfield units)")
+        raise DataError(f"{path}: modality {modality}, not CT; this tool reads CT scans only (Hounsfield units)")
+    return False
+
+
+def _check_values_are_hu(folder, data, untagged):
+    """Files without Modality (anonymisers strip it) are read as CT when their values are HU: air below
+    AIR_HU_MAX at the 1st percentile and at most DENSE_HU_MAX at the 99th (with a warning); else refused."""
+    low, high = (float(v) for v in np.percentile(data, [1, 99]))
+    what = f"{len(untagged)} file(s) without a Modality tag ({untagged[0].name}{', ...' if len(untagged) > 1 else ''})"
+    if low <= AIR_HU_MAX and high <= DENSE_HU_MAX:
+        warnings.warn(f"{folder}: {what}, read as CT since the values are Hounsfield units (1st-99th percentile "
+                      f"{low:.0f}..{high:.0f} HU, air and soft tissue)")
+        return
+    raise DataError(f"{folder}: {what}, and the values ({low:.0f}..{high:.0f} at the 1st-99th percentile) are not CT "
+                    f"Hounsfield units (no air below {AIR_HU_MAX:g}); this tool reads CT scans only")
 
 
 def _geometry(path, ds):
@@ -204,16 +374,16 @@ def _slice_steps(folder, entries, normal):
     return positions, step
 
 
-def read_dicom(path, series=None):
+def read_dicom(path, series=None, files=None):
     """A DICOM series (a folder, or one file) in HU: RescaleSlope/RescaleIntercept applied, slices
-    sorted by position along the slice normal, the largest series chosen unless `series` is given."""
+    sorted by position along the slice normal, the largest series chosen unless `series` is given.
+    `files`: the series' files (find_cases), instead of the folder's."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    files = _dicom_files(path) if path.is_dir() else [path]
+    files = list(files) if files else _dicom_files(path) if path.is_dir() else [path]
     headers = [(p, _read_header(p)) for p in files]
     chosen = _pick_series(folder, headers, series)
-    for p, ds in chosen:
-        _check_ct(p, ds)
+    untagged = [p for p, ds in chosen if _check_ct(p, ds)]
     iop, _, ps = _geometry(*chosen[0])
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
@@ -243,7 +413,10 @@ def read_dicom(path, series=None):
     lps[:3, 3] = entries[0][2]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
     name = case_name(path) if path.is_dir() else Path(path).stem
-    return Volume(data.astype(np.float32), affine, name, path)
+    volume = check_volume(Volume(data.astype(np.float32), affine, name, path))
+    if untagged:
+        _check_values_are_hu(folder, volume.data, untagged)
+    return volume
 
 
 def save_nifti(array, affine, path, dtype=np.uint8):

@@ -2,9 +2,14 @@
 import argparse
 from dataclasses import dataclass, fields
 
+from ..errors import OptionError
 from .window import DEFAULT_WINDOW, parse_window
 
 THRESHOLD = 0.5
+# Options only the volume stage reads, with their defaults: given on a folder of slices they would do
+# nothing, so the run refuses them (check_slice_options).
+VOLUME_ONLY = {"mask": None, "multiclass_pth": None, "window": None, "threshold": THRESHOLD, "series": None,
+               "save_probabilities": False, "crop": True}
 
 
 @dataclass
@@ -40,10 +45,47 @@ class VolumeConfig:
         return cfg
 
 
+def threshold_value(value):
+    """argparse type: a probability threshold, 0 < t <= 1 (masks are probabilities >= t)."""
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability 0 < t <= 1, got '{value}'") from None
+    if not 0 < t <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability 0 < t <= 1 (masks are probabilities >= t; an 8-bit "
+                                         f"--mask is divided by 255 first), got '{value}'")
+    return t
+
+
+def check_config(cfg):
+    """Refuse options the run would ignore or cannot honour (one line)."""
+    try:
+        threshold = float(cfg.threshold)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0 < threshold <= 1:
+        raise OptionError(f"--threshold {cfg.threshold}: expected a probability 0 < t <= 1 (masks are probabilities "
+                          f">= t; an 8-bit --mask is divided by 255 first)")
+    if cfg.mask:
+        ignored = [o for o, on in (("--multiclass_pth", cfg.multiclass_pth), ("--save_probabilities",
+                                                                              cfg.save_probabilities)) if on]
+        if ignored:
+            raise OptionError(f"{' and '.join(ignored)} need the network, and --mask quantifies a given mask "
+                              f"without it: drop {' and '.join(ignored)}, or --mask to run the network")
+
+
+def check_slice_options(args):
+    """A folder of 2D slices: refuse the volume-only options given (they would be silently ignored)."""
+    given = [f"--{k}" for k, default in VOLUME_ONLY.items() if getattr(args, k, default) != default]
+    if given:
+        raise OptionError(f"{', '.join(given)}: option(s) of CT volumes, and --data_path {args.data_path} is a "
+                          f"folder of 2D slices (no NIfTI or DICOM); drop them, or give a CT volume")
+
+
 def add_volume_args(parser):
     """The options only volumes use (MyTest_LungInf.py already has --pth_path, --data_path, --save_path,
     --testsize, --batchsize, --backbone, --device, --amp, --fuse_bn, --channels_last, --progress)."""
-    from ..cli import add_bool, positive_float
+    from ..cli import add_bool
     g = parser.add_argument_group("CT volumes (NIfTI / DICOM --data_path)")
     g.add_argument("--mask", default=None, help="quantify this infection mask (NIfTI, aligned with the scan); "
                                                 "no network")
@@ -51,7 +93,8 @@ def add_volume_args(parser):
     g.add_argument("--window", type=parse_window, default=None,
                    help=f"lung window LOW,HIGH in HU (default {DEFAULT_WINDOW[0]:g},{DEFAULT_WINDOW[1]:g}, measured "
                         f"on the training slices; docs/volumes.md)")
-    g.add_argument("--threshold", type=positive_float, default=THRESHOLD, help="probability threshold of a mask")
+    g.add_argument("--threshold", type=threshold_value, default=THRESHOLD,
+                   help="infection where the probability >= this (0 < t <= 1); also for --mask maps")
     g.add_argument("--series", default=None, help="DICOM SeriesInstanceUID to read when a folder holds several")
     add_bool(g, "--save_probabilities", False, "also write probability.nii.gz (float32)")
     add_bool(g, "--crop", True, "crop around the lungs and skip slices without lung (False: whole slices)")

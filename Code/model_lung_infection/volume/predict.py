@@ -4,6 +4,11 @@ For each case: read (HU), turn into the training slices' view, lung mask (classi
 8 bits, crop one box around the lungs, run the network on the slices that hold lung in batches,
 threshold the sigmoid probabilities at 0.5 (never a per-slice stretch: most slices of a scan hold no
 infection), paste back, write in the input's own voxel order, quantify. See docs/volumes.md.
+
+A case that cannot be read is reported in one line and skipped; the others are processed, and
+OUT/summary.csv lists every case with its status. A case folder holds one run's outputs: a rerun
+removes that case's earlier outputs first (a --mask run after a network run keeps no stale
+infection.nii.gz), and summary.json is written last, so a case folder without it is unfinished.
 """
 import time
 import warnings
@@ -13,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data import normalize_image, resize
-from ..errors import DataError, UserError
+from ..errors import DataError, OptionError, UserError
 from ..fast_inference import prepare_for_inference
 from ..infer import default_amp, probabilities
 from ..models import load_model, read_model
@@ -22,8 +27,8 @@ from ..quantify import report
 from ..quantify.lungs import attach_infection, fill_summary, find_lungs
 from ..runtime import pick_device
 from . import geometry
-from .io import case_name, find_cases, read_case, read_nifti, save_nifti
-from .options import THRESHOLD, VolumeConfig, add_volume_args  # noqa: F401 -- the stage's options
+from .io import find_cases, read_case, read_nifti, save_nifti
+from .options import THRESHOLD, VolumeConfig, add_volume_args, check_config  # noqa: F401 -- the stage's options
 from .window import DEFAULT_WINDOW, gray_volume, is_already_gray
 
 # ------------------------------------------------------------------------------------- networks
@@ -96,19 +101,50 @@ def predict_case(nets, gray, lungs, cfg, name, spacing=(1.0, 1.0, 1.0)):
 
 # ---------------------------------------------------------------------------------------- cases
 
-def _read_mask(path, volume):
+# The files a case folder gets (and only these are removed when a case is run again).
+OUTPUTS = ("infection.nii.gz", "lungs.nii.gz", "classes.nii.gz", "probability.nii.gz", "slices.csv", "overview.png",
+           "summary.json")
+MAX_LUNG_ML = 12000.0  # two adult lungs at full inspiration hold about 6-8 L: more is a geometry error
+LABEL_MAX = 15  # a --mask of whole numbers up to this is a label map (e.g. classes.nii.gz: 1 GGO, 2 consolidation)
+
+
+def _read_mask(path, volume, threshold=THRESHOLD):
+    """A --mask as infection (bool), by the network's rule: probabilities (0..1) and 8-bit maps (0..255,
+    divided by 255) are infection where >= `threshold`; a label map (whole numbers up to LABEL_MAX)
+    where non-zero. A mask holding HU (the scan itself) is refused."""
     mask = read_nifti(path)
     if mask.data.shape != volume.data.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
         raise DataError(f"{path}: mask of shape {mask.data.shape} does not align with {volume.source} "
                         f"(shape {volume.data.shape}); give the mask written for this scan")
-    return mask.data > 0
+    values = mask.data
+    low, high = float(values.min()), float(values.max())
+    same = np.array_equal(values, volume.data)
+    if low < 0 or high > 255 or same:
+        what = "the scan itself" if same else "Hounsfield units (a CT scan)" if low < 0 else "beyond 0..255"
+        raise DataError(f"{path}: values {low:g}..{high:g} are {what}, not a mask; give the infection mask "
+                        f"(probabilities 0..1, 0..255 gray or labels) aligned with {volume.source}")
+    if high <= 1:
+        return values >= threshold
+    if high <= LABEL_MAX and np.array_equal(values, np.round(values)):
+        print(f"[volume] {path}: whole numbers 0..{high:g}, read as labels (infection where not 0)")
+        return values > 0
+    return values / 255.0 >= threshold
 
 
-def run_case(kind, path, cfg, nets, out_root):
-    """Process one scan; returns (summary, timings in seconds)."""
+def _clear_outputs(out, name):
+    """Remove this case's outputs of an earlier run (our names only) and our leftover temporaries."""
+    old = [p for p in (out / n for n in OUTPUTS) if p.is_file()]
+    if old:
+        print(f"[volume] {name}: replacing the earlier run's outputs in {out} ({', '.join(p.name for p in old)})")
+    for p in old + sorted(out.glob(".tmp-*")):
+        p.unlink(missing_ok=True)
+
+
+def run_case(case, cfg, nets, out_root):
+    """Process one scan (an io.Case); returns (name, summary, timings in seconds)."""
     t = {}
     start = time.perf_counter()
-    volume = read_case(kind, path, cfg.series)
+    volume = read_case(case)
     orient = geometry.orientation(volume.affine, volume.data.shape)
     data = orient.display(volume.data)
     window = cfg.window or DEFAULT_WINDOW
@@ -134,7 +170,7 @@ def run_case(kind, path, cfg, nets, out_root):
     gray = gray_volume(data, window, already_gray)
     prob = classes = None
     if cfg.mask:
-        infection = orient.display(_read_mask(cfg.mask, volume))
+        infection = orient.display(_read_mask(cfg.mask, volume, cfg.threshold))
     else:
         infection, prob, classes = predict_case(nets, gray, lungs, cfg, volume.name, spacing)
     t["network"] = time.perf_counter() - start
@@ -144,9 +180,8 @@ def run_case(kind, path, cfg, nets, out_root):
 
     start = time.perf_counter()
     out = Path(out_root) / volume.name
-    existing = [p.name for p in sorted(out.glob("*")) if p.is_file()] if out.is_dir() else []
-    if existing:
-        print(f"[volume] replacing {len(existing)} existing file(s) in {out}")
+    if out.is_dir():
+        _clear_outputs(out, volume.name)
     if not cfg.mask:
         save_nifti(orient.file_order(infection), volume.affine, out / "infection.nii.gz")
     save_nifti(orient.file_order(lungs), volume.affine, out / "lungs.nii.gz")
@@ -162,38 +197,67 @@ def run_case(kind, path, cfg, nets, out_root):
                                     orient.file_slice_index(), volume.spacing, volume.data.shape, classes)
     summary["window_hu"] = None if already_gray else [float(v) for v in window]
     summary.update(fill_summary(lungs, found.dense, attached, volume.voxel_ml))
+    if summary["lung_ml"] > MAX_LUNG_ML:
+        size = " x ".join(f"{v:g}" for v in volume.spacing)
+        warnings.warn(f"{volume.source}: {summary['lung_ml']:.0f} mL of lung, more than any human's "
+                      f"({MAX_LUNG_ML:.0f}): check the voxel size in the header ({size} mm)")
     report.write_csv(out / "slices.csv", rows)
-    report.write_summary(out / "summary.json", summary)
-    report.overview(out / "overview.png", gray, lungs, infection, z_mm, spacing, classes)
+    report.overview(out / "overview.png", gray, lungs, infection, z_mm, spacing, classes, summary)
+    report.write_summary(out / "summary.json", summary)  # last: a case folder without it is unfinished
     t["report"] = time.perf_counter() - start
     return volume.name, summary, t
 
 
+def _check_save_path(save_path, data_path, cases):
+    """Outputs must never land where the next run would read them as scans: a --save_path inside
+    --data_path is left out of discovery; one that is --data_path itself, or whose case folder is it,
+    is refused."""
+    data = Path(data_path).resolve()
+    if not data.is_dir():
+        return
+    clash = [c.name for c in cases if (save_path / c.name).resolve() == data]
+    if save_path.resolve() == data or clash:
+        raise OptionError(f"--save_path {save_path}: the outputs{' of ' + clash[0] if clash else ''} would go into "
+                          f"--data_path {data_path} itself and be read as scans next time; give a --save_path "
+                          f"outside it or inside a subfolder of it")
+
+
 def run_volumes(args_or_config=None, **overrides):
     """The volume stage of MyTest_LungInf.py: every case of `data_path` into `save_path`/<case>/, then
-    `save_path`/summary.csv. Returns {case: summary}. Takes the script's parsed arguments, a
-    VolumeConfig, a dict or keywords."""
+    `save_path`/summary.csv (every case with its status). Returns {case: summary} of the cases done;
+    when some could not be read, raises DataError naming them after the others are done. Takes the
+    script's parsed arguments, a VolumeConfig, a dict or keywords."""
     cfg = args_or_config if isinstance(args_or_config, VolumeConfig) else VolumeConfig.from_any(args_or_config,
                                                                                                **overrides)
-    cases = find_cases(cfg.data_path)
-    names = {}
-    for kind, path in cases:
-        other = names.setdefault(case_name(path), path)
-        if other != path:
-            raise DataError(f"{path}: same case name as {other}; rename one (outputs go to OUT/<case>/)")
+    check_config(cfg)
+    save_path = Path(cfg.save_path or Path("Results") / "Volumes")
+    cases = find_cases(cfg.data_path, cfg.series, skip=[save_path])
+    _check_save_path(save_path, cfg.data_path, cases)
     if cfg.mask and len(cases) > 1:
         raise UserError(f"--mask {cfg.mask}: give one scan as --data_path, not a folder of {len(cases)}")
     if not cfg.mask and not cfg.pth_path:
         raise UserError("give --pth_path (the network) or --mask (a mask to quantify)")
-    save_path = Path(cfg.save_path or Path("Results") / "Volumes")
     nets = None if cfg.mask else Networks(cfg)
-    summaries, timings = {}, {}
-    for kind, path in cases:
-        name, summary, t = run_case(kind, path, cfg, nets, save_path)
-        summaries[name], timings[name] = summary, t
-        print(f"[volume] {name}: lungs {summary['lung_ml']:.0f} mL (right {summary['right_lung_ml']:.0f}, left "
-              f"{summary['left_lung_ml']:.0f}), infection {summary['infection_ml']:.1f} mL = "
-              f"{summary['infection_percent']:.2f}% -> {save_path / name}")
-    report.write_summary_table(save_path / "summary.csv", summaries)
+    summaries, timings, table, failed = {}, {}, {}, []
+    for case in cases:
+        try:
+            name, summary, t = run_case(case, cfg, nets, save_path)
+        except DataError as e:
+            if len(cases) == 1:
+                raise
+            message = " ".join(str(e).split())
+            print(f"[volume] {case.name}: skipped: {message}")
+            failed.append(case.name)
+            table[case.name] = {"status": f"skipped: {message}", "source": str(case.path)}
+        else:
+            summaries[name], timings[name] = summary, t
+            table[name] = {"status": "ok", "source": str(case.path), **summary}
+            print(f"[volume] {name}: lungs {summary['lung_ml']:.0f} mL (right {summary['right_lung_ml']:.0f}, left "
+                  f"{summary['left_lung_ml']:.0f}), infection {summary['infection_ml']:.1f} mL = "
+                  f"{summary['infection_percent']:.2f}%, zone score {summary['zone_score']}/30 -> {save_path / name}")
+        report.write_summary_table(save_path / "summary.csv", table)  # after every case: a killed run keeps it
     run_volumes.last_timings = timings  # for bench/bench_volume.py
+    if failed:
+        raise DataError(f"{len(failed)} of {len(cases)} case(s) skipped ({', '.join(failed)}); the other "
+                        f"{len(cases) - len(failed)} are in {save_path}; {save_path / 'summary.csv'} says why")
     return summaries

@@ -1,0 +1,258 @@
+"""CT volumes from real archives: every series of a patient / study / series tree is a case with a safe name,
+an unreadable one is named and skipped, untagged DICOM, broken headers and non-finite voxels get one line,
+and the options that would be silently ignored are refused. Real files: ../shared/realct (copied into
+tmp_path, never into the repository)."""
+import argparse
+import csv
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import SHARED, _need  # noqa: E402
+
+from Code.model_lung_infection import Inf_Net  # noqa: E402
+from Code.model_lung_infection.checkpoint import atomic_save  # noqa: E402
+from Code.model_lung_infection.errors import DataError, OptionError  # noqa: E402
+from Code.model_lung_infection.volume import add_volume_args, run_volumes  # noqa: E402
+from Code.model_lung_infection.volume.io import find_cases, read_dicom, read_nifti  # noqa: E402
+
+REALCT = SHARED / "realct"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def copd():
+    """The COPDGene 64x64x79 scan: its DICOM series folder, NIfTI file and CIP's lung labels (1 right, 2 left)."""
+    root = _need(REALCT / "copdgene-64")
+    return dict(dicom=root / "ct-64Dicom", nifti=root / "ct-64.nii.gz", labels=root / "lm-64_right1_left2.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
+    atomic_save({"model": Inf_Net(backbone="timm:resnet18").eval().state_dict(),
+                 "config": {"model": "inf_net", "backbone": "timm:resnet18"}}, path)
+    return path
+
+
+def _rewrite(src, dst, **tags):
+    """Copy a DICOM file with some tags changed (a new SOPInstanceUID each time)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    ds = pydicom.dcmread(str(src))
+    for key, value in tags.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(dst))
+    return dst
+
+
+def _archive(copd, root):
+    """A TCIA-like tree: two series in one study (folders with spaces), a stray text file, a corrupt file,
+    three single-slice series in one folder, a NIfTI file deeper down."""
+    from pydicom.uid import generate_uid
+    study = root / "Patient 001" / "Study 2006-01-01 CT Chest"
+    shutil.copytree(copd["dicom"], study / "Series 1 lung")
+    files = sorted(copd["dicom"].iterdir())
+    resliced = generate_uid()
+    for f in files[30:50]:
+        _rewrite(f, study / "Series 2 part" / f.name, SeriesInstanceUID=resliced, SeriesNumber=2)
+    (study / "notes.txt").write_text("not a scan")
+    broken = root / "Patient 002" / "Study A" / "Series 9" / "broken.dcm"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(files[0].read_bytes()[:200])  # cut inside the header: no series, no pixels
+    for n, f in enumerate(files[38:41]):
+        _rewrite(f, root / "key images" / f"key{n}.dcm", SeriesInstanceUID=generate_uid(), SeriesNumber=10 + n)
+    (root / "Patient 003" / "nifti").mkdir(parents=True)
+    shutil.copy(copd["nifti"], root / "Patient 003" / "nifti" / "ct 64.nii.gz")
+    return root
+
+
+def test_every_series_of_an_archive_is_a_case_and_the_corrupt_one_is_named_and_skipped(copd, checkpoint,
+                                                                                        tmp_path):
+    archive = _archive(copd, tmp_path / "archive")
+    out = archive / "results"  # inside --data_path: never read back as scans
+    with pytest.raises(DataError, match=r"1 of 7 case\(s\) skipped \(Patient_002__Study_A__Series_9__broken\)"):
+        run_volumes(dict(data_path=str(archive), pth_path=str(checkpoint), save_path=str(out), testsize=64,
+                         batchsize=16, device="cpu", amp=False, progress=False))
+    with open(out / "summary.csv") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    study = "Patient_001__Study_2006-01-01_CT_Chest__"
+    expected = {study + "Series_1_lung", study + "Series_2_part", "Patient_002__Study_A__Series_9__broken",
+                "Patient_003__nifti__ct_64", "key_images__series10", "key_images__series11", "key_images__series12"}
+    assert set(rows) == expected
+    assert rows["Patient_002__Study_A__Series_9__broken"]["status"].startswith("skipped: ")
+    assert "broken.dcm" in rows["Patient_002__Study_A__Series_9__broken"]["status"]
+    for name in expected - {"Patient_002__Study_A__Series_9__broken"}:
+        assert rows[name]["status"] == "ok" and (out / name / "summary.json").is_file(), name
+    assert rows[study + "Series_2_part"]["shape"] == "64x64x20"
+    assert rows["key_images__series11"]["shape"] == "64x64x1"
+    # the same voxels as DICOM and as NIfTI: the same lungs (the DICOM tags round the spacing to 1e-4)
+    assert float(rows[study + "Series_1_lung"]["lung_ml"]) == pytest.approx(float(rows["Patient_003__nifti__ct_64"]
+                                                                                 ["lung_ml"]), rel=2e-4)
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected - {"Patient_002__Study_A__Series_9__broken"}
+                                                            | {"summary.csv"})
+    assert len(find_cases(archive, skip=[out])) == 7  # a rerun does not take our outputs for scans
+
+
+def test_case_names_are_one_safe_component_each(tmp_path, copd):
+    from Code.model_lung_infection.volume.io import safe_component
+    for text in ("..", ".", "a/../b", "/etc/passwd", " spaced  name ", "-rf", "é" * 5, "x" * 400):
+        name = safe_component(text)
+        assert name not in (".", "..") and "/" not in name and not name.startswith(("-", "."))
+        assert len(name) <= 150 and name == safe_component(name)
+    shutil.copy(copd["nifti"], tmp_path / "..nii.gz")  # the old name: '.', i.e. OUT itself
+    shutil.copy(copd["nifti"], tmp_path / "A.nii.gz")
+    (tmp_path / "a").mkdir()
+    shutil.copy(copd["nifti"], tmp_path / "a" / "..nii.gz")
+    shutil.copy(copd["nifti"], tmp_path / "a.nii")
+    names = [c.name for c in find_cases(tmp_path)]
+    assert len({n.lower() for n in names}) == 4 and all(n == safe_component(n) for n in names)
+
+
+def test_dicom_without_modality_is_read_when_its_values_are_hu(copd, tmp_path):
+    from pydicom.data import get_testdata_file
+    for f in sorted(copd["dicom"].iterdir()):
+        _rewrite(f, tmp_path / "anon" / f.name, Modality=None)
+    with pytest.warns(UserWarning, match=r"79 file\(s\) without a Modality tag .* read as CT"):
+        anon = read_dicom(tmp_path / "anon")
+    assert np.array_equal(anon.data, read_dicom(copd["dicom"]).data)
+    mr = _rewrite(Path(get_testdata_file("MR_small.dcm")), tmp_path / "mr" / "mr.dcm", Modality=None)
+    with pytest.raises(DataError, match=r"without a Modality tag.*not CT Hounsfield units"):
+        read_dicom(mr)
+    ct_mr = _rewrite(Path(get_testdata_file("MR_small.dcm")), tmp_path / "mr2" / "mr.dcm", Modality="MR")
+    with pytest.raises(DataError, match="modality MR, not CT"):
+        read_dicom(ct_mr)
+
+
+def _copd_with(tmp_path, copd, name, data=None, affine=None, header=None):
+    img = nib.load(str(copd["nifti"]))
+    data = np.asarray(img.dataobj) if data is None else data
+    out = nib.Nifti1Image(data, img.affine if affine is None else affine, header=header)
+    nib.save(out, str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_non_finite_voxels_are_refused_with_their_count(copd, tmp_path):
+    data = np.asarray(nib.load(str(copd["nifti"])).dataobj).astype(np.float32)
+    data[10, 20, 30:33] = np.nan
+    data[0, 0, 0] = np.inf
+    scan = _copd_with(tmp_path, copd, "nan.nii.gz", data)
+    with pytest.raises(DataError, match=r"nan\.nii\.gz: 4 of 323584 voxels are not finite"):
+        read_nifti(scan)
+
+
+def test_a_zero_in_the_affine_is_one_line(copd, tmp_path):
+    img = nib.load(str(copd["nifti"]))
+    header = img.header.copy()
+    header["srow_x"] = [0, 0, 0, 0]
+    header["qform_code"], header["sform_code"] = 0, 1
+    scan = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), None, header=header), str(scan))
+    with pytest.raises(DataError, match=r"flat\.nii\.gz: its voxel-to-mm matrix \(affine\) is singular"):
+        run_volumes(dict(data_path=str(scan), mask=str(scan), save_path=str(tmp_path / "out")))
+
+
+def test_implausible_spacing_and_lung_volume_are_warned(copd, tmp_path):
+    affine = nib.load(str(copd["nifti"])).affine.copy()
+    affine[2, 2] = 500.0
+    scan = _copd_with(tmp_path, copd, "thick.nii.gz", affine=affine)
+    mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8), affine)
+    with pytest.warns(UserWarning) as caught:
+        summary = run_volumes(dict(data_path=str(scan), mask=str(mask), save_path=str(tmp_path / "out")))["thick"]
+    text = " ".join(str(w.message) for w in caught)
+    assert "voxel size 4.17187 x 4.17187 x 500 mm is outside 0.1..20 mm" in text
+    assert f"{summary['lung_ml']:.0f} mL of lung, more than any human's" in text
+
+
+def _mask_run(scan, mask, out, **options):
+    return run_volumes(dict(data_path=str(scan), mask=str(mask), save_path=str(out), **options))["ct-64"]
+
+
+def test_mask_probability_and_gray_maps_are_thresholded_and_a_scan_is_refused(copd, tmp_path):
+    labels = np.asarray(nib.load(str(copd["labels"])).dataobj)
+    right = labels == 1
+    voxel_ml = abs(np.linalg.det(nib.load(str(copd["nifti"])).affine[:3, :3])) / 1000
+    prob = np.where(right, 0.7, 0.2).astype(np.float32)  # 0.2 everywhere else: not infection at 0.5
+    gray = np.where(right, 200, 40).astype(np.uint8)     # 200/255 = 0.78, 40/255 = 0.16
+    for name, data in (("prob.nii.gz", prob), ("gray.nii.gz", gray)):
+        mask = _copd_with(tmp_path, copd, name, data)
+        summary = _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}")
+        in_lung = summary["infection_ml"] + summary["infection_outside_lungs_ml"]
+        assert in_lung == pytest.approx(right.sum() * voxel_ml, rel=1e-6), name
+        assert _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}", threshold=0.8)["infection_ml"] == 0
+    with pytest.raises(DataError, match=r"ct-64\.nii\.gz: values -?\d+\.\.\d+ are the scan itself, not a mask"):
+        _mask_run(copd["nifti"], copd["nifti"], tmp_path / "hu")
+
+
+def test_mask_rerun_over_a_network_run_keeps_no_stale_outputs(copd, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    run_volumes(dict(data_path=str(copd["nifti"]), pth_path=str(checkpoint), save_path=str(out), testsize=64,
+                     batchsize=16, device="cpu", amp=False, progress=False, save_probabilities=True))
+    assert (out / "ct-64/infection.nii.gz").is_file() and (out / "ct-64/probability.nii.gz").is_file()
+    (out / "ct-64/notes.txt").write_text("the user's own file")
+    mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8))
+    _mask_run(copd["nifti"], mask, out)
+    left = sorted(p.name for p in (out / "ct-64").iterdir())
+    assert left == ["lungs.nii.gz", "notes.txt", "overview.png", "slices.csv", "summary.json"]
+
+
+def _script_args(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--data_path")
+    add_volume_args(p)
+    return p.parse_args(argv)
+
+
+def test_options_that_would_be_ignored_are_refused(checkpoint, test_slices, tmp_path, capsys):
+    import MyTest_LungInf
+    from Code.model_lung_infection.volume.options import VolumeConfig, check_config
+    with pytest.raises(SystemExit):
+        _script_args(["--threshold", "1.5"])
+    assert "0 < t <= 1" in capsys.readouterr().err
+    for bad in (1.5, 0, float("nan")):
+        with pytest.raises(OptionError, match="--threshold"):
+            check_config(VolumeConfig("x", threshold=bad))
+    for extra in (dict(multiclass_pth="m.pth"), dict(save_probabilities=True)):
+        with pytest.raises(OptionError, match="need the network, and --mask"):
+            run_volumes(dict(data_path="x", mask="m.nii.gz", **extra))
+    slices, _ = test_slices(1)
+    for argv in (["--window=-1000,400"], ["--threshold", "0.3"], ["--crop", "False"], ["--series", "1.2.3"],
+                 ["--mask", "m.nii.gz"]):
+        with pytest.raises(OptionError, match=r"option\(s\) of CT volumes.*folder of 2D slices"):
+            MyTest_LungInf.main(["--pth_path", str(checkpoint), "--data_path", str(slices),
+                                 "--save_path", str(tmp_path / "maps")] + argv)
+    assert not (tmp_path / "maps").exists()
+
+
+def test_a_series_split_over_folders_is_one_case_and_dicomdir_is_no_scan(copd, tmp_path):
+    files = sorted(copd["dicom"].iterdir())
+    for i, f in enumerate(files):
+        dst = tmp_path / "CT 1" / ("part1" if i < 40 else "part2") / f.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst)
+    shutil.copy(files[0], tmp_path / "DICOMDIR")  # an index of the files, named so: not an image
+    (cases,) = find_cases(tmp_path)
+    assert (cases.name, len(cases.files)) == ("CT_1", 79)
+    assert cases.path == tmp_path / "CT 1"
+
+
+def test_outputs_never_land_in_a_scans_own_folder(copd, tmp_path):
+    series = tmp_path / "ct-64"
+    shutil.copytree(copd["dicom"], series)
+    mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8))
+    for save in (tmp_path, series):  # OUT/ct-64 is the series folder itself, or lies inside it
+        with pytest.raises(OptionError, match=r"would go into --data_path .*ct-64 itself"):
+            run_volumes(dict(data_path=str(series), mask=str(mask), save_path=str(save)))
+    assert sorted(p.name for p in series.iterdir()) == sorted(p.name for p in copd["dicom"].iterdir())
