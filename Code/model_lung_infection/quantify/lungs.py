@@ -15,24 +15,28 @@ columns towards posterior, slices towards superior), so "right" and "left" come 
                GAS_FRACTION of the voxels below GAS_HU, i.e. pure gas, and shorter than GAS_MAX_MM
                along z -- lungs are taller and hold tissue); partial-volume rims (median above RIM_HU:
                fat or table padding against air, never aerated lung);
-  5. lungs     two big components on either side of the body's midline are the two lungs, one
-               (lungs touching in front of the heart) is cut at the midline; right is the one towards
-               the patient's right (smaller row index in the display view);
-  6. dense     per slice, each lung's convex hull: dense (below DENSE_MAX_HU, not bone) regions in it
-               that touch the lung, lie on its side of the midline, inside the body, and further out
-               from the body's centre than the lung itself (pleural, dependent consolidation or
-               effusion against the chest wall -- not the heart, the liver dome or the mediastinum,
-               which lie inwards of the lung) are lung; `dense` holds what this added;
-  7. filling   each lung is closed with a disk of CLOSE_MM and its holes filled slice by slice, which
-               takes in vessels, airway walls and dense infection enclosed by aerated lung.
+  5. lungs     the two largest components are the lungs when they lie either side of the body's
+               midline and the smaller reaches up to the larger's mid-height (bowel under the
+               diaphragm does not); else the largest is both lungs touching in front of the heart, cut
+               slice by slice at its narrowest row near the midline; right is the one towards the
+               patient's right (smaller row index in the display view);
+  6. filling   each lung is closed with a disk of CLOSE_MM and its holes filled slice by slice, which
+               takes in vessels, airway walls and dense infection enclosed by aerated lung;
+  7. dense     per slice, dense regions (below DENSE_MAX_HU: not bone) in each lung's convex hull that
+               touch it, lie on its side of the midline, in the body's outer half, are thicker than
+               DENSE_MIN_MM and lie mostly further out than the lung along the rays from the body's
+               centre (consolidation or effusion at the pleura -- not the heart, the liver dome or the
+               mediastinum, which lie inwards of the lung) are lung; `Lungs.dense` holds what this added.
+  After the network, `attach_infection` gives each lung the infection that touches it or lies in its
+  hull, within ATTACH_MM, inside the rib cage (convex hull of bone above BONE_HU) and not inwards of it.
 
 Thresholds: -500 HU separates air-filled from soft tissue (midway between lung, -850, and fat, -100);
 -320 HU is the lung threshold of Hu et al. (IEEE TMI 2001) and lungmask's preprocessing; -950 HU is
 close to pure air (the trachea and bowel gas are -1000; emphysema's lungs, in COPDGene, have a fifth of
 their voxels below it, bowel gas more than half). Limits (docs/volumes.md): a lung that is almost entirely
 consolidated is not air-filled and is missed; consolidation along a convex front with no aerated lung
-between it and the chest wall is not in the hull (the network's infection, or --mask, adds it:
-`attach_infection`); oblique scans are handled at the nearest axis.
+between it and the chest wall is not in the hull (only the network's infection, or --mask, adds it);
+oblique scans are handled at the nearest axis.
 """
 from dataclasses import dataclass
 
@@ -55,7 +59,7 @@ RIM_HU = -500.0
 DENSE_MAX_HU = 100.0     # consolidation and effusion are 0-40 HU; ribs and contrast are above 100
 ANGLE_BINS = 180        # 2 degree rays from the body's centre
 DENSE_MIN_MM = 3.0      # opening radius: slivers along the outline (partial volume) are not consolidation
-DENSE_MAX_SHARE = 1.0   # and is no bigger than the lung's aerated part in that slice
+DENSE_MAX_SHARE = 1.0   # a dense region is no bigger than the lung's aerated part in that slice
 DENSE_MIN_OUT = 0.5     # and lies in the outer half of the body (the pleura; not the hila's vessels)
 OUTER_SHARE = 0.5       # a dense region is pleural when most of it lies outwards of the lung
 JUNCTION_BAND = 0.1     # touching lungs are cut within this share of the body's width of its midline
