@@ -384,3 +384,24 @@ def test_phantom_report_has_zones_in_summary_csv_and_overview(phantom, tmp_path)
     assert header[:3] == ["case", "status", "source"]
     assert {"right_upper_percent", "right_upper_score", "left_dorsal_percent", "zone_score"} <= set(header)
     assert Image.open(out / "chest/overview.png").size[1] > 256 + 160  # the zone table below the plot
+
+
+def test_infection_everywhere_stays_inside_the_rib_cage(dense_chest):
+    """A network that marks the whole body (a random-weight one does) must not make the body lung: what
+    infection adds stays inside the rib cage, off the bone and within ATTACH_MM of aerated lung."""
+    from Code.model_lung_infection.quantify.lungs import ATTACH_MM, attach_infection, find_lungs
+    from Code.model_lung_infection.volume import geometry
+    orient = geometry.orientation(dense_chest["affine"], dense_chest["hu"].shape)
+    hu = orient.display(dense_chest["hu"]).astype(np.float32)
+    lungs = find_lungs(hu, orient.spacing)
+    labels, added = attach_infection(lungs, hu > -500, hu, orient.spacing)
+    r, c = np.meshgrid((np.arange(hu.shape[0]) - (hu.shape[0] - 1) / 2) * orient.spacing[0],
+                       (np.arange(hu.shape[1]) - (hu.shape[1] - 1) / 2) * orient.spacing[1], indexing="ij")
+    beyond = (vp.RIBS[2] / 2 + max(vp.DENSE_SPACING[:2])) / vp.RIBS[1]  # the ribs' outer edge, plus a voxel
+    outside_ribs = np.sqrt((r / vp.RIBS[0]) ** 2 + (c / vp.RIBS[1]) ** 2) > 1 + beyond
+    assert added.any() and not (added & outside_ribs[..., None]).any()
+    assert not (added & (hu > 300)).any()
+    voxel_ml = float(np.prod(vp.DENSE_SPACING)) / 1000.0
+    ml = dense_chest["ml"]
+    assert ml["consolidation"] <= added.sum() * voxel_ml < 2 * (ml["right"] + ml["left"])
+    assert ATTACH_MM <= 50

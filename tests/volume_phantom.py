@@ -131,14 +131,14 @@ def write_dicom_series(folder, hu, affine, slope=0.5, intercept=-1200.0, series_
 # left lung has a dense pleural-based nodule biting into its lateral border (lung on both sides of it).
 DENSE_SPACING = (2.0, 2.0, 4.0)
 DENSE_SHAPE = (170, 120, 52)
-DENSE_BODY = (160.0, 105.0)
+DENSE_BODY = (165.0, 112.0)
 DENSE_LUNGS = {"right": ((RIGHT_X * 65.0, 0.0, 0.0), (50.0, 80.0, 80.0)),
                "left": ((-RIGHT_X * 65.0, 0.0, 0.0), (45.0, 75.0, 75.0))}
 CAP_FROM = 0.55                     # consolidated: posterior of centre - CAP_FROM x the lung's half depth
 GGO_BLOB = ((RIGHT_X * 60.0, 20.0, 20.0), 18.0)
 PLEURAL_NODULE = ((-RIGHT_X * 110.0, 0.0, 0.0), 20.0)   # centred on the left lung's lateral border
 HU_CONSOLIDATION = 30
-RIBS = (128.0, 95.0, 6.0)           # the rib cage: an elliptic ring (semi-axes, thickness mm), in arcs
+RIBS = (140.0, 100.0, 6.0)           # the rib cage: an elliptic ring (semi-axes, thickness mm), in arcs
 HU_BONE = 700
 
 

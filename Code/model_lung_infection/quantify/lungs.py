@@ -373,7 +373,7 @@ def attach_infection(lungs, infection, hu, spacing):
         for side in (RIGHT, LEFT):
             d, hull, near = _reach(lungs, hu, z, side, spacing, frame, cage)
             dist.append(np.where(hull | (near & touches), d, np.inf))
-        take = outside[..., z] & np.isfinite(np.minimum(*dist))
+        take = outside[..., z] & np.isfinite(np.minimum(*dist)) & (hu[..., z] < DENSE_MAX_HU)  # never bone
         result[..., z][take] = np.where(dist[0] <= dist[1], RIGHT, LEFT)[take]
     added = (result > 0) & (labels == 0)
     return result, added
