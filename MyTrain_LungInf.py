@@ -14,7 +14,7 @@ Stages (--stage; the release's --is_pseudo / --is_semi select the same): data, r
 prefix, batch size, epochs and initial weights come from the preset; any of them given explicitly wins.
 --resume continues a run with the options it was started with (saved in its checkpoint.pth); an
 option given that differs is an error, except --epoch (extend a finished run) and runtime options
-(--device, --num_workers, --progress).
+(--device, --amp, --amp_dtype, --sync_bn, --deterministic, --num_workers, --progress).
 Training from random weights on a CPU budget (opt-in; see the option groups below):
     python MyTrain_LungInf.py --recipe cpu-hour --train_save cpu-hour   # an hour: pseudo labels, then doctor labels
     python MyTrain_LungInf.py --val_split 5 --time_budget 60 --augment --schedule cosine --warmup_epochs 2 \
@@ -52,8 +52,9 @@ def build_parser():
                    help="snapshot file names: <prefix>-<epoch>.pth (default from --stage)")
     p.add_argument("--backbone", default=d.backbone,
                    help=f"encoder: {', '.join(ENCODERS.names())} or timm:<name>")
-    p.add_argument("--pretrained", default=None, help="ImageNet weights of the encoder (local file, e.g. "
-                   "res2net50_v1b_26w_4s-3cf99910.pth); without it the encoder starts from random weights")
+    p.add_argument("--pretrained", default=None, help="ImageNet weights of the encoder: a local file (e.g. "
+                   "res2net50_v1b_26w_4s-3cf99910.pth) or 'imagenet' (timm's cache, else an installed weights "
+                   "package: requirements-imagenet.txt); without it the encoder starts from random weights")
     p.add_argument("--init", default=None,
                    help="start from these Inf-Net weights (fine-tuning); --stage semi defaults to step (i)'s")
     cli.add_train_args(p, d, from_preset=("train_save", "epoch", "batchsize"))

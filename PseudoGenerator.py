@@ -53,7 +53,7 @@ def build_parser():
     g = cli.add_train_args(p, d.train)  # each round's fine-tuning: the Inf-Net recipe's options
     add_bool(g, "--keep_rounds", False, "keep every round's weights (default: only the newest)")
     add_bool(p, "--progress", True, "progress bar")
-    add_runtime_args(p)
+    cli.add_training_runtime_args(add_runtime_args(p))  # the rounds' fine-tuning
     add_debug(p)
     return p
 

@@ -1,7 +1,10 @@
 """CUDA: what users run on GPUs. Skipped, with the reason, where no CUDA device is visible.
 
 - two epochs of Inf-Net (the default Res2Net encoder, 64 px, four slices) with fp16 autocast,
-  the GradScaler and gradient clipping;
+  the GradScaler and gradient clipping, and with the default precision (bf16 where the GPU has it, no scaler);
+- snapshots and checkpoint.pth read by a plain torch.load where no GPU is visible; a run started on the CPU
+  (fp32) resumed on the GPU in fp16 with a GradScaler, and back on the CPU;
+- DDP with two processes on one GPU (gloo): SyncBatchNorm by default, each rank its own CUDA RNG;
 - a run killed (SIGKILL) in the middle of its second epoch and resumed ends where the same run
   left alone ends;
 - the test stage, MyTest_LungInf.py, on CUDA with fp16 autocast, against fp32;
@@ -101,7 +104,8 @@ def four_slices(data_root, tmp_path):
 
 # ---------------------------------------------------------------- training with fp16 AMP
 
-def test_two_epochs_with_fp16_autocast_gradscaler_and_clipping(four_slices, tmp_path):
+@pytest.mark.parametrize("amp_dtype", ["float16", None])
+def test_two_epochs_with_fp16_autocast_gradscaler_and_clipping(four_slices, tmp_path, amp_dtype):
     from Code.model_lung_infection import Inf_Net
     from Code.model_lung_infection.train import TrainConfig, train
 
@@ -123,8 +127,8 @@ def test_two_epochs_with_fp16_autocast_gradscaler_and_clipping(four_slices, tmp_
     handles = [torch.nn.modules.module.register_module_forward_hook(forward_hook),
                register_optimizer_step_pre_hook(before_step)]
     cfg = TrainConfig(train_path=[str(four_slices)], snapshot_root=str(tmp_path / "snap"), train_save="amp",
-                      device="cuda", amp=True, clip=clip, epoch=2, batchsize=2, trainsize=64, save_every=1,
-                      num_workers=0, progress=False, seed=3)
+                      device="cuda", amp=True, amp_dtype=amp_dtype, clip=clip, epoch=2, batchsize=2, trainsize=64,
+                      save_every=1, num_workers=0, progress=False, seed=3)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -134,19 +138,73 @@ def test_two_epochs_with_fp16_autocast_gradscaler_and_clipping(four_slices, tmp_
             h.remove()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20
-    print(f"[cuda] 2 epochs, 4 slices at 64 px: {seconds:.1f} s; peak {peak:.0f} MiB")
+    print(f"[cuda] 2 epochs, 4 slices at 64 px, amp_dtype {amp_dtype}: {seconds:.1f} s; peak {peak:.0f} MiB")
 
-    assert seen["devices"] == {"cuda"} and seen["output_dtypes"] == {torch.float16}  # fp16 autocast
+    fp16 = amp_dtype == "float16" or not torch.cuda.is_bf16_supported(including_emulation=False)
+    expected = torch.float16 if fp16 else torch.bfloat16
+    assert seen["devices"] == {"cuda"} and seen["output_dtypes"] == {expected}
     assert seen["steps"] >= 1  # 12 updates at most: the scaler skips those whose fp16 gradients overflowed
     assert seen["max_grad"] <= clip
     run = tmp_path / "snap/save_weights/amp"
     ckpt = _load(run / "checkpoint.pth")
-    assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0  # the GradScaler was on, and saved
+    assert ckpt["epoch"] == 2
+    assert ckpt["scaler"]["scale"] > 0 if fp16 else ckpt["scaler"] == {}  # the GradScaler runs with fp16 only
     init = _load(run / "Inf-Net-1.pth")
     final = {k: v.cpu() for k, v in model.state_dict().items()}
     assert all(torch.isfinite(v.float()).all() for v in final.values())
     assert _max_diff(final, _load(run / "Inf-Net-2.pth")) == 0
     assert _max_diff(final, init, floats_only=True) > 0  # the second epoch trained
+
+
+# ---------------------------------------------------------------- across devices
+
+CPU_ONLY_LOAD = r"""
+import sys, torch
+assert not torch.cuda.is_available()
+for path in sys.argv[1:]:
+    state = torch.load(path)  # the plain call: no map_location
+    tensors = state["model"] if "model" in state else state
+    assert all(t.device.type == "cpu" for t in tensors.values()), path
+print("loaded", len(sys.argv) - 1)
+"""
+
+
+def test_snapshots_load_where_no_gpu_is_visible_and_runs_move_between_devices(four_slices, tmp_path):
+    snap = tmp_path / "snap"
+    args = _train_args(four_slices, snap, "moves", epoch=1)
+    cpu = [a if a != "cuda" else "cpu" for a in args]
+    cpu[cpu.index("--amp") + 1] = "False"
+    r = _run(cpu, tmp_path)  # started on the CPU in fp32: its GradScaler state is empty
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(_train_args(four_slices, snap, "moves", epoch=2, resume=True, amp_dtype="float16", deterministic=True),
+             tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "precision fp32 -> fp16 autocast + GradScaler" in r.stdout
+    run = snap / "save_weights/moves"
+    assert _load(run / "checkpoint.pth")["scaler"]["scale"] > 0
+    r = subprocess.run([sys.executable, "-c", CPU_ONLY_LOAD, str(run / "Inf-Net-2.pth"), str(run / "checkpoint.pth")],
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "loaded 2" in r.stdout, r.stderr[-3000:]
+    r = _run([ROOT / "MyTrain_LungInf.py", "--resume", "--train_save", "moves",
+              "--snapshot_root", snap, "--epoch", 3, "--device", "cpu", "--amp", "False"], tmp_path)
+    assert r.returncode == 0 and "precision fp16 autocast + GradScaler -> fp32" in r.stdout, r.stderr[-3000:]
+
+
+def test_ddp_on_one_gpu_over_gloo_syncs_batchnorm_and_keeps_each_ranks_rng(data_root, tmp_path):
+    import json
+    data = _copy_slices(data_root, tmp_path / "data", 6)  # 3 per rank; batch 4: 2 + 1 merged into 3
+    overrides = {"device": "cuda", "batchsize": 4, "trainsize": 64, "epoch": 1, "seed": 3, "num_workers": 0}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests/ddp_worker.py"), str(data), str(tmp_path), json.dumps(overrides)]
+    r = subprocess.run(cmd, env=dict(os.environ, INFNET_DDP_BACKEND="gloo", CUDA_VISIBLE_DEVICES="0"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [x["sync_bn"] for x in ranks] == [True, True] and [x["batches"] for x in ranks] == [[3], [3]]
+    a, b = (_load(tmp_path / f"rank{i}.pth") for i in range(2))
+    assert _max_diff(a, b) == 0
+    rng = _load(tmp_path / "save_weights/ddp/checkpoint.pth")["rng_ranks"]
+    assert not torch.equal(rng[0]["cuda"][0], rng[1]["cuda"][0])  # dropout masks differ between ranks
 
 
 # ---------------------------------------------------------------- kill and resume
@@ -307,5 +365,5 @@ def test_one_epoch_of_the_paper_recipe(data_root, tmp_path):
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"[cuda] paper recipe, 1 epoch (50 slices, batch 24, 352 px, scales 0.75/1/1.25, fp16): "
+    print(f"[cuda] paper recipe, 1 epoch (50 slices, batch 24, 352 px, scales 0.75/1/1.25, default precision): "
           f"{seconds:.1f} s, peak {peak:.2f} GiB on {torch.cuda.get_device_name()}")

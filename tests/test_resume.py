@@ -118,6 +118,21 @@ def test_multiclass_resume_restores_and_checks_too(tmp_path):
         mc.config_from_args(mc.parse_args(["--resume", "--snapshot_root", str(tmp_path), "--batchsize", "4"]))
 
 
+def test_precision_and_gpu_options_may_change_on_resume(tmp_path):
+    # A run started on a laptop in fp32 finishes on a GPU: --amp/--amp_dtype given reset the other one.
+    from Code.model_lung_infection.checkpoint import atomic_save
+    from Code.model_lung_infection.train import TrainConfig
+    saved = TrainConfig(train_path=["/data/x"], snapshot_root=str(tmp_path), amp=False, sync_bn=False)
+    atomic_save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "rng": {}, "config": saved.as_dict()},
+                saved.checkpoint_path)
+    run = ["--resume", "--snapshot_root", str(tmp_path)]
+    cfg = script.config_from_args(script.parse_args(run + ["--amp_dtype", "float16", "--sync_bn", "--deterministic"]))
+    assert (cfg.amp, cfg.amp_dtype, cfg.sync_bn, cfg.deterministic, cfg.train_path) == \
+        (None, "float16", True, True, ["/data/x"])
+    cfg = script.config_from_args(script.parse_args(run))
+    assert (cfg.amp, cfg.amp_dtype, cfg.sync_bn) == (False, None, False)  # not given: the run's own
+
+
 def _script(*args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1", INFNET_DEBUG="", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, os.path.join(ROOT, "MyTrain_LungInf.py"), *args], cwd=cwd, env=env,

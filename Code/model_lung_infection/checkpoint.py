@@ -25,9 +25,24 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def to_cpu(obj):
+    """`obj` with every tensor copied to the CPU (dicts, lists and tuples rebuilt, a state dict's _metadata
+    kept): what is saved from a GPU run, so that a plain torch.load reads it on a machine without that GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = (OrderedDict if isinstance(obj, OrderedDict) else dict)((k, to_cpu(v)) for k, v in obj.items())
+        if getattr(obj, "_metadata", None) is not None:
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_release_weights(model, path):
-    """Save weights in the release format (a bare state dict), atomically."""
-    atomic_save(unwrap(model).state_dict(), path)
+    """Save weights in the release format (a bare state dict of CPU tensors), atomically."""
+    atomic_save(to_cpu(unwrap(model).state_dict()), path)
 
 
 # A state dict passed in memory, when nothing says which file it came from.

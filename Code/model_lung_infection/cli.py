@@ -134,12 +134,24 @@ def add_run_args(parser, defaults):
                         help="CPU budget: each epoch trains on this many slices (successive epochs continue "
                              "through a seeded shuffle of the set) instead of all of them")
     parser.add_argument("--max_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
-    add_runtime_args(parser, defaults={"channels_last": None}, help=TRAINING_PRECISION_HELP)
+    g = add_runtime_args(parser, defaults={"channels_last": None}, help=TRAINING_PRECISION_HELP)
+    add_training_runtime_args(g)
+    add_bool(g, "--sync_bn", None, "SyncBatchNorm under DDP: BatchNorm statistics over the global batch, as on one "
+                                   "GPU; unset: on for CUDA DDP (CPU DDP has no SyncBatchNorm)")
+
+
+def add_training_runtime_args(group):
+    """--amp_dtype and --deterministic (RunConfig), for every script that trains."""
+    group.add_argument("--amp_dtype", choices=["bfloat16", "float16"], default=None,
+                       help="autocast dtype of training (implies --amp); unset: bfloat16 where the device has it "
+                            "natively, float16 with a GradScaler on older GPUs; float16 runs on CPUs too")
+    add_bool(group, "--deterministic", False, "deterministic CUDA kernels where PyTorch has them (cuDNN, cuBLAS); "
+                                              "bilinear upsampling's backward has none, so CUDA runs stay approximate")
 
 
 # Training's defaults (runtime.training_precision): None = chosen by the device
 TRAINING_PRECISION_HELP = {
-    "amp": "mixed precision: float16 on CUDA, bfloat16 on CPU; unset: on for CUDA and for CPUs with native bf16 "
+    "amp": "mixed precision (dtype: --amp_dtype); unset: on for CUDA and for CPUs with native bf16 "
            "(AVX512-BF16, AMX), off elsewhere",
     "channels_last": "channels-last memory format; unset: on for CPUs with native bf16, off elsewhere"}
 

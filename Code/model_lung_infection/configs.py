@@ -35,6 +35,9 @@ class RunConfig:
     save_every: int = 10
     amp: Optional[bool] = None            # None: on for CUDA and CPUs with native bf16 (runtime.training_precision)
     channels_last: Optional[bool] = None  # None: on for CPUs with native bf16
+    amp_dtype: Optional[str] = None       # bfloat16 | float16 (+ GradScaler); None: runtime.training_amp_dtype
+    sync_bn: Optional[bool] = None        # SyncBatchNorm under DDP; None: on for CUDA DDP (engine.use_sync_bn)
+    deterministic: bool = False           # deterministic kernels where they exist (runtime.set_deterministic)
     device: str = "auto"
     num_workers: Optional[int] = None     # None: 4 on CUDA, 0 on CPU
     seed: int = 2020

@@ -188,7 +188,12 @@ def mask_tensor(mask):
 
 class CachedSampleSet(Dataset):
     """A dataset whose decoded, resized samples (uint8 arrays) are kept after the first read,
-    so later epochs skip decoding. Subclasses implement `read(i)` and `__getitem__`."""
+    so later epochs skip decoding. Subclasses implement `read(i)` and `__getitem__`.
+
+    The cache lives in the process that reads: DataLoader workers would each fill their own copy (workers x
+    DDP ranks copies, never seen by the next loader), so a loader with workers is preceded by `fill_caches`,
+    which fills it once in the main process; the workers fork after it and share it (fork: Linux's start method
+    up to Python 3.13; where workers are spawned, each gets a copy of the filled cache)."""
 
     def __init__(self, cache=True):
         self._cache = {} if cache else None
@@ -202,6 +207,40 @@ class CachedSampleSet(Dataset):
         if i not in self._cache:
             self._cache[i] = self.read(i)
         return self._cache[i]
+
+    def fill(self, num_workers=0):
+        """Decode every sample not cached yet into this process's cache (by `num_workers` processes)."""
+        if self._cache is None:
+            return
+        missing = [i for i in range(len(self)) if i not in self._cache]
+        if missing:
+            reads = torch.utils.data.DataLoader(_Reads(self, missing), batch_size=None, num_workers=num_workers,
+                                                collate_fn=_as_read)
+            self._cache.update(reads)
+
+
+class _Reads(Dataset):
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        return self.indices[j], self.dataset.read(self.indices[j])
+
+
+def _as_read(item):
+    return item  # the decoded arrays as they are (the default would turn them into tensors)
+
+
+def fill_caches(dataset, num_workers=0):
+    """`CachedSampleSet.fill` every cached set inside `dataset` (Subset, ConcatDataset included)."""
+    if isinstance(dataset, CachedSampleSet):
+        dataset.fill(num_workers)
+    for inner in getattr(dataset, "datasets", None) or [getattr(dataset, "dataset", None)]:
+        if inner is not None:
+            fill_caches(inner, num_workers)
 
 
 class InfectionTrainSet(CachedSampleSet):

@@ -3,9 +3,11 @@
 A trainer supplies a model, a dataset, its optimizer/scheduler and a `step(batch)` function that
 computes losses and calls `engine.optimize(loss)` (once, or once per scale for multi-scale steps).
 
-Resume is exact: the shuffle depends only on (seed, epoch) and the checkpoint written atomically
-after every epoch holds the model, optimizer, scheduler, grad-scaler and RNG states, and the run's
-config, which `restore_config` gives back to a `--resume` that names only the run.
+Resume is exact on the CPU: the shuffle depends only on (seed, epoch) and the checkpoint written atomically
+after every epoch holds the model, optimizer, scheduler, grad-scaler and every DDP rank's RNG states, and
+the run's config, which `restore_config` gives back to a `--resume` that names only the run. On CUDA it is
+close, not exact: some backward kernels (bilinear upsampling) add with atomics in a varying order, which
+--deterministic (runtime.set_deterministic) cannot change.
 
 Opt-in (RunConfig; off by default): `validate` (a trainer's held-out slices) scored every `val_every`
 epochs, logged and written to <run>/val.csv (Dice against minutes); `time_budget` minutes of wall time
@@ -29,15 +31,32 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .atomic import atomic_write
-from .checkpoint import atomic_save, load_checkpoint, read_checkpoint, save_release_weights, unwrap
+from .checkpoint import atomic_save, load_checkpoint, read_checkpoint, save_release_weights, to_cpu, unwrap
 from .configs import RunConfig
-from .errors import CheckpointError, TrainingInterrupted, UserError
-from .runtime import Distributed, autocast, pick_device, rng_state, set_rng_state, training_precision
+from .data import fill_caches
+from .errors import CheckpointError, OptionError, TrainingInterrupted, UserError
+from .runtime import (
+    Distributed,
+    autocast,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_deterministic,
+    set_rng_state,
+    training_amp_dtype,
+    training_precision,
+)
 
 # Options that may change between an interrupted run and its resumption: where the run is now, how
-# long it goes (--epoch extends a finished run) and how this process runs (not what it computes).
+# long it goes (--epoch extends a finished run) and how this process runs (not what it computes; the
+# precision too: a run started on a laptop's CPU may finish on a GPU, the resume line says what changed).
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epoch", "progress", "num_workers", "max_steps", "device",
-                               "snapshot_root", "train_save", "time_budget", "val_every"})
+                               "snapshot_root", "train_save", "time_budget", "val_every", "amp", "amp_dtype",
+                               "sync_bn", "deterministic"})
+# Given together: one given on resume resets the other to its default (--amp_dtype float16 means fp16 AMP).
+PRECISION_OPTIONS = ("amp", "amp_dtype")
+# Below this many samples per process, BatchNorm statistics of one GPU's share are noisy (without --sync_bn).
+SMALL_BATCH_PER_GPU = 8
 VAL_COLUMNS = ("epoch", "minutes", "val_dice", "val_mae", "train_loss", "lr")
 
 
@@ -92,6 +111,8 @@ def restore_config(config_class, path, given):
                             f"was started with: drop --{name} to continue that run, or start a new one "
                             f"(another --train_save, or --overwrite)")
     values = {k: _as_field(fields[k], v) for k, v in saved.items() if k in fields}
+    if any(k in given for k in PRECISION_OPTIONS):
+        values.update({k: None for k in PRECISION_OPTIONS if k in fields})
     values.update({k: v for k, v in given.items() if k in RESUMABLE_CHANGES and k in fields})
     values.update(resume=True, overwrite=False)
     return config_class(**values)
@@ -120,30 +141,91 @@ def resume_command(cfg, world_size=1):
     return shlex.join(launcher + args)
 
 
+def check_global_batch(batchsize, world_size):
+    """The global --batchsize must split evenly over the DDP processes: refused otherwise, not rounded,
+    since the batch (and the lr chosen for it) is the recipe's, and unequal per-process batches would
+    weigh samples unequally in DDP's gradient average."""
+    if world_size > 1 and batchsize % world_size:
+        fits = [n for n in range(2, batchsize + 1) if batchsize % n == 0]
+        fewer, more = [n for n in fits if n < world_size][-1:], [n for n in fits if n > world_size][:1]
+        lower = batchsize // world_size * world_size
+        batches = " or ".join(str(b) for b in (lower, lower + world_size) if b)
+        raise OptionError(f"--batchsize {batchsize} (the global batch) does not split evenly over {world_size} "
+                          f"processes: give a multiple of {world_size} ({batches}), or run "
+                          f"{' or '.join(map(str, fewer + more)) or 'one'} process(es)")
+
+
+def use_sync_bn(sync_bn, device, world_size):
+    """Whether BatchNorm is synchronised over the DDP processes (--sync_bn; None: on for CUDA DDP), so that
+    each normalises over the global batch as the paper's single GPU did, not over its share of it.
+    PyTorch's SyncBatchNorm runs on GPUs only: asking for it on the CPU is an error."""
+    if world_size <= 1:
+        return False
+    if sync_bn and device.type != "cuda":
+        raise OptionError(f"--sync_bn: PyTorch's SyncBatchNorm runs on GPUs only, not on {device.type}; "
+                          f"drop --sync_bn (each process then normalises over its share of the batch)")
+    return device.type == "cuda" if sync_bn is None else bool(sync_bn)
+
+
+def precision_name(amp, dtype):
+    """'fp32', 'bf16 autocast' or 'fp16 autocast + GradScaler': said in the logs and saved in checkpoint.pth."""
+    if not amp:
+        return "fp32"
+    return "fp16 autocast + GradScaler" if dtype == torch.float16 else "bf16 autocast"
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, model):
         self.cfg = cfg
         check_run_folder(cfg)  # on every rank before any process group exists: an error stops them all
         self.ddp = Distributed()
+        check_global_batch(cfg.batchsize, self.ddp.world_size)
+        if cfg.deterministic:
+            set_deterministic()
         self.device = self.ddp.setup(pick_device(cfg.device))
-        self.amp, self.channels_last = training_precision(self.device, cfg.amp, cfg.channels_last,
-                                                          cfg.smallest_input())
+        self.amp, self.channels_last, self.amp_dtype = self._precision()
         self.model = model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.sync_bn = use_sync_bn(cfg.sync_bn, self.device, self.ddp.world_size)
+        if self.sync_bn:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # the same parameters
+        per_process = cfg.batchsize // self.ddp.world_size
+        if self.ddp.enabled and not self.sync_bn and per_process < SMALL_BATCH_PER_GPU and self.ddp.is_main:
+            warnings.warn(f"each of the {self.ddp.world_size} processes normalises BatchNorm over its own "
+                          f"{per_process} sample(s) of the batch of {cfg.batchsize} (one GPU: over all of them)"
+                          f"{'; --sync_bn normalises over the global batch' if self.device.type == 'cuda' else ''}")
         # DDP reduces the gradients of parameters that require them; frozen ones (the release's unused
         # classifier, encoders.py) are neither reduced nor waited for.
         self.net = DistributedDataParallel(self.model) if self.ddp.enabled else self.model
+        if self.ddp.enabled:
+            # Every rank built the same initial weights (DDP also broadcasts rank 0's); from here on each
+            # draws its own random numbers (dropout masks), reproducibly.
+            seed_everything(cfg.seed + self.ddp.rank)
         self.optimizer = self.scheduler = None
         # The averaged weights (--ema): a frozen copy, updated after every optimizer update.
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema else None
         self._ema_pairs = None
         self.batch_index = 0  # the batch within the epoch (augment.batch_generator's seed)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+        # fp16's narrow range needs loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.amp_dtype == torch.float16)
+
+    def _precision(self):
+        """(amp, channels_last, autocast dtype or None): --amp_dtype implies --amp."""
+        cfg = self.cfg
+        if cfg.amp is False and cfg.amp_dtype:
+            raise OptionError(f"--amp_dtype {cfg.amp_dtype} with --amp False: drop one of them")
+        amp = True if cfg.amp is None and cfg.amp_dtype else cfg.amp
+        amp, channels_last = training_precision(self.device, amp, cfg.channels_last, cfg.smallest_input())
+        return amp, channels_last, (training_amp_dtype(self.device, cfg.amp_dtype) if amp else None)
+
+    @property
+    def precision(self):
+        return precision_name(self.amp, self.amp_dtype)
 
     # ---- what a trainer's step uses ----
     def autocast(self):
-        return autocast(self.device, self.amp)
+        return autocast(self.device, self.amp, self.amp_dtype)
 
     def images(self, x):
         x = x.to(self.device, non_blocking=True)
@@ -204,7 +286,9 @@ class Engine:
                        DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
                                           seed=cfg.seed))
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if self.device.type == "cuda" else 0)
-        loader = DataLoader(dataset, batch_size=max(1, cfg.batchsize // ddp.world_size), sampler=sampler,
+        if workers:
+            fill_caches(dataset, workers)  # once, here: the workers fork after and share it
+        loader = DataLoader(dataset, batch_sampler=NoSingleSampleBatches(sampler, cfg.batchsize // ddp.world_size),
                             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         writer = _tensorboard(cfg) if ddp.is_main else None
         # a resumed run whose budget is used up trains nothing (checked on every rank: a broadcast)
@@ -220,7 +304,8 @@ class Engine:
         elif ddp.is_main:
             budget = f" ({cfg.epoch_samples} per epoch)" if cfg.epoch_samples else ""
             print(f"[train] {len(dataset)} samples{budget}{describe}; device {self.device}"
-                  f"{' x' + str(ddp.world_size) if ddp.enabled else ''}; amp {self.amp}; "
+                  f"{' x' + str(ddp.world_size) if ddp.enabled else ''}{'; sync_bn' if self.sync_bn else ''}; "
+                  f"{self.precision}; "
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
         self.epoch = start_epoch
@@ -264,8 +349,9 @@ class Engine:
                     epoch % cfg.val_every == 0 or epoch == cfg.epoch or budget_spent):
                 self._validate(epoch, meter, lr, writer)
             budget_spent = budget_spent or self._budget_spent()  # validation time counts
+            rng = ddp.gather(rng_state()) if cfg.resumable else None  # every rank's own (all ranks take part)
             if ddp.is_main:
-                self._save_epoch(epoch, last=budget_spent)
+                self._save_epoch(epoch, last=budget_spent, rng=rng)
             if cfg.resumable:
                 self.saved_epoch = epoch
             ddp.barrier()
@@ -328,8 +414,13 @@ class Engine:
         load_checkpoint(self.model, state["model"], name=self.cfg.checkpoint_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        # A disabled GradScaler saves {} (fp32, bf16): an fp16 run resumed from one starts a fresh scale,
+        # and an fp16 run's scale is not needed by one without fp16.
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if self.ddp.rank < len(ranks):
+            set_rng_state(ranks[self.ddp.rank])  # this rank's own; a rank the run did not have keeps its seed
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.ema_model is not None:
             if "ema" in state:
@@ -343,14 +434,19 @@ class Engine:
             warnings.warn("resuming with options that differ from the checkpoint's: " +
                           ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         if self.ddp.is_main:
-            print(f"[train] resumed {self.cfg.checkpoint_path} after epoch {state['epoch']}", flush=True)
+            saved = state.get("precision", self.precision)
+            change = f"; precision {saved} -> {self.precision}" if saved != self.precision else ""
+            print(f"[train] resumed {self.cfg.checkpoint_path} after epoch {state['epoch']}{change}", flush=True)
         return state["epoch"] + 1
 
     def _log_epoch(self, epoch, meter, writer, lr):
         cfg = self.cfg
         losses, ips = meter.means(), meter.per_second()
+        peak = (f", peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+                if self.device.type == "cuda" else "")
         print(f"[train] epoch {epoch:03d}/{cfg.epoch} lr {lr:.2e} " +
-              " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" | {ips:.2f} samples/s", flush=True)
+              " ".join(f"{k} {v:.4f}" for k, v in losses.items()) +
+              f" | {ips:.2f} samples/s, {meter.seconds():.1f} s{peak}", flush=True)
         if writer:
             for k, v in losses.items():
                 writer.add_scalar(f"loss/{k}", v, epoch)
@@ -358,22 +454,24 @@ class Engine:
             writer.add_scalar("samples_per_second", ips, epoch)
             writer.flush()
 
-    def _save_epoch(self, epoch, last=False):
+    def _save_epoch(self, epoch, last=False, rng=None):
         """Snapshots every save_every epochs and at the last (`last`: the time budget ends the run here);
-        the resumable checkpoint."""
+        the resumable checkpoint (`rng`: every rank's RNG states, rank 0's first). Tensors are saved from
+        the CPU, so that a plain torch.load reads them on a machine without the GPU."""
         cfg = self.cfg
         if epoch % cfg.save_every == 0 or epoch == cfg.epoch or last:
             save_release_weights(self.model, cfg.run_dir / f"{cfg.snapshot_prefix}-{epoch}.pth")
             if self.ema_model is not None:
                 save_release_weights(self.ema_model, cfg.run_dir / f"{cfg.snapshot_prefix}-ema-{epoch}.pth")
         if cfg.resumable:
+            rng = rng or [rng_state()]
             state = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "epoch": epoch, "rng": rng_state(), "config": cfg.as_dict(),
-                     "elapsed_s": self.elapsed_minutes() * 60}
+                     "epoch": epoch, "rng": rng[0], "rng_ranks": rng, "config": cfg.as_dict(),
+                     "precision": self.precision, "elapsed_s": self.elapsed_minutes() * 60}
             if self.ema_model is not None:
                 state["ema"] = self.ema_model.state_dict()
-            atomic_save(state, cfg.checkpoint_path)
+            atomic_save(to_cpu(state), cfg.checkpoint_path)
 
 
 def write_val_csv(path, rows):
@@ -386,6 +484,29 @@ def write_val_csv(path, rows):
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
+
+
+class NoSingleSampleBatches(torch.utils.data.Sampler):
+    """Batches of `batch_size` indices from `sampler`, where a last batch of one sample left over from larger
+    ones is merged into the batch before it: BatchNorm cannot normalise a single sample's 1x1 map
+    (DeepLabV3+'s ASPP pooling) and a single sample's statistics are noise. Every sample is still seen;
+    every DDP rank draws as many samples, so all have as many batches. (A --batchsize of one per process
+    is the user's choice, kept.)"""
+
+    def __init__(self, sampler, batch_size):
+        self.sampler, self.batch_size = sampler, max(1, batch_size)
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) == 1 and self.batch_size > 1:
+            last = batches.pop()
+            batches[-1] = batches[-1] + last
+        return iter(batches)
+
+    def __len__(self):
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + bool(rest) - (rest == 1 and full > 0 and self.batch_size > 1)
 
 
 class EpochSliceSampler(torch.utils.data.Sampler):
@@ -466,7 +587,10 @@ class _Meter:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
     def per_second(self):
-        return self.samples / max(time.perf_counter() - self.start, 1e-9)
+        return self.samples / max(self.seconds(), 1e-9)
+
+    def seconds(self):
+        return time.perf_counter() - self.start
 
 
 def _progress(iterable, enabled, desc):

@@ -41,7 +41,8 @@ class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users
     `lateral_map_2` is the prediction. Maps of components switched off are None (module docstring).
 
     backbone: an encoder name from `encoders.ENCODERS` (or `timm:<name>`);
-    pretrained: path of the encoder's ImageNet weights; without it the encoder is random.
+    pretrained: path of the encoder's ImageNet weights, or "imagenet" (found: encoders.imagenet_weights);
+        without it the encoder is random.
     """
 
     def __init__(self, channel=32, n_class=1, backbone="res2net50_v1b_26w_4s", pretrained=None,
@@ -146,11 +147,11 @@ class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users
         return lateral_map_5, lateral_map_4, lateral_map_3, lateral_map_2, lateral_edge
 
 
-def _load_imagenet(model, path):
-    load_pretrained(model.resnet, path)
+def _load_imagenet(model, source):
+    load_pretrained(model.resnet, source, encoder=model.backbone)
 
 
-@MODELS.register("inf_net", imagenet=_load_imagenet)
+@MODELS.register("inf_net", imagenet=_load_imagenet, finds_imagenet=True)
 def inf_net(in_channels=3, num_classes=1, **options):
     """Inf-Net; options: channel, backbone, edge_attention, partial_decoder, reverse_attention."""
     if in_channels != 3:

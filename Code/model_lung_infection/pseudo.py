@@ -39,7 +39,7 @@ from .data import (
     list_images,
 )
 from .errors import UserError
-from .infer import iter_probability_maps, save_png, to_uint8
+from .infer import default_amp, iter_probability_maps, save_png, to_uint8
 from .models import read_model
 from .runtime import pick_device
 from .train import train
@@ -291,6 +291,12 @@ def predict_labels(model, items, testsize, device, amp=False, batchsize=16, rele
     return {stem: label(prob) for stem, prob in maps}
 
 
+def prediction_amp(amp, device):
+    """The labels' precision: the test stage's (--amp given, else `infer.default_amp`: fp32 on CUDA, bf16
+    on CPUs with native bf16), whatever the rounds' training uses."""
+    return default_amp(device) if amp is None else bool(amp)
+
+
 def _round_config(cfg, state, r):
     t = cfg.train
     return dataclasses.replace(
@@ -345,9 +351,11 @@ def generate(cfg: PseudoConfig):
         return state
 
     device = pick_device(cfg.train.device)
-    amp = cfg.train.amp if cfg.train.amp is not None else device.type == "cuda"
+    amp = prediction_amp(cfg.train.amp, device)
     testsize = cfg.testsize or cfg.train.trainsize
-    dataset = seed_set  # grows by each round's samples (its decode cache is kept across rounds)
+    # grows by each round's samples; its decode cache lives in this process and is kept across rounds
+    # (with DataLoader workers, the engine fills it here before they start: data.fill_caches)
+    dataset = seed_set
     dataset.samples.extend(layout.sample(s) for s in labelled_names(state))
     model, ran = None, 0
     while done < total and (cfg.max_rounds is None or ran < cfg.max_rounds):

@@ -8,8 +8,8 @@ Every registered model is built the same way:
 networks, 6 / 3 for the multi-class ones); `options` are the architecture's own (Inf-Net's
 `backbone` and component switches, FCN8s' `fc_width`); `init="xavier"` re-initialises every
 convolution (the paper's multi-class recipe) before `pretrained`, a local ImageNet file, is loaded
-into the encoder by the entry's own loader. Nothing warns about random weights here: the entry
-points say it once (`warn_random_weights`).
+into the encoder by the entry's own loader (Inf-Net's also takes "imagenet": encoders.imagenet_weights).
+Nothing warns about random weights here: the entry points say it once (`warn_random_weights`).
 
 Built-in entries are imported on first use (BUILTIN_MODULES), so naming a model does not import
 segmentation-models-pytorch or timm; a module registers its entries with `@MODELS.register(...)`.
@@ -24,6 +24,7 @@ from typing import Callable, Optional
 class Entry:
     build: Callable                       # (in_channels=..., num_classes=..., **options) -> nn.Module
     load_imagenet: Optional[Callable]     # (model, path): a local ImageNet file into the encoder; None: none
+    finds_imagenet: bool = False          # load_imagenet also takes "imagenet" (finds the weights itself)
 
 
 class Registry:
@@ -32,14 +33,15 @@ class Registry:
         self._entries = {}
         self._builtin = dict(builtin or {})  # name -> module (relative to this package) that registers it
 
-    def register(self, name=None, imagenet=None):
+    def register(self, name=None, imagenet=None, finds_imagenet=False):
         """Decorator: `@MODELS.register("unet", imagenet=loader)`; `imagenet(model, path)` loads ImageNet
-        weights into the built model's encoder (None: the network has no ImageNet encoder)."""
+        weights into the built model's encoder (None: the network has no ImageNet encoder);
+        finds_imagenet: it also takes path="imagenet" and finds them (encoders.imagenet_weights)."""
         def wrap(fn):
             key = name or fn.__name__
             if key in self._entries:
                 raise KeyError(f"{self.kind} '{key}' registered twice")
-            self._entries[key] = Entry(fn, imagenet)
+            self._entries[key] = Entry(fn, imagenet, finds_imagenet)
             return fn
         return wrap
 
@@ -68,8 +70,9 @@ MODELS = Registry("model", {
     "unet": ".smp_models", "unetplusplus": ".smp_models", "dense_unet": ".smp_models",
     "deeplabv3plus_os8": ".smp_models", "deeplabv3plus_os16": ".smp_models",
 })
-ENCODERS = Registry("encoder", {name: ".encoders" for name in ("res2net50_v1b_26w_4s", "resnet50", "vgg16",
-                                                              "vgg16_bn")})
+ENCODERS = Registry("encoder", {name: ".encoders" for name in (
+    "res2net50_v1b_26w_4s", "resnet50", "vgg16", "vgg16_bn",
+    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenetv2")})
 
 
 def xavier_init(model):
@@ -96,6 +99,10 @@ def create_model(name, *, pretrained=None, in_channels=None, num_classes=None, i
         raise ValueError(f"init '{init}': choose one of {', '.join(k for k in INITIALISERS if k)}")
     if pretrained and entry.load_imagenet is None:
         raise ValueError(f"{name} has no ImageNet encoder (pretrained={pretrained}): it is trained from scratch")
+    if pretrained == "imagenet" and not entry.finds_imagenet:
+        from .errors import OptionError
+        raise OptionError(f"--pretrained imagenet: the weights of {name}'s encoder are not found automatically "
+                          "(only Inf-Net's are); pass its ImageNet file as --pretrained PATH")
     sizes = {k: v for k, v in (("in_channels", in_channels), ("num_classes", num_classes)) if v is not None}
     model = INITIALISERS[init](entry.build(**sizes, **options))
     if pretrained:

@@ -43,11 +43,39 @@ def training_precision(device, amp=None, channels_last=None, smallest_input=None
     return amp, channels_last
 
 
-def autocast(device, enabled):
-    """Mixed precision: float16 on CUDA, bfloat16 on CPU; a no-op when disabled."""
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def training_amp_dtype(device, name=None):
+    """The autocast dtype of training (--amp_dtype; None: the device's): bfloat16 where the device computes
+    it natively, since fp16 overflows in a forward pass (Inf-Net's partial decoder multiplies three feature
+    maps) are beyond a GradScaler's reach; float16 (with the GradScaler) on GPUs without native bf16."""
+    if name is not None:
+        return AMP_DTYPES[name]
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device, enabled, dtype=None):
+    """Mixed precision in `dtype`; None: float16 on CUDA, bfloat16 on CPU (the test stage's); a no-op when
+    disabled."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_deterministic():
+    """Deterministic kernels where PyTorch has them (--deterministic): cuDNN's, cuBLAS with a fixed
+    workspace. The backward of bilinear interpolation and adaptive pooling has no deterministic CUDA
+    kernel (it adds with atomics): those warn and stay as they are, so a CUDA run is reproducible only
+    up to their rounding; on the CPU training is deterministic anyway."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def seed_everything(seed):
@@ -98,17 +126,28 @@ class Distributed:
     def setup(self, device):
         """The device this process trains on: under torchrun, GPU LOCAL_RANK (torchrun decides the GPU
         of each process; restrict them with CUDA_VISIBLE_DEVICES); otherwise the one asked for,
-        `cuda:N` included, made the current CUDA device."""
+        `cuda:N` included, made the current CUDA device. More processes than GPUs share them round-robin,
+        which only the gloo backend allows (INFNET_DDP_BACKEND=gloo; nccl, the CUDA default, refuses two
+        processes on one GPU)."""
         if device.type == "cuda":
-            index = self.local_rank if self.enabled else device.index
+            index = self.local_rank % max(1, torch.cuda.device_count()) if self.enabled else device.index
             if index is None:
                 index = torch.cuda.current_device()
             device = torch.device("cuda", index)
             torch.cuda.set_device(device)
         if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            default = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(os.environ.get("INFNET_DDP_BACKEND", default))
             self.owns_group = True
         return device
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on rank 0, None on the others; [obj] without DDP."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     def sync_buffers(self, model):
         """Copy rank 0's buffers (BatchNorm running statistics) to every rank.

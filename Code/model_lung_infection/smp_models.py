@@ -55,7 +55,11 @@ def unet(in_channels=3, num_classes=1):
 
 @MODELS.register("unetplusplus", imagenet=load_smp_imagenet)
 def unetplusplus(in_channels=3, num_classes=1):
-    return _build("UnetPlusPlus", "vgg16", in_channels, num_classes)
+    model = _build("UnetPlusPlus", "vgg16", in_channels, num_classes)
+    # smp builds a decoder.center block for VGG encoders that the forward pass never uses: frozen (its keys
+    # stay in the checkpoints), since DDP fails on a trainable parameter that gets no gradient.
+    model.decoder.center.requires_grad_(False)
+    return model
 
 
 @MODELS.register("dense_unet", imagenet=load_smp_imagenet)
