@@ -266,6 +266,75 @@ def test_multiclass_adds_classes_volume_and_columns(phantom, checkpoint, tmp_pat
     assert header == "slice,z_mm,lung_mm2,infection_mm2,infection_percent,ggo_mm2,consolidation_mm2"
 
 
+# ------------------------------------------------------------------------ dense disease is lung
+
+@pytest.fixture(scope="module")
+def dense_chest(tmp_path_factory):
+    """vp.dense_phantom as NIfTI (file order permuted / flipped) and its infection (consolidation + GGO) as
+    --mask, with the truth in mL."""
+    root = tmp_path_factory.mktemp("dense")
+    hu, affine, truth = vp.dense_phantom()
+    data, file_affine = vp.to_file_order(hu, affine)
+    scan = vp.write_nifti(root / "dense.nii.gz", data, file_affine)
+    infection, _ = vp.to_file_order((truth["consolidation"] | truth["ggo"]).astype(np.uint8), affine)
+    mask = vp.write_nifti(root / "infection.nii.gz", infection, file_affine)
+    voxel_ml = float(np.prod(vp.DENSE_SPACING)) / 1000.0
+    ml = {k: float(v.sum()) * voxel_ml for k, v in truth.items()}
+    return dict(scan=scan, mask=mask, ml=ml, hu=hu, affine=affine)
+
+
+def test_dependent_consolidation_counts_in_its_lung(dense_chest, tmp_path):
+    """A right lung whose posterior cap is consolidated (soft-tissue HU, 173 mL) plus a GGO blob, given as
+    --mask: the consolidation is that lung's, so its volume and infected percent are the truth's."""
+    ml = dense_chest["ml"]
+    summary = run_volumes(dict(data_path=str(dense_chest["scan"]), mask=str(dense_chest["mask"]),
+                               save_path=str(tmp_path / "out")))["dense"]
+    assert summary["right_lung_ml"] == pytest.approx(ml["right"], rel=0.03)
+    infected = ml["consolidation"] + ml["ggo"]
+    assert summary["right_infection_percent"] == pytest.approx(100 * infected / ml["right"], rel=0.05)
+    assert summary["infection_percent"] == pytest.approx(100 * infected / (ml["right"] + ml["left"]), rel=0.05)
+    assert summary["infection_outside_lungs_ml"] == 0
+    assert summary["right_infection_fill_ml"] == pytest.approx(ml["consolidation"], rel=0.05)
+    assert summary["left_infection_fill_ml"] == 0
+    lungs, _ = _load(tmp_path / "out/dense/lungs.nii.gz")  # the written mask holds the consolidation too
+    assert (lungs == 1).sum() * np.prod(vp.DENSE_SPACING) / 1000 == pytest.approx(summary["right_lung_ml"])
+
+
+def test_pleural_dense_nodule_is_lung_before_the_network(dense_chest):
+    """The left lung's dense pleural-based nodule (lung on both sides of it along the pleura) is filled by the
+    HU mask itself, and reported as dense_fill_ml."""
+    from Code.model_lung_infection.quantify.lungs import LEFT, fill_summary, find_lungs
+    from Code.model_lung_infection.volume import geometry
+    orient = geometry.orientation(dense_chest["affine"], dense_chest["hu"].shape)
+    lungs = find_lungs(orient.display(dense_chest["hu"]).astype(np.float32), orient.spacing)
+    voxel_ml = float(np.prod(vp.DENSE_SPACING)) / 1000.0
+    ml = dense_chest["ml"]
+    assert (lungs.labels == LEFT).sum() * voxel_ml == pytest.approx(ml["left"], rel=0.005)
+    fill = fill_summary(lungs.labels, lungs.dense, np.zeros_like(lungs.dense), voxel_ml)
+    assert 0.6 * ml["nodule"] <= fill["left_dense_fill_ml"] <= 1.2 * ml["nodule"]
+    assert fill["right_dense_fill_ml"] < 0.02 * ml["right"]  # nothing invented in the other lung
+    assert fill["dense_fill_ml"] == pytest.approx(fill["left_dense_fill_ml"] + fill["right_dense_fill_ml"])
+
+
+def test_bowel_under_touching_lungs_is_not_the_left_lung():
+    """Lungs touching in front (one air mass) and a large mottled bowel loop (not pure gas) under the left
+    lung: the bowel lies below the lungs' mid-height, so it is not taken for the left lung."""
+    from Code.model_lung_infection.quantify.lungs import LEFT, RIGHT, find_lungs
+    spacing = (2.0, 2.0, 4.0)
+    r, c, s = np.meshgrid(np.arange(150) * 2.0 - 150, np.arange(110) * 2.0 - 110, np.arange(50) * 4.0 - 120,
+                          indexing="ij")  # display view, mm from the centre: rows to the left, columns posterior
+    hu = np.full(r.shape, -1000.0)
+    hu[(r / 145) ** 2 + (c / 105) ** 2 <= 1] = 40
+    lungs = [((r - cr) / a) ** 2 + (c / 70) ** 2 + (s / 70) ** 2 <= 1 for cr, a in ((-65, 50), (60, 42))]
+    bridge = (np.abs(r) < 25) & (c > -55) & (c < -35) & (np.abs(s) < 20)
+    hu[lungs[0] | lungs[1] | bridge] = -850
+    bowel = (((r - 70) / 55) ** 2 + (c / 70) ** 2 <= 1) & (s < -76)  # 0.5 L under the left lung: > a fifth of them
+    hu[bowel] = (-700 + 150 * np.sin(r / 3.0) * np.cos(c / 3.0))[bowel]  # gas mixed with stool: not pure gas
+    labels = find_lungs(hu, spacing).labels
+    assert not (labels[bowel] > 0).any()
+    assert (labels[lungs[0]] == RIGHT).mean() > 0.97 and (labels[lungs[1]] == LEFT).mean() > 0.97
+
+
 # ------------------------------------------------------------------------------------ zones
 
 def test_zone_score_uses_the_ct_severity_thresholds():
@@ -315,3 +384,24 @@ def test_phantom_report_has_zones_in_summary_csv_and_overview(phantom, tmp_path)
     assert header[:3] == ["case", "status", "source"]
     assert {"right_upper_percent", "right_upper_score", "left_dorsal_percent", "zone_score"} <= set(header)
     assert Image.open(out / "chest/overview.png").size[1] > 256 + 160  # the zone table below the plot
+
+
+def test_infection_everywhere_stays_inside_the_rib_cage(dense_chest):
+    """A network that marks the whole body (a random-weight one does) must not make the body lung: what
+    infection adds stays inside the rib cage, off the bone and within ATTACH_MM of aerated lung."""
+    from Code.model_lung_infection.quantify.lungs import ATTACH_MM, attach_infection, find_lungs
+    from Code.model_lung_infection.volume import geometry
+    orient = geometry.orientation(dense_chest["affine"], dense_chest["hu"].shape)
+    hu = orient.display(dense_chest["hu"]).astype(np.float32)
+    lungs = find_lungs(hu, orient.spacing)
+    labels, added = attach_infection(lungs, hu > -500, hu, orient.spacing)
+    r, c = np.meshgrid((np.arange(hu.shape[0]) - (hu.shape[0] - 1) / 2) * orient.spacing[0],
+                       (np.arange(hu.shape[1]) - (hu.shape[1] - 1) / 2) * orient.spacing[1], indexing="ij")
+    beyond = (vp.RIBS[2] / 2 + max(vp.DENSE_SPACING[:2])) / vp.RIBS[1]  # the ribs' outer edge, plus a voxel
+    outside_ribs = np.sqrt((r / vp.RIBS[0]) ** 2 + (c / vp.RIBS[1]) ** 2) > 1 + beyond
+    assert added.any() and not (added & outside_ribs[..., None]).any()
+    assert not (added & (hu > 300)).any()
+    voxel_ml = float(np.prod(vp.DENSE_SPACING)) / 1000.0
+    ml = dense_chest["ml"]
+    assert ml["consolidation"] <= added.sum() * voxel_ml < 2 * (ml["right"] + ml["left"])
+    assert ATTACH_MM <= 50

@@ -124,3 +124,45 @@ def write_dicom_series(folder, hu, affine, slope=0.5, intercept=-1200.0, series_
         ds.PixelData = stored.tobytes()
         ds.save_as(folder / name, enforce_file_format=True)
     return series_uid
+
+
+# A chest with dependent dense consolidation: adult-sized lungs on a coarser grid; the right lung's posterior
+# cap is consolidated (HU of soft tissue: the air threshold cannot see it) and holds a ground-glass blob; the
+# left lung has a dense pleural-based nodule biting into its lateral border (lung on both sides of it).
+DENSE_SPACING = (2.0, 2.0, 4.0)
+DENSE_SHAPE = (170, 120, 52)
+DENSE_BODY = (165.0, 112.0)
+DENSE_LUNGS = {"right": ((RIGHT_X * 65.0, 0.0, 0.0), (50.0, 80.0, 80.0)),
+               "left": ((-RIGHT_X * 65.0, 0.0, 0.0), (45.0, 75.0, 75.0))}
+CAP_FROM = 0.55                     # consolidated: posterior of centre - CAP_FROM x the lung's half depth
+GGO_BLOB = ((RIGHT_X * 60.0, 20.0, 20.0), 18.0)
+PLEURAL_NODULE = ((-RIGHT_X * 110.0, 0.0, 0.0), 20.0)   # centred on the left lung's lateral border
+HU_CONSOLIDATION = 30
+RIBS = (140.0, 100.0, 6.0)           # the rib cage: an elliptic ring (semi-axes, thickness mm), in arcs
+HU_BONE = 700
+
+
+def dense_phantom(seed=0):
+    """(HU int16 on the base-grid convention, affine, truth) where truth holds bool masks 'right', 'left'
+    (the lungs' true extent), 'consolidation', 'ggo' (both in the right lung) and 'nodule' (in the left)."""
+    affine = np.diag([-DENSE_SPACING[0], -DENSE_SPACING[1], DENSE_SPACING[2], 1.0])
+    affine[:3, 3] = -affine[:3, :3] @ ((np.array(DENSE_SHAPE) - 1) / 2.0)
+    x, y, z = world(DENSE_SHAPE, affine)
+    hu = np.full(DENSE_SHAPE, HU_AIR, np.float64)
+    hu[(x / DENSE_BODY[0]) ** 2 + (y / DENSE_BODY[1]) ** 2 <= 1] = HU_BODY
+    radius = np.sqrt((x / RIBS[0]) ** 2 + (y / RIBS[1]) ** 2)
+    arcs = np.sin(9 * np.arctan2(y, x) + z / 10.0) > -0.3   # ribs with intercostal gaps, oblique along z
+    hu[(np.abs(radius - 1) * RIBS[1] <= RIBS[2] / 2) & arcs] = HU_BONE
+    truth = {side: ellipsoid(x, y, z, c, a) for side, (c, a) in DENSE_LUNGS.items()}
+    for m in truth.values():
+        hu[m] = HU_LUNG
+    (cx, cy, _), (_, by, _) = DENSE_LUNGS["right"]
+    truth["consolidation"] = truth["right"] & (y < cy - CAP_FROM * by)   # RAS: posterior is -y
+    (gx, gy, gz), r = GGO_BLOB
+    truth["ggo"] = truth["right"] & ((x - gx) ** 2 + (y - gy) ** 2 + (z - gz) ** 2 <= r ** 2)
+    (nx, ny, nz), r = PLEURAL_NODULE
+    truth["nodule"] = truth["left"] & ((x - nx) ** 2 + (y - ny) ** 2 + (z - nz) ** 2 <= r ** 2)
+    hu[truth["consolidation"] | truth["nodule"]] = HU_CONSOLIDATION
+    hu[truth["ggo"]] = HU_GGO
+    hu += np.random.default_rng(seed).integers(-20, 21, size=hu.shape)
+    return hu.astype(np.int16), affine, truth

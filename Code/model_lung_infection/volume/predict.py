@@ -24,7 +24,7 @@ from ..infer import default_amp, probabilities
 from ..models import load_model, read_model
 from ..multiclass.predict import predict_probabilities
 from ..quantify import report
-from ..quantify.lungs import lung_mask
+from ..quantify.lungs import attach_infection, fill_summary, find_lungs
 from ..runtime import pick_device
 from . import geometry
 from .io import find_cases, read_case, read_nifti, save_nifti
@@ -159,7 +159,8 @@ def run_case(case, cfg, nets, out_root):
 
     start = time.perf_counter()
     spacing = orient.spacing
-    lungs = lung_mask(hu, spacing)
+    found = find_lungs(hu, spacing)
+    lungs = found.labels
     if not lungs.any():
         warnings.warn(f"{volume.source}: no lungs found (no air-filled region inside the body below -320 HU); "
                       f"percentages are 0 -- is this a chest CT in HU?")
@@ -173,6 +174,9 @@ def run_case(case, cfg, nets, out_root):
     else:
         infection, prob, classes = predict_case(nets, gray, lungs, cfg, volume.name, spacing)
     t["network"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lungs, attached = attach_infection(found, infection, hu, spacing)  # infection at a lung's border is its
+    t["lungs"] += time.perf_counter() - start
 
     start = time.perf_counter()
     out = Path(out_root) / volume.name
@@ -192,6 +196,7 @@ def run_case(case, cfg, nets, out_root):
     rows, summary = report.quantify(lungs, infection, volume.voxel_ml, spacing[0] * spacing[1], z_mm,
                                     orient.file_slice_index(), volume.spacing, volume.data.shape, classes)
     summary["window_hu"] = None if already_gray else [float(v) for v in window]
+    summary.update(fill_summary(lungs, found.dense, attached, volume.voxel_ml))
     if summary["lung_ml"] > MAX_LUNG_ML:
         size = " x ".join(f"{v:g}" for v in volume.spacing)
         warnings.warn(f"{volume.source}: {summary['lung_ml']:.0f} mL of lung, more than any human's "
