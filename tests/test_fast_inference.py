@@ -107,9 +107,9 @@ def test_test_script_fused_maps_equal_unfused(golden_model, data_root, tmp_path,
     weights = tmp_path / "save_weights" / "Golden" / "Inf-Net-100.pth"
     save_release_weights(golden_model, weights)
     size = 160  # the numerics at 352 are checked above; this checks the test stage's plumbing
-    run_test(weights, tmp_path / "in", tmp_path / "plain", size, amp=False, fuse_bn=False, channels_last=False,
-             progress=False)
-    run_test(weights, tmp_path / "in", tmp_path / "fast", size, amp=False, progress=False)  # fused, channels-last
+    run_test(weights, tmp_path / "in", tmp_path / "plain", testsize=size, amp=False, fuse_bn=False,
+             channels_last=False, progress=False)
+    run_test(weights, tmp_path / "in", tmp_path / "fast", testsize=size, amp=False, progress=False)  # fused, NHWC
     for n in names:
         stem = os.path.splitext(n)[0]
         a = np.array(Image.open(tmp_path / "plain" / f"{stem}.png")).astype(int)

@@ -203,8 +203,9 @@ class TableRunner:
         """(the six figures, {class: test slices on which the row predicts nothing of it})."""
         maps = self.maps_dir(row.run)
         if row.recipe != "multiclass":
+            # the row's own folder: maps of an interrupted or redone attempt are replaced (overwrite)
             run_test(checkpoint, self.data.test, maps, testsize=self.budget.trainsize,
-                     device=self.runtime["device"], progress=self.runtime["progress"])
+                     device=self.runtime["device"], progress=self.runtime["progress"], overwrite=True)
             return _six(evaluate_folder(self.data.test / "GT", maps)), {"infection": empty_maps(maps, 128)}
         prior_path = None
         if row.prior:  # the Semi-Inf-Net row's test maps (a prerequisite: run_table ran it first)
@@ -214,7 +215,7 @@ class TableRunner:
                                         f"run that row first (run_table does)")
         multiclass.run_test(checkpoint, self.data.multiclass_test / "Imgs", prior_path=prior_path, save_root=maps,
                             testsize=self.budget.trainsize, model_name=row.run, device=self.runtime["device"],
-                            progress=self.runtime["progress"])
+                            progress=self.runtime["progress"], overwrite=True)
         per_class = {}
         for cls, gt in MULTICLASS:
             per_class[cls] = evaluate_folder(self.data.multiclass_test / gt, maps / cls / row.run)

@@ -1,0 +1,150 @@
+"""A test run's output folder holds exactly that run's maps, with a record of what made them.
+
+    check_output_folder(folder, overwrite)      # before any work: refuse a file, an input folder, old maps
+    run = OutputFolder(folder, record, overwrite).start()   # clears old maps (overwrite), writes the record
+    run.write(path, writer) ...; run.finish()    # the record lists every map with its digest
+
+The record (`test_run.json`, EvaluationTool.record) lets the evaluation refuse a folder that mixes runs.
+Stale temporaries of a killed run (our `.tmp-*` naming) are removed by the next run in the folder.
+No PyTorch here.
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+from EvaluationTool.record import RECORD_NAME, RecordError, digest, is_temporary, read_record
+
+from .atomic import atomic_write
+from .errors import OptionError, UserError
+
+MAP_SUFFIX = ".png"
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written (read-only folder, full disk): names the file and what to do."""
+
+
+def _entries(folder):
+    return [p for p in Path(folder).iterdir() if not is_temporary(p.name)]
+
+
+def _source(folder):
+    try:
+        record = read_record(folder)
+    except RecordError:
+        return ""
+    return f" (maps of {record.get('weights', {}).get('path', '?')})" if record else ""
+
+
+def check_output_folder(folder, overwrite=False, inputs=(), option="--save_path"):
+    """Refuse, before any work, a folder the run must not write into: a file, the folder of the input slices,
+    or a folder that already holds files (unless `overwrite`, which clears the old maps when the run starts)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OptionError(f"{option} {folder} is a file, not a folder; give a folder for the maps")
+    resolved = folder.resolve()
+    for path in inputs:
+        if Path(path).resolve().parent == resolved:
+            raise OptionError(f"{option} {folder} is the folder of the input slices ({Path(path).name}); "
+                              f"write the maps to another folder")
+    if folder.is_dir() and not overwrite:
+        entries = _entries(folder)
+        if entries:
+            raise OptionError(f"{option} {folder} already holds {len(entries)} file(s){_source(folder)}; a folder "
+                              f"holds the maps of one run only: choose a new or empty folder, or pass --overwrite "
+                              f"to delete its maps first")
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files a killed run left in `folder` (our `.tmp-*` naming only); returns them."""
+    stale = [p for p in Path(folder).iterdir() if is_temporary(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def writing(path, what="--save_path"):
+    """Context: an OSError while writing `path` (read-only folder, full disk) becomes one line naming it."""
+    return _Writing(path, what)
+
+
+class _Writing:
+    def __init__(self, path, what):
+        self.path, self.what = path, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            reason = error.strerror or str(error)
+            raise OutputError(f"cannot write {self.path}: {reason}; choose a writable {self.what} with free "
+                              f"space") from error
+        return False
+
+
+class OutputFolder:
+    """One run's folder of maps: `start` clears old maps (with overwrite) and stale temporaries and records the
+    run; `write` writes one map atomically; `finish` records every map written with its digest."""
+
+    def __init__(self, folder, record, overwrite=False, option="--save_path"):
+        self.folder, self.overwrite, self.option = Path(folder), overwrite, option
+        self.record = {"complete": False, **record, "maps": {}}
+        self.written = []
+
+    def _save_record(self):
+        text = json.dumps(self.record, indent=1)
+        path = self.folder / RECORD_NAME
+        with writing(path, self.option):
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    def start(self):
+        check_output_folder(self.folder, self.overwrite, option=self.option)
+        with writing(self.folder, self.option):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            stale = remove_temporaries(self.folder)
+            if stale:
+                print(f"[test] removed {len(stale)} temporary file(s) a killed run left in {self.folder}")
+            old = [p for p in _entries(self.folder)
+                   if p.is_file() and (p.suffix.lower() == MAP_SUFFIX or p.name == RECORD_NAME)]
+            for p in old:
+                p.unlink()
+            if old:
+                print(f"[test] --overwrite: deleted {len(old)} old file(s) in {self.folder}")
+        self.record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._save_record()
+        return self
+
+    def write(self, name, writer):
+        """Write the map `name` with `writer(tmp_path)` (atomically); returns its path."""
+        path = self.folder / name
+        with writing(path, self.option):
+            atomic_write(path, writer)
+        self.written.append(path)
+        return path
+
+    def finish(self):
+        self.record["maps"] = {p.name: digest(p) for p in self.written}
+        self.record["count"] = len(self.written)
+        self.record["complete"] = True
+        self.record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._save_record()
+        return self.written
+
+
+def file_identity(path):
+    """What identifies a weights or data file cheaply: its absolute path, size and modification time."""
+    path = Path(path)
+    st = os.stat(path)
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def safe_component(name, option):
+    """`name` if it is one safe path component (a folder or file name that stays where it is put), else an
+    OptionError naming the option: no separators, not '.' or '..', not empty, no NUL."""
+    name = str(name)
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise OptionError(f"{option} {name!r}: must be one folder name (no '/', '\\', '..' or absolute path), "
+                          f"as it names a folder under the output root")
+    return name
