@@ -40,8 +40,8 @@ DEFAULT_PTH = DEFAULTS.pth_path
 RUNTIME_DEFAULTS = {"channels_last": True}
 RUNTIME_HELP = {
     "channels_last": "channels-last memory format: faster, same maps",
-    "num_workers": "processes decoding the slices (at most the CPU count; default 4 on CUDA, 0 on CPU, where "
-                   "they would take the cores the network computes on)",
+    "num_workers": "processes decoding the slices while the network computes (at most the CPU count; default "
+                   "4 on CUDA, on CPU 1 when there is more than one batch)",
     "amp": "mixed precision: float16 on CUDA, bfloat16 on CPU; when not given, on only for CPUs with native bf16 "
            "(AVX512-BF16/AMX: 2.5x faster, test Dice within 0.002); --amp False: fp32 maps",
 }

@@ -77,13 +77,20 @@ def _collate(batch):
     return torch.stack(images), list(stems), list(sizes)
 
 
-def default_workers(device, num_workers=None):
+def default_workers(device, num_workers=None, slices=None, batchsize=1):
     """Decoding processes of the prediction loop: `num_workers` bounded by the CPU count (a larger number only
-    exhausts memory), None: 4 on CUDA (decoding on the main thread starves the GPU), 0 on CPU (where the
-    workers would take the cores the network computes on; bench/bench_test_stage.py measures it)."""
+    exhausts memory; said when bounded). None: 4 on CUDA (decoding on the main thread starves the GPU); on CPU
+    one when there is more than one batch of `slices` (it decodes the next batch while the network computes:
+    48 test slices took 0.84x the time without it, bench/bench_test_stage.py), else none (a process to start
+    for nothing)."""
     cpus = os.cpu_count() or 1
     if num_workers is None:
-        num_workers = 4 if torch.device(device).type == "cuda" else 0
+        if torch.device(device).type == "cuda":
+            num_workers = 4
+        else:
+            num_workers = int(slices is not None and slices > batchsize)
+    elif num_workers > cpus:
+        print(f"[test] --num_workers {num_workers}: using {cpus}, the number of CPUs")
     return max(0, min(int(num_workers), cpus))
 
 
@@ -173,8 +180,9 @@ def slice_maps(pth_path, data_path, testsize=352, backbone=None, device="auto", 
     device = resolve_device(device) if isinstance(device, str) else device
     amp = default_amp(device) if amp is None else amp
     model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile)
-    return dict(iter_maps(model, SliceSet(data_path, testsize), batchsize, device, amp, channels_last, normalize,
-                          progress, default_workers(device, num_workers)))
+    slices = SliceSet(data_path, testsize)
+    return dict(iter_maps(model, slices, batchsize, device, amp, channels_last, normalize, progress,
+                          default_workers(device, num_workers, len(slices), batchsize)))
 
 
 def default_amp(device):
@@ -237,7 +245,8 @@ def run_test(config=None, data_path=None, save_path=None, **options):
               "amp": bool(amp), "device": str(device)}
     written = predict_folder(model, slices, save_path, cfg.testsize, cfg.batchsize, device, amp, cfg.channels_last,
                              cfg.progress, prepare=False, normalize=cfg.normalize,
-                             num_workers=default_workers(device, cfg.num_workers), overwrite=cfg.overwrite,
+                             num_workers=default_workers(device, cfg.num_workers, len(slices), cfg.batchsize),
+                             overwrite=cfg.overwrite,
                              record=record)
     print(f"[test] wrote {len(written)} maps to {save_path}")
     return written

@@ -174,7 +174,7 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
     paths = dict(slices)
     dataset = MultiClassSliceSet(slices, testsize, priors, binarize_prior)
     for stem, prob in iter_probabilities(model, dataset, batchsize, device, bool(amp), progress,
-                                         default_workers(device, num_workers)):
+                                         default_workers(device, num_workers, len(slices), batchsize)):
         labels, maps = class_maps(prob)
         for c in CLASS_FOLDERS:
             outputs[c].write(f"{stem}.png", png_writer(maps[c]))
