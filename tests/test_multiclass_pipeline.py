@@ -317,9 +317,10 @@ def test_val_split_too_large_is_one_line(train_root, tmp_path, capsys):
     assert err == "error: --val_split 4: the training set has 4 slices; hold out between 1 and 3"
 
 
-@pytest.mark.parametrize("name", ["..", "../escaped", "/tmp/elsewhere", "a/b", ""])
+@pytest.mark.parametrize("name", ["..", "../escaped", "ABSOLUTE", "a/b", ""])
 def test_model_name_must_be_one_folder_name(test_slices, unet_pth, tmp_path, capsys, name):
     root, _ = test_slices
+    name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
     argv = ["--pth_path", str(unet_pth), "--data_path", str(root), "--prior_path", str(root / "Prior"),
             "--save_path", str(tmp_path / "out"), "--testsize", str(SIZE), "--device", "cpu", "--no-progress",
             "--model_name", name]
@@ -327,7 +328,7 @@ def test_model_name_must_be_one_folder_name(test_slices, unet_pth, tmp_path, cap
         test_cli.run_main(test_cli.main, argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--model_name" in err
-    assert not (tmp_path / "out").exists() and not (tmp_path / "escaped").exists()
+    assert not any((tmp_path / d).exists() for d in ("out", "escaped", "elsewhere"))
 
 
 def test_prior_of_another_size_is_refused(test_slices, unet_pth, tmp_path):
