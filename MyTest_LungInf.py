@@ -2,7 +2,8 @@ r"""Segment CT slices or whole CT scans with a trained Inf-Net (ours or a releas
 
     python MyTest_LungInf.py --pth_path Snapshots/save_weights/Inf-Net/Inf-Net-100.pth \
         --data_path Dataset/TestingSet/LungInfection-Test
-    # -> Results/Lung infection segmentation/Inf-Net/<slice>.png, 8-bit maps at each slice's size
+    # -> Results/Lung infection segmentation/Inf-Net/<slice>.png, 8-bit maps at each slice's size, and
+    #    test_run.json (what made them); a folder that holds files is refused unless --overwrite
 
 CT volumes (a NIfTI file, a DICOM series folder, or a folder of them; docs/volumes.md):
     python MyTest_LungInf.py --pth_path W --data_path scan.nii.gz --save_path OUT

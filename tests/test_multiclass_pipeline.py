@@ -357,3 +357,18 @@ def test_multiclass_folders_hold_one_runs_maps(test_slices, unet_pth, tmp_path):
     for folder in ("Ground-glass opacities", "Consolidation", "Overlay"):
         assert (tmp_path / folder / "MC" / "test_run.json").is_file()
     check_outputs(tmp_path, "MC", sizes)
+
+
+@pytest.mark.parametrize("argv, says", [(["--device", "banana"], "--device banana"),
+                                        (["--testsize", "100000"], "--testsize 100000"),
+                                        (["--save_path", "FILE"], "is a file")])
+def test_bad_test_options_are_one_line(test_slices, unet_pth, tmp_path, capsys, argv, says):
+    root, _ = test_slices
+    (tmp_path / "FILE").write_text("x")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    base = ["--pth_path", str(unet_pth), "--data_path", str(root), "--prior_path", str(root / "Prior"),
+            "--save_path", str(tmp_path / "out"), "--testsize", str(SIZE), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        test_cli.run_main(test_cli.main, base + argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err

@@ -9,7 +9,11 @@ so its figures do not depend on this choice beyond 8-bit rounding).
 
 One prediction loop (`iter_batches`, with `probabilities`: logits resized, then the sigmoid) serves
 the test script, the multi-class priors computed on the fly (`multiclass.infnet_priors`, the same
-8-bit maps), the multi-class test stage and the pseudo labels.
+8-bit maps), the multi-class test stage and the pseudo labels. It predicts batches of slices (all are
+resized to testsize) while worker processes decode the next ones (`default_workers`).
+
+The stage's options are one `configs.TestConfig` (`run_test(config)`); its output folder holds that run's
+maps only, with a record of what made them (outputs.OutputFolder; the evaluation checks it).
 """
 import dataclasses
 import os

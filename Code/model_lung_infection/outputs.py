@@ -41,8 +41,9 @@ def check_output_folder(folder, overwrite=False, inputs=(), option="--save_path"
     """Refuse, before any work, a folder the run must not write into: a file, the folder of the input slices,
     or a folder that already holds files (unless `overwrite`, which clears the old maps when the run starts)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OptionError(f"{option} {folder} is a file, not a folder; give a folder for the maps")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OptionError(f"{option} {existing} is a file, not a folder; give a folder for the maps")
     resolved = folder.resolve()
     for path in inputs:
         if Path(path).resolve().parent == resolved:
