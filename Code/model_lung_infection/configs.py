@@ -5,6 +5,7 @@ from these without importing it, so `--help` is fast).
   TrainConfig        the Inf-Net recipe (train.py); STAGES: the paper's runs as presets (stage_config)
   MultiClassConfig   the multi-class recipes (multiclass/train.py)
   PseudoConfig       Algorithm 1 (pseudo.py); it holds the rounds' TrainConfig
+  TestConfig         the slice test stage (infer.run_test)
 Each training config says which network it builds (`architecture()`: registry.create_model's arguments),
 which its checkpoint.pth records for models.load_model.
 """
