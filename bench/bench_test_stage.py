@@ -3,7 +3,8 @@ side in one run, on the 48 LungInfection-Test slices and on one slice, with the 
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_test_stage.py [--runs 3] [--variants b1w0 b8w0 b8w1]
 
-Each command runs in a fresh process, interleaved (release, ours..., release, ours...), median of --runs.
+Each command runs in a fresh process, interleaved (release, ours..., release, ours...), median of --runs; wall
+time and CPU time (process and children: on a shared machine it says what the command costs).
 A variant bXwY is `--batchsize X --num_workers Y` (b1w0 is the stage before batching). Targets (issue 25):
 48 slices at most 0.33x the release's wall time, one slice at most 1.0x. The release comes from a checkout or
 bare mirror (see bench_startup.py: extracted at run time, run unmodified under a CPU shim); without one, its
@@ -11,17 +12,33 @@ steps re-implemented. Also prints how far each variant's maps are from b1w0's (g
 """
 import argparse
 import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_startup import MIRROR, RELEASE_SHIM, RELEASE_STEPS, ROOT, extract_release, prepare, timed  # noqa: E402
+from bench_startup import MIRROR, RELEASE_SHIM, RELEASE_STEPS, ROOT, extract_release, prepare  # noqa: E402
+
+
+def timed(cmd, env, cwd):
+    """(wall seconds, CPU seconds of the process and its children): on a machine shared with other work the CPU
+    time says what the command costs, the wall time what it took."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def variant_args(name):
@@ -75,11 +92,12 @@ def main(argv=None):
             for _ in range(a.runs):
                 for label, (cmd, cwd) in cmds.items():
                     times[label].append(timed(cmd, env, cwd))
-            med = {label: statistics.median(t) for label, t in times.items()}
+            med = {label: [statistics.median(x) for x in zip(*t)] for label, t in times.items()}
             base = next(iter(med.values()))
-            print(f"\n{n} slice(s), whole process:")
-            for label, t in med.items():
-                print(f"  {label:<36} {t:7.2f} s  {t / base:5.2f}x release")
+            print(f"\n{n} slice(s), whole process (load {os.getloadavg()[0]:.2f}):")
+            for label, (wall, cpu) in med.items():
+                print(f"  {label:<36} wall {wall:7.2f} s {wall / base[0]:5.2f}x release   "
+                      f"CPU {cpu:7.2f} s {cpu / base[1]:5.2f}x")
             ref = {q.name: np.array(Image.open(q)).astype(int) for q in sorted((tmp / a.variants[0]).glob("*.png"))}
             for v in a.variants[1:]:
                 diff = max(np.abs(np.array(Image.open(tmp / v / k)).astype(int) - m).max() for k, m in ref.items())

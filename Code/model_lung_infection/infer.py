@@ -201,9 +201,8 @@ def resolve_device(name):
     """`pick_device`, with a device that does not exist here said in one line (OptionError)."""
     try:
         device = pick_device(name)
-    except RuntimeError as e:
-        raise OptionError(f"--device {name}: not a device ({str(e).split(' device type')[0]}); use auto, cpu, "
-                          f"cuda or cuda:N") from None
+    except RuntimeError:
+        raise OptionError(f"--device {name}: no such device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0 or (device.index or 0) >= count:
@@ -250,7 +249,6 @@ def run_test(config=None, data_path=None, save_path=None, **options):
     written = predict_folder(model, slices, save_path, cfg.testsize, cfg.batchsize, device, amp, cfg.channels_last,
                              cfg.progress, prepare=False, normalize=cfg.normalize,
                              num_workers=default_workers(device, cfg.num_workers, len(slices), cfg.batchsize),
-                             overwrite=cfg.overwrite,
-                             record=record)
+                             overwrite=cfg.overwrite, record=record)
     print(f"[test] wrote {len(written)} maps to {save_path}")
     return written

@@ -8,6 +8,7 @@ The record (`test_run.json`, EvaluationTool.record) lets the evaluation refuse a
 Stale temporaries of a killed run (our `.tmp-*` naming) are removed by the next run in the folder.
 No PyTorch here.
 """
+import contextlib
 import json
 import os
 import time
@@ -65,24 +66,16 @@ def remove_temporaries(folder):
     return stale
 
 
-def writing(path, what="--save_path"):
-    """Context: an OSError while writing `path` (read-only folder, full disk) becomes one line naming it."""
-    return _Writing(path, what)
-
-
-class _Writing:
-    def __init__(self, path, what):
-        self.path, self.what = path, what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if isinstance(error, OSError) and not isinstance(error, UserError):
-            reason = error.strerror or str(error)
-            raise OutputError(f"cannot write {self.path}: {reason}; choose a writable {self.what} with free "
-                              f"space") from error
-        return False
+@contextlib.contextmanager
+def writing(path, option="--save_path"):
+    """An OSError while writing `path` (read-only folder or file system, full disk) becomes one line naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}; choose a writable {option} with free "
+                          f"space") from error
 
 
 class OutputFolder:
