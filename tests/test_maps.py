@@ -223,11 +223,21 @@ def test_a_test_folder_holds_one_runs_maps(test_slices, tmp_path, capsys):
     assert read_maps(out).keys() == first.keys()
     assert all(np.array_equal(read_maps(out)[s], m) for s, m in first.items())
 
-    # --overwrite clears the old maps first: a map of A's that B does not write (another slice) is gone too.
-    shutil.copy(out / f"{next(iter(first))}.png", out / "extra.png")
+    # --overwrite never deletes a PNG no test run recorded (a GT folder given by mistake): refused, naming it.
+    shutil.copy(out / f"{next(iter(first))}.png", out / "foreign.png")
+    err = _one_line_error(["--pth_path", str(b), "--data_path", str(data), "--save_path", str(out), "--overwrite",
+                           "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress"], capsys)
+    assert "foreign.png" in err and (out / "foreign.png").is_file()
+    (out / "foreign.png").unlink()
+    # --overwrite deletes the recorded maps first: A's map of a slice B does not test is gone too.
+    one = tmp_path / "one"
+    (one / "Imgs").mkdir(parents=True)
+    shutil.copy(data / "Imgs" / names[0], one / "Imgs" / names[0])
+    run_script(["--pth_path", str(b), "--data_path", str(one), "--save_path", str(out), "--overwrite"])
+    assert sorted(read_maps(out)) == [os.path.splitext(names[0])[0]]
+    assert json.loads((out / "test_run.json").read_text())["weights"]["path"] == str(b.resolve())
     run_script(["--pth_path", str(b), "--data_path", str(data), "--save_path", str(out), "--overwrite"])
     assert sorted(read_maps(out)) == sorted(first)
-    assert json.loads((out / "test_run.json").read_text())["weights"]["path"] == str(b.resolve())
     evaluate_folder(gt, out)  # exactly the recorded maps: evaluated
 
     # A map of another run put into the folder later: the evaluation refuses the mix.

@@ -350,7 +350,10 @@ def test_multiclass_folders_hold_one_runs_maps(test_slices, unet_pth, tmp_path):
     run_test(unet_pth, root, **kw)
     with pytest.raises(OptionError, match="--overwrite"):
         run_test(unet_pth, root, **kw)
-    (tmp_path / "Consolidation" / "MC" / "old.png").write_bytes(b"x")
+    (tmp_path / "Consolidation" / "MC" / "old.png").write_bytes(b"x")  # no run recorded it: never deleted
+    with pytest.raises(OptionError, match="old.png"):
+        run_test(unet_pth, root, overwrite=True, **kw)
+    (tmp_path / "Consolidation" / "MC" / "old.png").unlink()
     written = run_test(unet_pth, root, overwrite=True, **kw)
     assert sorted(p.name for p in (tmp_path / "Consolidation" / "MC").glob("*.png")) == \
         sorted(p.name for p in written["Consolidation"])

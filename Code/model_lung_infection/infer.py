@@ -160,7 +160,7 @@ def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, devic
     if prepare:
         model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
     record = {"slices": len(dataset), "testsize": dataset.testsize, "normalize": normalize, **(record or {})}
-    out = OutputFolder(save_path, record, overwrite).start()
+    out = OutputFolder(save_path, record, overwrite, [f"{stem}.png" for stem, _ in dataset.items]).start()
     for stem, gray in iter_maps(model, dataset, batchsize, device, amp, channels_last, normalize, progress,
                                 num_workers):
         out.write(f"{stem}.png", png_writer(gray))

@@ -30,17 +30,35 @@ def _entries(folder):
     return [p for p in Path(folder).iterdir() if not is_temporary(p.name)]
 
 
-def _source(folder):
+def _record(folder):
     try:
-        record = read_record(folder)
+        return read_record(folder) or {}
     except RecordError:
-        return ""
+        return {}
+
+
+def _source(folder):
+    record = _record(folder)
     return f" (maps of {record.get('weights', {}).get('path', '?')})" if record else ""
+
+
+def _recorded(folder):
+    """The files a test run recorded in `folder` (written or being written), and the record itself: the only
+    files --overwrite deletes."""
+    record = _record(folder)
+    return set(record.get("maps", {})) | set(record.get("expected", [])) | {RECORD_NAME}
+
+
+def _foreign_maps(folder):
+    """PNG files in `folder` that no test run recorded (a GT folder given by mistake, maps of another tool)."""
+    ours = _recorded(folder)
+    return sorted(p.name for p in _entries(folder) if p.suffix.lower() == MAP_SUFFIX and p.name not in ours)
 
 
 def check_output_folder(folder, overwrite=False, inputs=(), option="--save_path"):
     """Refuse, before any work, a folder the run must not write into: a file, the folder of the input slices,
-    or a folder that already holds files (unless `overwrite`, which clears the old maps when the run starts)."""
+    or a folder that already holds files (unless `overwrite`, which deletes the maps a test run recorded there
+    when the run starts; PNG files no run recorded are never deleted: they are refused)."""
     folder = Path(folder)
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -56,6 +74,13 @@ def check_output_folder(folder, overwrite=False, inputs=(), option="--save_path"
             raise OptionError(f"{option} {folder} already holds {len(entries)} file(s){_source(folder)}; a folder "
                               f"holds the maps of one run only: choose a new or empty folder, or pass --overwrite "
                               f"to delete its maps first")
+    if folder.is_dir() and overwrite:
+        foreign = _foreign_maps(folder)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" (and {len(foreign) - 5} more)" if len(foreign) > 5 else "")
+            raise OptionError(f"{option} {folder}: --overwrite deletes only the maps a test run recorded in its "
+                              f"{RECORD_NAME}, and {len(foreign)} PNG file(s) there are not: {shown}; move them "
+                              f"or choose another folder")
 
 
 def remove_temporaries(folder):
@@ -82,9 +107,11 @@ class OutputFolder:
     """One run's folder of maps: `start` clears old maps (with overwrite) and stale temporaries and records the
     run; `write` writes one map atomically; `finish` records every map written with its digest."""
 
-    def __init__(self, folder, record, overwrite=False, option="--save_path"):
+    def __init__(self, folder, record, overwrite=False, names=(), option="--save_path"):
+        """names: the maps the run will write (recorded at the start, so that an interrupted run's maps are
+        known to be ours)."""
         self.folder, self.overwrite, self.option = Path(folder), overwrite, option
-        self.record = {"complete": False, **record, "maps": {}}
+        self.record = {"complete": False, **record, "expected": sorted(names), "maps": {}}
         self.written = []
 
     def _save_record(self):
@@ -100,8 +127,8 @@ class OutputFolder:
             stale = remove_temporaries(self.folder)
             if stale:
                 print(f"[test] removed {len(stale)} temporary file(s) a killed run left in {self.folder}")
-            old = [p for p in _entries(self.folder)
-                   if p.is_file() and (p.suffix.lower() == MAP_SUFFIX or p.name == RECORD_NAME)]
+            ours = _recorded(self.folder)
+            old = [p for p in _entries(self.folder) if p.is_file() and p.name in ours]
             for p in old:
                 p.unlink()
             if old:

@@ -170,7 +170,8 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
               "options": {"testsize": testsize, "binarize_prior": binarize_prior, "amp": amp,
                           "infnet_testsize": infnet_testsize, "infnet_backbone": infnet_backbone},
               "device": str(device), "slices": len(slices)}
-    outputs = {c: OutputFolder(d, record, overwrite).start() for c, d in dirs.items()}
+    names = [f"{stem}.png" for stem, _ in slices]
+    outputs = {c: OutputFolder(d, record, overwrite, names).start() for c, d in dirs.items()}
     paths = dict(slices)
     dataset = MultiClassSliceSet(slices, testsize, priors, binarize_prior)
     for stem, prob in iter_probabilities(model, dataset, batchsize, device, bool(amp), progress,
