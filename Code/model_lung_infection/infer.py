@@ -85,7 +85,7 @@ def default_workers(device, num_workers=None, slices=None, batchsize=1):
     """Decoding processes of the prediction loop: `num_workers` bounded by the CPU count (a larger number only
     exhausts memory; said when bounded). None: 4 on CUDA (decoding on the main thread starves the GPU); on CPU
     one when there is more than one batch of `slices` (it decodes the next batch while the network computes:
-    48 test slices took 0.84x the time without it, bench/bench_test_stage.py), else none (a process to start
+    5% less wall time on the 48 test slices here, bench/bench_test_stage.py), else none (a process to start
     for nothing)."""
     cpus = os.cpu_count() or 1
     if num_workers is None:
