@@ -486,3 +486,20 @@ def test_record_refuses_mixed_or_unfinished_runs(toy_folders):
     (pred_dir / RECORD_NAME).write_text(json.dumps({**record, "complete": False}))
     with pytest.raises(EvaluationError, match="did not finish"):
         evaluate_folder(gt_dir, pred_dir)
+
+
+def test_unwritable_reports_are_one_line(toy_folders, tmp_path, capsys, monkeypatch):
+    """A read-only file system (root ignores chmod, so EROFS is simulated where the report is renamed)."""
+    import errno
+
+    import EvaluationTool.folder as folder
+    gt_dir, pred_dir = toy_folders
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(dst))
+    monkeypatch.setattr(folder.os, "replace", read_only)
+    assert main(["--gt_root", str(gt_dir), "--pred_root", str(pred_dir.parent), "--models", "pred",
+                 "--save_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Read-only file system" in err and "--save_dir" in err
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
