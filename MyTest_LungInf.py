@@ -2,7 +2,8 @@ r"""Segment CT slices or whole CT scans with a trained Inf-Net (ours or a releas
 
     python MyTest_LungInf.py --pth_path Snapshots/save_weights/Inf-Net/Inf-Net-100.pth \
         --data_path Dataset/TestingSet/LungInfection-Test
-    # -> Results/Lung infection segmentation/Inf-Net/<slice>.png, 8-bit maps at each slice's size
+    # -> Results/Lung infection segmentation/Inf-Net/<slice>.png, 8-bit maps at each slice's size, and
+    #    test_run.json (what made them); a folder that holds files is refused unless --overwrite
 
 CT volumes (a NIfTI file, a DICOM series folder, or a folder of them; docs/volumes.md):
     python MyTest_LungInf.py --pth_path W --data_path scan.nii.gz --save_path OUT
@@ -19,17 +20,29 @@ Then score them: python -m EvaluationTool --gt_root Dataset/TestingSet/LungInfec
 import argparse
 from pathlib import Path
 
-from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
+from Code.model_lung_infection.cli import (
+    ArgumentParser,
+    add_bool,
+    add_debug,
+    add_runtime_args,
+    config_from_args,
+    positive_int,
+    run_main,
+)
+from Code.model_lung_infection.configs import TestConfig
 from Code.model_lung_infection.maps import NORMALIZATIONS
 from Code.model_lung_infection.volume import add_volume_args, is_volume_input
 from Code.model_lung_infection.volume.options import check_slice_options
 
-DEFAULT_PTH = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
+DEFAULTS = TestConfig()
+DEFAULT_PTH = DEFAULTS.pth_path
 
 # The test stage's runtime defaults differ from training's: channels-last on; bf16 autocast on CPUs with native bf16.
 RUNTIME_DEFAULTS = {"channels_last": True}
 RUNTIME_HELP = {
     "channels_last": "channels-last memory format: faster, same maps",
+    "num_workers": "processes decoding the slices while the network computes (at most the CPU count; default "
+                   "4 on CUDA, on CPU 1 when there is more than one batch)",
     "amp": "mixed precision: float16 on CUDA, bfloat16 on CPU; when not given, on only for CPUs with native bf16 "
            "(AVX512-BF16/AMX: 2.5x faster, test Dice within 0.002); --amp False: fp32 maps",
 }
@@ -39,13 +52,17 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pth_path", default=DEFAULT_PTH,
                    help="weights: a release snapshot (Inf-Net-100.pth), ours, or our checkpoint.pth")
-    p.add_argument("--data_path", default="Dataset/TestingSet/LungInfection-Test",
+    p.add_argument("--data_path", default=DEFAULTS.data_path,
                    help="a folder of slices, or a folder holding Imgs/ (GT is not needed); or a CT volume: a "
                         ".nii/.nii.gz file, a DICOM series folder, or a folder of them")
     p.add_argument("--save_path", default=None,
-                   help="default: Results/Lung infection segmentation/<model>/ (model from the weights' folder)")
-    p.add_argument("--testsize", type=positive_int, default=352)
-    p.add_argument("--batchsize", type=positive_int, default=1)
+                   help="default: Results/Lung infection segmentation/<model>/ (model from the weights' folder); "
+                        "it holds this run's maps only, with test_run.json saying what made them")
+    add_bool(p, "--overwrite", False, "delete the maps of an earlier run in --save_path first (without it, a "
+                                      "folder that holds files is refused)")
+    p.add_argument("--testsize", type=positive_int, default=DEFAULTS.testsize)
+    p.add_argument("--batchsize", type=positive_int, default=DEFAULTS.batchsize,
+                   help="slices per forward pass (every slice is resized to --testsize)")
     p.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default="none",
                    help="none: write probabilities (default); minmax: stretch each map to 0..255 as the release did")
     p.add_argument("--backbone", default=None, help="encoder of release-format weights (default res2net50_v1b_26w_4s)")
@@ -68,19 +85,22 @@ def check_weights(pth_path):
 
 def main(argv=None):
     a = parse_args(argv)
+    config = config_from_args(TestConfig, a)  # checks the options (--testsize, --num_workers ...) in one line
     if not a.mask:  # --mask quantifies a given mask: no network
         check_weights(a.pth_path)
     if not Path(a.data_path).exists():
         raise FileNotFoundError(f"--data_path {a.data_path}: no such file or folder; give a folder of slices, "
                                 f"a NIfTI file or a DICOM series folder")
     # the stages (and PyTorch) are imported after the arguments are parsed: --help and errors are fast
+    if not a.mask:
+        from Code.model_lung_infection.infer import resolve_device
+        resolve_device(a.device)  # --device banana / cuda:7: one line, for slices and volumes alike
     if is_volume_input(a.data_path):
         from Code.model_lung_infection.volume.predict import run_volumes
         return run_volumes(a)
     check_slice_options(a)  # --mask, --window ... on slices would be silently ignored
     from Code.model_lung_infection.infer import run_test
-    return run_test(a.pth_path, a.data_path, a.save_path, a.testsize, a.backbone, a.device, a.amp,
-                    a.channels_last, a.batchsize, a.progress, a.fuse_bn, a.compile, a.normalize)
+    return run_test(config)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import argparse
 import os
 
 from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
-from Code.model_lung_infection.configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT
-from Code.model_lung_infection.errors import CheckpointError
+from Code.model_lung_infection.configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, TEST_SIZE_RANGE
+from Code.model_lung_infection.errors import CheckpointError, OptionError
+from Code.model_lung_infection.outputs import safe_component
 
 # Where each weights option comes from, said when the file is not there.
 WEIGHT_HINTS = {
@@ -48,7 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--testsize", type=positive_int, default=None,
                    help="network input size (default: the trainsize saved in checkpoint.pth, else 352)")
     p.add_argument("--model_name", default=None,
-                   help="output sub-folder (default: the weights' run folder or file stem)")
+                   help="output sub-folder, one folder name (default: the weights' run folder or file stem)")
+    add_bool(p, "--overwrite", False, "delete the maps of an earlier run in the model's folders first (without "
+                                      "it, folders that hold files are refused)")
     add_bool(p, "--binarize_prior", True, "binarise priors at 128, as the training priors are")
     add_bool(p, "--progress", True, "progress bar")
     add_runtime_args(p)
@@ -65,11 +68,18 @@ def check_weights(option, path):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.model_name is not None:
+        safe_component(a.model_name, "--model_name")
+    low, high = TEST_SIZE_RANGE
+    for option, size in (("--testsize", a.testsize), ("--infnet_testsize", a.infnet_testsize)):
+        if size is not None and not low <= size <= high:
+            raise OptionError(f"{option} {size}: must lie between {low} and {high}")
     check_weights("--pth_path", a.pth_path)
     check_weights("--infnet_pth", a.infnet_pth)
     from Code.model_lung_infection.multiclass.predict import run_test  # PyTorch: after the arguments are parsed
     return run_test(a.pth_path, a.data_path, a.prior_path, a.infnet_pth, a.save_path, a.testsize, a.model_name,
-                    a.device, a.amp, a.binarize_prior, a.infnet_testsize, a.infnet_backbone, a.progress)
+                    a.device, a.amp, a.binarize_prior, a.infnet_testsize, a.infnet_backbone, a.progress,
+                    num_workers=a.num_workers, overwrite=a.overwrite)
 
 
 if __name__ == "__main__":

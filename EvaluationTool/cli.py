@@ -2,12 +2,14 @@
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .folder import (
     EvaluationError,
     evaluate_folder,
     extra_line,
+    fixed_line,
     release_line,
     safe_name,
     write_per_image_csv,
@@ -38,6 +40,7 @@ def run(gt_root, pred_root, models, task="binary", dataset=None, save_dir="Evalu
             write_per_image_csv(s, save_dir / f"{safe_name(dataset)}_{safe_name(model)}_per_image.csv")
             out(release_line(s))
             out(extra_line(s))
+            out(fixed_line(s))
             results[model] = s
             continue
         per_class = {}
@@ -47,6 +50,7 @@ def run(gt_root, pred_root, models, task="binary", dataset=None, save_dir="Evalu
             write_per_image_csv(s, save_dir / f"{safe_name(dataset)}-{c}_{safe_name(model)}_per_image.csv")
             out(f"[{cls}] " + release_line(s))
             out(extra_line(s))
+            out(fixed_line(s))
             per_class[cls] = s
         per_class["Average"] = avg = average([per_class[cls] for cls, _ in MULTICLASS])
         out("[Average] " + release_line(avg, dataset, model))
@@ -100,6 +104,20 @@ def check_roots(gt_root, pred_root, task):
             raise EvaluationError(f"{option}: {what} not found: {path}; {hint}")
 
 
+def check_save_dir(save_dir):
+    """Reports can be written to --save_dir: said before anything is evaluated."""
+    save_dir = Path(save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        raise EvaluationError(f"--save_dir {save_dir} is a file; give a folder for the reports")
+    folder = next((p for p in (save_dir, *save_dir.parents) if p.exists()), Path("."))
+    if not os.access(folder, os.W_OK):
+        raise EvaluationError(f"--save_dir {save_dir}: {folder} is not writable; give another folder")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
 # What a user can fix: one line on stderr and exit status 2 (the same contract as
 # Code/model_lung_infection/cli.run_main, kept here so the toolbox runs without PyTorch).
 USER_ERRORS = (EvaluationError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -113,8 +131,11 @@ def main(argv=None):
     debug = args.debug or os.environ.get("INFNET_DEBUG", "") not in ("", "0")
     try:
         check_roots(args.gt_root, args.pred_root, args.task)
-        run(args.gt_root, args.pred_root, args.models, args.task, args.dataset, args.save_dir,
-            args.em_strict, args.workers)
+        check_save_dir(args.save_dir)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning  # each warning one line, as errors are
+            run(args.gt_root, args.pred_root, args.models, args.task, args.dataset, args.save_dir,
+                args.em_strict, args.workers)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -124,5 +145,11 @@ def main(argv=None):
         if debug:
             raise
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:  # writing the reports: a read-only folder, a full disk
+        if debug:
+            raise
+        print(f"error: cannot write the reports: {err.strerror or err}: {err.filename or args.save_dir}; give a "
+              f"writable --save_dir with free space", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,8 @@
 """Evaluate a folder of prediction maps against a folder of GT masks, and write reports."""
 import csv
+import io
 import os
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -8,12 +10,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .metrics import CURVE_KEYS, THRESHOLDS, evaluate_pair
+from .metrics import CURVE_KEYS, FIXED_KEYS, FIXED_THRESHOLD, THRESHOLDS, evaluate_pair
+from .record import RecordError, check_maps, is_temporary
 
-# Order of the scalars in reports: the release line's six, then precision and the maxima.
+# Order of the scalars in reports: the release line's six, then precision and the maxima, then Dice, Sen and
+# Spe at the fixed threshold 0.5 of the map as stored (metrics.fixed_threshold).
+FIXED_SUMMARY_KEYS = tuple("fixed" + k for k in FIXED_KEYS)
 SUMMARY_KEYS = ("meanDic", "meanSen", "meanSpe", "Sm", "meanEm", "MAE",
-                "meanPrec", "maxDic", "maxSen", "maxSpe", "maxPrec", "maxEm")
-PER_IMAGE_KEYS = ("meanDic", "meanSen", "meanSpe", "meanPrec", "meanEm", "maxDic", "Sm", "MAE")
+                "meanPrec", "maxDic", "maxSen", "maxSpe", "maxPrec", "maxEm") + FIXED_SUMMARY_KEYS
+PER_IMAGE_KEYS = ("meanDic", "meanSen", "meanSpe", "meanPrec", "meanEm", "maxDic", "Sm", "MAE") + FIXED_SUMMARY_KEYS
 
 
 class EvaluationError(Exception):
@@ -55,7 +60,9 @@ def _png_names(folder, what):
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluationError(f"{what} folder not found: {folder}")
-    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    # a killed run's temporaries (".tmp-<hex>.png", our atomic writes) are not maps; the next run removes them
+    names = sorted(p.name for p in folder.iterdir()
+                   if p.suffix.lower() == ".png" and p.is_file() and not is_temporary(p.name))
     if not names:
         raise EvaluationError(f"{what} folder has no PNG files: {folder}")
     return names
@@ -85,7 +92,19 @@ def _evaluate_one(gt_path, pred_path, em_strict):
     resized = pred.shape[:2] != gt.shape[:2]
     if resized:
         pred = _resize_like(pred, gt.shape[:2])
-    return evaluate_pair(pred, gt, em_strict=em_strict), resized
+    result = evaluate_pair(pred, gt, em_strict=em_strict)
+    result["gt_max"] = None if gt.dtype == bool else int(gt.max())
+    return result, resized
+
+
+def _warn_if_gt_is_0_1(gt_dir, results):
+    """GT stored as 0/1 instead of 0/255 reads as empty (the toolbox thresholds GT at 128, and so do we, to keep
+    its figures): say so once, naming the folder and the fix."""
+    maxima = [r["gt_max"] for r, _ in results if r["gt_max"] is not None]
+    if maxima and max(maxima) == 1:
+        warnings.warn(f"{gt_dir}: every GT mask holds only the values 0 and 1, not 0 and 255; the toolbox reads GT as "
+                      f"> 128, so each mask is empty and Dice is 0: rescale the masks to 0/255 (mask * 255) and "
+                      f"evaluate again", stacklevel=3)
 
 
 def evaluate_folder(gt_dir, pred_dir, em_strict=False, workers=None, dataset=None, model=None):
@@ -98,6 +117,10 @@ def evaluate_folder(gt_dir, pred_dir, em_strict=False, workers=None, dataset=Non
     'thresholds' and the given dataset/model labels.
     """
     names = pair_names(gt_dir, pred_dir)
+    try:
+        check_maps(pred_dir, names)  # a folder whose test_run.json lists other maps mixes runs
+    except RecordError as err:
+        raise EvaluationError(str(err)) from None
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     workers = workers or min(4, os.cpu_count() or 1)
 
@@ -108,6 +131,7 @@ def evaluate_folder(gt_dir, pred_dir, em_strict=False, workers=None, dataset=Non
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(job, names))
 
+    _warn_if_gt_is_0_1(gt_dir, results)
     for name, (_, resized) in zip(names, results):
         if resized:
             warnings.warn(f"{pred_dir / name}: size differs from its GT; the prediction was "
@@ -123,12 +147,14 @@ def evaluate_folder(gt_dir, pred_dir, em_strict=False, workers=None, dataset=Non
         summary["max" + k] = float(curves[k].max())
     summary["Sm"] = float(np.mean([r["Sm"] for r, _ in results]))
     summary["MAE"] = float(np.mean([r["MAE"] for r, _ in results]))
+    for k in FIXED_KEYS:
+        summary["fixed" + k] = float(np.mean([r["fixed"][k] for r, _ in results]))
 
     summary["per_image"] = [
         {"name": name, "meanDic": image_curves["Dic"][i].mean(), "meanSen": image_curves["Sen"][i].mean(),
          "meanSpe": image_curves["Spe"][i].mean(), "meanPrec": image_curves["Prec"][i].mean(),
          "meanEm": image_curves["Em"][i].mean(), "maxDic": image_curves["Dic"][i].max(),
-         "Sm": r["Sm"], "MAE": r["MAE"], "resized": resized}
+         "Sm": r["Sm"], "MAE": r["MAE"], "resized": resized, **{"fixed" + k: r["fixed"][k] for k in FIXED_KEYS}}
         for i, (name, (r, resized)) in enumerate(zip(names, results))]
     bad = [row["name"] for row in summary["per_image"]
            if any(np.isnan(row[k]) for k in PER_IMAGE_KEYS)]
@@ -149,20 +175,44 @@ def release_line(summary, dataset=None, model=None):
 
 def extra_line(summary):
     """What the release line leaves out: precision and the maxima over thresholds."""
-    return "    " + ";".join(f"{k}:{summary[k]:.3f}" for k in SUMMARY_KEYS[6:]) + "."
+    return "    " + ";".join(f"{k}:{summary[k]:.3f}" for k in SUMMARY_KEYS[6:12]) + "."
 
+
+def fixed_line(summary):
+    """Dice, Sen, Spec at the fixed threshold 0.5, labelled apart from the toolbox's means over 256 thresholds."""
+    figures = ";".join(f"{label}:{summary['fixed' + k]:.3f}" for label, k in zip(("Dice", "Sen", "Spec"), FIXED_KEYS))
+    return (f"    at threshold {FIXED_THRESHOLD:g} (map >= 128/255 as stored; what most later papers report): "
+            f"{figures}. meanDic above: the toolbox's mean over 256 thresholds (what the paper reports).")
 
 def safe_name(name):
     return str(name).replace(os.sep, "_").replace(" ", "_")
 
 
-def write_per_image_csv(summary, path):
+def write_atomically(path, text):
+    """Write a text file through a temporary file and a rename: never half a report (a full disk leaves the
+    old file, or none)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("name",) + PER_IMAGE_KEYS + ("resized",))
-        for row in summary["per_image"]:
-            writer.writerow([row["name"]] + [repr(float(row[k])) for k in PER_IMAGE_KEYS]
-                            + [int(row["resized"])])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the reports from colleagues
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_per_image_csv(summary, path):
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(("name",) + PER_IMAGE_KEYS + ("resized",))
+    for row in summary["per_image"]:
+        writer.writerow([row["name"]] + [repr(float(row[k])) for k in PER_IMAGE_KEYS] + [int(row["resized"])])
+    return write_atomically(path, buf.getvalue())

@@ -275,4 +275,19 @@ def evaluate_pair(pred, gt, em_strict=False):
         pp, tp = _pass_counts(*sweep, strict=True)
     curves["Em"] = e_measure_curve(pp, tp, n_fg, n)
     return {"thresholds": THRESHOLDS, "curves": curves,
-            "Sm": s_measure(pred, gt), "MAE": mae(pred, gt)}
+            "Sm": s_measure(pred, gt), "MAE": mae(pred, gt), "fixed": fixed_threshold(first, gt)}
+
+
+FIXED_THRESHOLD = 0.5
+FIXED_KEYS = ("Dic", "Sen", "Spe")
+
+
+def fixed_threshold(first, gt, threshold=FIXED_THRESHOLD):
+    """Dice, Sen, Spe of the map *as stored* (im2double, no min-max) binarised at `threshold`: for 8-bit maps
+    `map >= 128`, i.e. probability >= 0.5 for maps that store probabilities. What most later papers report,
+    beside the toolbox's mean over 256 thresholds of the min-max normalised map. Same conventions as the
+    curves (all three 0 where TP = 0)."""
+    binary = im2double(first) >= threshold
+    pp, tp = np.count_nonzero(binary), np.count_nonzero(binary & gt)
+    curves = confusion_curves(np.array([pp]), np.array([tp]), int(np.count_nonzero(gt)), gt.size)
+    return {k: float(curves[k][0]) for k in FIXED_KEYS}

@@ -157,7 +157,7 @@ def main(argv=None):
         name = prepare(tmp, a.data_root, release)
         have_release = extract_release(a.release, release)
         ours = [py, "MyTest_LungInf.py", "--pth_path", str(tmp / "weights.pth"), "--data_path", str(tmp / "slice"),
-                "--save_path", str(tmp / "ours"), "--progress", "False"]
+                "--save_path", str(tmp / "ours"), "--overwrite", "--progress", "False"]
         if have_release:
             label = "released MyTest_LungInf.py (CPU shim)"
             theirs = [py, "-c", RELEASE_SHIM, str(release), "--pth_path", str(tmp / "weights.pth"),

@@ -295,6 +295,35 @@ def test_test_stage_on_cuda_with_fp16_matches_fp32(data_root, tmp_path, test_sli
             assert pred.mode == "L" and pred.size == Image.open(src / n).size
 
 
+def test_bn_fusion_check_passes_with_tf32_on(test_slices):
+    """With TF32 on (cuDNN's default on Ampere and newer), the fusion check compares in full fp32 and folds every
+    BatchNorm without a warning; in full fp32 the fused outputs stay within the README's tolerance."""
+    import copy
+    import warnings
+
+    from Code.model_lung_infection.fast_inference import count_batchnorms, fuse_conv_bn
+
+    folder, _ = test_slices(2)
+    model = _calibrated_inf_net(folder).cuda()
+    x = torch.randn(2, 3, 352, 352, generator=torch.Generator().manual_seed(0)).cuda()
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "folding only the ConvBN modules" would fail here
+            fused = fuse_conv_bn(copy.deepcopy(model))
+        assert torch.backends.cudnn.allow_tf32 is True  # restored
+        assert count_batchnorms(fused) == 0
+        torch.backends.cudnn.allow_tf32 = False
+        with torch.no_grad():
+            a, b = model(x)[3], fused(x)[3]
+        err, scale = (a - b).abs().max().item(), a.abs().max().item()
+        print(f"[cuda] fused vs unfused S_3, fp32 without TF32: {err:.2e} (outputs up to {scale:.2f})")
+        assert err <= 1e-5 * max(1.0, scale)  # CPU: 4.5e-6 on the golden model (README)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 # ---------------------------------------------------------------- several GPUs
 
 DDP_WORKER = r"""

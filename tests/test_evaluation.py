@@ -341,3 +341,165 @@ def test_multiclass_on_real_slices(data_root, tmp_path):
     for name in ("MultiClassInfection-Test-1_result.txt", "MultiClassInfection-Test-2_result.txt",
                  "MultiClassInfection-Test_result.md", "MultiClassInfection-Test-2_MC_per_image.csv"):
         assert (out / name).is_file(), name
+
+
+# ---------------------------------------------------------------- reports, records, warnings
+
+def test_reports_merge_rows_by_model(toy_folders, tmp_path):
+    gt_dir, pred_dir = toy_folders
+    for model in ("A", "B"):
+        shutil.copytree(pred_dir, tmp_path / "preds" / model)
+    out = tmp_path / "reports"
+    run(gt_dir, tmp_path / "preds", ["A"], dataset="toy", save_dir=out, out=lambda line: None)
+    save_png(tmp_path / "preds" / "B" / "a.png", np.zeros((20, 24), np.uint8))  # B differs from A
+    run(gt_dir, tmp_path / "preds", ["B"], dataset="toy", save_dir=out, out=lambda line: None)
+    with open(out / "toy_result.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["A", "B"]  # A's row kept
+    assert rows[0]["meanDic"] != rows[1]["meanDic"]
+    assert [line.split(";")[1].split(")")[0] for line in (out / "toy_result.txt").read_text().splitlines()] == \
+        [" Model:A", " Model:B"]
+    md = (out / "toy_result.md").read_text()
+    assert "| A |" in md and "| B |" in md
+    # Evaluating A again replaces A's row, keeps B's, in their order.
+    run(gt_dir, tmp_path / "preds", ["A"], dataset="toy", save_dir=out, out=lambda line: None)
+    with open(out / "toy_result.csv") as f:
+        again = list(csv.DictReader(f))
+    assert [r["model"] for r in again] == ["A", "B"] and again == rows
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_multiclass_reports_merge_rows_by_model(data_root, tmp_path):
+    src = data_root / "TestingSet" / "MultiClassInfection-Test"
+    gt_root = tmp_path / "MultiClassInfection-Test"
+    for gt_name, cls in (("GT-1", "Ground-glass opacities"), ("GT-2", "Consolidation")):
+        for model in ("M1", "M2"):
+            (tmp_path / "Results" / cls / model).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / gt_name / "18.png", tmp_path / "Results" / cls / model / "18.png")
+        (gt_root / gt_name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / gt_name / "18.png", gt_root / gt_name / "18.png")
+    out = tmp_path / "out"
+    for model in ("M1", "M2"):
+        run(gt_root, tmp_path / "Results", [model], task="multiclass", save_dir=out, out=lambda line: None)
+    with open(out / "MultiClassInfection-Test_result.csv") as f:
+        assert [(r["model"], r["class"]) for r in csv.DictReader(f)] == [
+            (m, c) for m in ("M1", "M2") for c in ("Ground-glass opacities", "Consolidation", "Average")]
+    assert (out / "MultiClassInfection-Test-1_result.txt").read_text().count("Model:") == 2
+
+
+def test_per_image_csv_survives_a_full_disk(toy_folders, tmp_path, monkeypatch):
+    import errno
+
+    import EvaluationTool.folder as folder
+    gt_dir, pred_dir = toy_folders
+    s = evaluate_folder(gt_dir, pred_dir)
+    path = folder.write_per_image_csv(s, tmp_path / "out" / "toy_per_image.csv")
+    before = path.read_text()
+    real = csv.writer
+
+    class FullDisk:
+        def __init__(self, f):
+            self.writer, self.rows = real(f), 0
+
+        def writerow(self, row):
+            self.rows += 1
+            if self.rows > 1:  # the header fits, the first row does not
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.writer.writerow(row)
+    monkeypatch.setattr(folder.csv, "writer", FullDisk)
+    with pytest.raises(OSError):
+        folder.write_per_image_csv(s, path)
+    assert path.read_text() == before  # the old report, not an empty one
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_save_dir_that_is_a_file_is_one_line(toy_folders, tmp_path, capsys):
+    gt_dir, pred_dir = toy_folders
+    (tmp_path / "reports").write_text("not a folder")
+    assert main(["--gt_root", str(gt_dir), "--pred_root", str(pred_dir.parent), "--models", "pred",
+                 "--save_dir", str(tmp_path / "reports")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--save_dir" in err and "is a file" in err
+
+
+def test_gt_stored_as_0_1_warns_once_and_keeps_the_toolbox_figures(toy_folders, tmp_path, capsys):
+    gt_dir, pred_dir = toy_folders
+    for p in gt_dir.iterdir():
+        save_png(p, (np.array(Image.open(p)) > 0).astype(np.uint8))  # 0/1 instead of 0/255
+    with pytest.warns(UserWarning, match="only the values 0 and 1") as caught:
+        s = evaluate_folder(gt_dir, pred_dir)
+    assert len([w for w in caught if "0 and 1" in str(w.message)]) == 1
+    assert str(gt_dir) in str(caught[0].message) and "255" in str(caught[0].message)
+    assert s["meanDic"] == 0.0  # the toolbox's figure: GT > 128 is empty
+    # the command line: the warning on one line
+    assert main(["--gt_root", str(gt_dir), "--pred_root", str(pred_dir.parent), "--models", "pred",
+                 "--save_dir", str(tmp_path / "out")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: ") and str(gt_dir) in err[0]
+
+
+def test_dice_at_the_fixed_threshold(tmp_path, capsys):
+    gt = np.zeros((10, 10), np.uint8)
+    gt[:, :5] = 255                                   # 50 GT pixels
+    pred = np.zeros((10, 10), np.uint8)
+    pred[:, :4] = 200                                 # 40 pixels >= 128, all inside the GT
+    pred[:, 4:6] = 100                                # 20 pixels below 128 (10 in the GT)
+    r = evaluate_pair(pred, gt)
+    assert r["fixed"]["Dic"] == pytest.approx(2 * 40 / (50 + 40))
+    assert r["fixed"]["Sen"] == pytest.approx(40 / 50) and r["fixed"]["Spe"] == 1.0
+    # the map as stored, not min-max stretched: a map below 128 everywhere predicts nothing at 0.5
+    faint = (pred // 2).astype(np.uint8)
+    assert evaluate_pair(faint, gt)["fixed"]["Dic"] == 0.0 and evaluate_pair(faint, gt)["curves"]["Dic"].max() > 0
+    assert evaluate_pair(pred.astype(np.float64) / 255, gt)["fixed"] == r["fixed"]
+    for name in ("a.png", "b.png"):
+        save_png(tmp_path / "GT" / name, gt)
+        save_png(tmp_path / "preds" / "M" / name, pred)
+    assert main(["--gt_root", str(tmp_path / "GT"), "--pred_root", str(tmp_path / "preds"), "--models", "M",
+                 "--save_dir", str(tmp_path / "out"), "--dataset", "toy"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "threshold 0.5" in x)
+    assert f"Dice:{2 * 40 / 90:.3f};Sen:0.800;Spec:1.000" in line and "256 thresholds" in line
+    with open(tmp_path / "out" / "toy_result.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["fixedDic"]) == pytest.approx(80 / 90)
+    assert "Dice at 0.5" in (tmp_path / "out" / "toy_result.md").read_text()
+
+
+def test_temporaries_of_a_killed_run_are_not_maps(toy_folders):
+    gt_dir, pred_dir = toy_folders
+    (pred_dir / ".tmp-0123456789abcdef.png").write_bytes(b"half a png")
+    assert evaluate_folder(gt_dir, pred_dir)["n_images"] == 2
+
+
+def test_record_refuses_mixed_or_unfinished_runs(toy_folders):
+    import json
+
+    from EvaluationTool.record import RECORD_NAME, digest
+    gt_dir, pred_dir = toy_folders
+    maps = {n: digest(pred_dir / n) for n in ("a.png", "b.png")}
+    record = {"complete": True, "weights": {"path": "/w/A.pth"}, "maps": maps}
+    (pred_dir / RECORD_NAME).write_text(json.dumps(record))
+    assert evaluate_folder(gt_dir, pred_dir)["n_images"] == 2
+    (pred_dir / RECORD_NAME).write_text(json.dumps({**record, "maps": {"a.png": maps["a.png"]}}))
+    with pytest.raises(EvaluationError, match=r"not written by the run.*A\.pth.*b\.png"):
+        evaluate_folder(gt_dir, pred_dir)
+    (pred_dir / RECORD_NAME).write_text(json.dumps({**record, "complete": False}))
+    with pytest.raises(EvaluationError, match="did not finish"):
+        evaluate_folder(gt_dir, pred_dir)
+
+
+def test_unwritable_reports_are_one_line(toy_folders, tmp_path, capsys, monkeypatch):
+    """A read-only file system (root ignores chmod, so EROFS is simulated where the report is renamed)."""
+    import errno
+
+    import EvaluationTool.folder as folder
+    gt_dir, pred_dir = toy_folders
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(dst))
+    monkeypatch.setattr(folder.os, "replace", read_only)
+    assert main(["--gt_root", str(gt_dir), "--pred_root", str(pred_dir.parent), "--models", "pred",
+                 "--save_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Read-only file system" in err and "--save_dir" in err
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]

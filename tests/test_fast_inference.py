@@ -107,9 +107,9 @@ def test_test_script_fused_maps_equal_unfused(golden_model, data_root, tmp_path,
     weights = tmp_path / "save_weights" / "Golden" / "Inf-Net-100.pth"
     save_release_weights(golden_model, weights)
     size = 160  # the numerics at 352 are checked above; this checks the test stage's plumbing
-    run_test(weights, tmp_path / "in", tmp_path / "plain", size, amp=False, fuse_bn=False, channels_last=False,
-             progress=False)
-    run_test(weights, tmp_path / "in", tmp_path / "fast", size, amp=False, progress=False)  # fused, channels-last
+    run_test(weights, tmp_path / "in", tmp_path / "plain", testsize=size, amp=False, fuse_bn=False,
+             channels_last=False, progress=False)
+    run_test(weights, tmp_path / "in", tmp_path / "fast", testsize=size, amp=False, progress=False)  # fused, NHWC
     for n in names:
         stem = os.path.splitext(n)[0]
         a = np.array(Image.open(tmp_path / "plain" / f"{stem}.png")).astype(int)
@@ -153,3 +153,32 @@ def test_default_precision_decision_table(monkeypatch, native_bf16):
     monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: native_bf16)
     expected = {"cpu": native_bf16, torch.device("cpu"): native_bf16, "cuda": False, "cuda:1": False}
     assert {d: default_amp(d) for d in expected} == expected
+
+
+def test_fusion_check_runs_with_tf32_off_and_restores_the_flags(monkeypatch):
+    """TF32 (cuDNN's default for fp32 convolutions on recent GPUs) would make the fused/unfused comparison fail
+    its fp32 tolerance: the check runs with it off, and the user's settings are restored after."""
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return self.bn(self.conv(x))
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    fused = fuse_conv_bn(Probe().eval())
+    assert count_batchnorms(fused) == 0
+    assert seen and set(seen) == {(False, False)}  # every forward pass of the check
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+
+    class Fails(Probe):
+        def forward(self, x):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        fuse_conv_bn(Fails().eval())
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)

@@ -1,7 +1,9 @@
 """The test stage's maps: true probabilities by default, the release's stretch on request, the same
 evaluation figures either way, one-line errors of MyTest_LungInf.py, and the multi-class priors
 computed on the fly equal to the maps the test script writes."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from Code.model_lung_infection import Inf_Net, save_release_weights
 from Code.model_lung_infection.data import SliceSet
 from Code.model_lung_infection.infer import probability_maps
 from Code.model_lung_infection.multiclass import infnet_priors
-from EvaluationTool import evaluate_folder, evaluate_pair
+from EvaluationTool import EvaluationError, evaluate_folder, evaluate_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "timm:resnet18"
@@ -166,7 +168,7 @@ def test_test_script_rejects_invalid_options(argv, capsys):
 
 def test_test_script_defaults():
     a = MyTest_LungInf.parse_args([])
-    assert (a.normalize, a.channels_last, a.amp, a.testsize, a.batchsize) == ("none", True, None, 352, 1)
+    assert (a.normalize, a.channels_last, a.amp, a.testsize, a.batchsize) == ("none", True, None, 352, 8)
     assert a.pth_path == MyTest_LungInf.DEFAULT_PTH
 
 
@@ -185,3 +187,154 @@ def test_infnet_priors_equal_the_test_script_maps(test_slices, tmp_path, normali
         assert prior.dtype == np.uint8
         np.testing.assert_array_equal(prior, written[stem], err_msg=stem)
         assert len(np.unique(prior)) > 16  # real maps, not a constant that anything would match
+
+
+# ---------------------------------------------------------------- one run per output folder
+
+def _one_line_error(argv, capsys):
+    """Run MyTest_LungInf.py's main as the script does; returns its one stderr line (exit status 2)."""
+    from Code.model_lung_infection.cli import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(MyTest_LungInf.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_test_folder_holds_one_runs_maps(test_slices, tmp_path, capsys):
+    data, names = test_slices(2)
+    a, b, out = tmp_path / "a.pth", tmp_path / "b.pth", tmp_path / "out"
+    save_release_weights(spread_infnet(seed=0), a)
+    save_release_weights(spread_infnet(seed=1), b)
+    run_script(["--pth_path", str(a), "--data_path", str(data), "--save_path", str(out)])
+    gt = tmp_path / "GT"
+    gt.mkdir()
+    for stem, m in read_maps(out).items():
+        Image.fromarray((m > 128).astype(np.uint8) * 255).save(gt / f"{stem}.png")
+    first = read_maps(out)
+    record = json.loads((out / "test_run.json").read_text())
+    assert record["complete"] and sorted(record["maps"]) == sorted(f"{s}.png" for s in first)
+    assert record["weights"]["path"] == str(a.resolve()) and record["data_path"] == str(data.resolve())
+
+    # A second model into the same folder: refused in one line, nothing written.
+    err = _one_line_error(["--pth_path", str(b), "--data_path", str(data), "--save_path", str(out), "--backbone",
+                           SMALL, "--testsize", str(SIZE), "--amp", "False", "--no-progress"], capsys)
+    assert "--save_path" in err and "--overwrite" in err and str(a) in err
+    assert read_maps(out).keys() == first.keys()
+    assert all(np.array_equal(read_maps(out)[s], m) for s, m in first.items())
+
+    # --overwrite never deletes a PNG no test run recorded (a GT folder given by mistake): refused, naming it.
+    shutil.copy(out / f"{next(iter(first))}.png", out / "foreign.png")
+    err = _one_line_error(["--pth_path", str(b), "--data_path", str(data), "--save_path", str(out), "--overwrite",
+                           "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress"], capsys)
+    assert "foreign.png" in err and (out / "foreign.png").is_file()
+    (out / "foreign.png").unlink()
+    # --overwrite deletes the recorded maps first: A's map of a slice B does not test is gone too.
+    one = tmp_path / "one"
+    (one / "Imgs").mkdir(parents=True)
+    shutil.copy(data / "Imgs" / names[0], one / "Imgs" / names[0])
+    run_script(["--pth_path", str(b), "--data_path", str(one), "--save_path", str(out), "--overwrite"])
+    assert sorted(read_maps(out)) == [os.path.splitext(names[0])[0]]
+    assert json.loads((out / "test_run.json").read_text())["weights"]["path"] == str(b.resolve())
+    run_script(["--pth_path", str(b), "--data_path", str(data), "--save_path", str(out), "--overwrite"])
+    assert sorted(read_maps(out)) == sorted(first)
+    evaluate_folder(gt, out)  # exactly the recorded maps: evaluated
+
+    # A map of another run put into the folder later: the evaluation refuses the mix.
+    stem = next(iter(first))
+    Image.fromarray(first[stem]).save(out / f"{stem}.png")
+    with pytest.raises(EvaluationError, match=f"changed since.*{stem}.png"):
+        evaluate_folder(gt, out)
+
+
+def test_stale_temporaries_are_removed_and_never_counted(test_slices, tmp_path):
+    data, _ = test_slices(2)
+    weights, out = tmp_path / "w.pth", tmp_path / "out"
+    save_release_weights(spread_infnet(), weights)
+    out.mkdir()
+    stale = out / ".tmp-0123456789abcdef.png"  # what a run killed during atomic_write leaves
+    stale.write_bytes(b"half a png")
+    run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(out)])  # not "holds files"
+    assert not stale.exists() and len(read_maps(out)) == 2
+
+
+def test_output_folder_guards(test_slices, tmp_path, capsys):
+    data, _ = test_slices(1)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    common = ["--pth_path", str(weights), "--data_path", str(data), "--backbone", SMALL, "--testsize", str(SIZE),
+              "--no-progress"]
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in _one_line_error(common + ["--save_path", str(tmp_path / "file")], capsys)
+    assert "input slices" in _one_line_error(common + ["--save_path", str(data / "Imgs"), "--overwrite"], capsys)
+
+
+@pytest.mark.parametrize("argv, says", [(["--device", "banana"], "--device banana"),
+                                        (["--testsize", "100000"], "--testsize 100000"),
+                                        (["--testsize", "8"], "--testsize 8")])
+def test_bad_test_options_are_one_line(test_slices, tmp_path, capsys, argv, says):
+    data, _ = test_slices(1)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    err = _one_line_error(["--pth_path", str(weights), "--data_path", str(data), "--save_path",
+                           str(tmp_path / "out"), "--no-progress", *argv], capsys)
+    assert err.startswith("error: ") and says in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_is_one_line(test_slices, tmp_path, capsys, monkeypatch):
+    """A read-only file system (EROFS; root ignores chmod, so it is simulated where the rename happens)."""
+    import errno
+
+    import Code.model_lung_infection.atomic as atomic
+    data, _ = test_slices(1)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(dst))
+    monkeypatch.setattr(atomic.os, "replace", read_only)
+    err = _one_line_error(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(tmp_path / "out"),
+                           "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress"], capsys)
+    assert "cannot write" in err and "Read-only file system" in err and "--save_path" in err
+
+
+def test_num_workers_and_pin_memory_reach_the_loader(test_slices, tmp_path, monkeypatch):
+    import Code.model_lung_infection.infer as infer
+    data, _ = test_slices(3)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    seen = []
+    real = infer.DataLoader
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["num_workers"], kwargs["pin_memory"], kwargs["batch_size"]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(infer, "DataLoader", spy)
+    run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(tmp_path / "a"),
+                "--num_workers", "1", "--batchsize", "2"])
+    run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(tmp_path / "b"),
+                "--num_workers", "100000"])
+    assert seen == [(1, False, 2), (os.cpu_count(), False, 8)]  # bounded by the CPU count; pinned on CUDA only
+    assert len(read_maps(tmp_path / "a")) == len(read_maps(tmp_path / "b")) == 3
+
+
+def test_run_test_takes_a_test_config(test_slices, tmp_path):
+    """The options are declared once (configs.TestConfig): the script builds one from its arguments."""
+    from Code.model_lung_infection.cli import config_from_args
+    from Code.model_lung_infection.configs import TestConfig
+    from Code.model_lung_infection.infer import run_test
+    data, _ = test_slices(2)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    a = MyTest_LungInf.parse_args(["--pth_path", str(weights), "--data_path", str(data), "--save_path",
+                                   str(tmp_path / "cfg"), "--backbone", SMALL, "--testsize", str(SIZE), "--amp",
+                                   "False", "--no-progress", "--batchsize", "2"])
+    cfg = config_from_args(TestConfig, a)
+    assert (cfg.testsize, cfg.batchsize, cfg.backbone, cfg.amp) == (SIZE, 2, SMALL, False)
+    written = run_test(cfg)
+    again = run_test(str(weights), data, tmp_path / "kw", testsize=SIZE, backbone=SMALL, amp=False, batchsize=2,
+                     progress=False)  # the keyword form callers use
+    assert [p.name for p in written] == [p.name for p in again]
+    for p, q in zip(written, again):
+        assert np.array_equal(np.array(Image.open(p)), np.array(Image.open(q)))

@@ -315,3 +315,63 @@ def test_val_split_too_large_is_one_line(train_root, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --val_split 4: the training set has 4 slices; hold out between 1 and 3"
+
+
+@pytest.mark.parametrize("name", ["..", "../escaped", "ABSOLUTE", "a/b", ""])
+def test_model_name_must_be_one_folder_name(test_slices, unet_pth, tmp_path, capsys, name):
+    root, _ = test_slices
+    name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
+    argv = ["--pth_path", str(unet_pth), "--data_path", str(root), "--prior_path", str(root / "Prior"),
+            "--save_path", str(tmp_path / "out"), "--testsize", str(SIZE), "--device", "cpu", "--no-progress",
+            "--model_name", name]
+    with pytest.raises(SystemExit) as e:
+        test_cli.run_main(test_cli.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--model_name" in err
+    assert not any((tmp_path / d).exists() for d in ("out", "escaped", "elsewhere"))
+
+
+def test_prior_of_another_size_is_refused(test_slices, unet_pth, tmp_path):
+    """Training refuses a prior whose size differs from its slice's; the test stage does too (it resized it)."""
+    root, _ = test_slices
+    priors = tmp_path / "Prior"
+    shutil.copytree(root / "Prior", priors)
+    Image.fromarray(np.zeros((100, 80), np.uint8)).save(priors / "21.png")
+    with pytest.raises(DataError, match=r"21\.png is 80x100 but Imgs/21\.jpg"):
+        run_test(unet_pth, root, prior_path=priors, save_root=tmp_path / "out", testsize=SIZE, device="cpu",
+                 progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_multiclass_folders_hold_one_runs_maps(test_slices, unet_pth, tmp_path):
+    from Code.model_lung_infection.errors import OptionError
+    root, sizes = test_slices
+    kw = dict(prior_path=root / "Prior", save_root=tmp_path, testsize=SIZE, device="cpu", progress=False)
+    run_test(unet_pth, root, **kw)
+    with pytest.raises(OptionError, match="--overwrite"):
+        run_test(unet_pth, root, **kw)
+    (tmp_path / "Consolidation" / "MC" / "old.png").write_bytes(b"x")  # no run recorded it: never deleted
+    with pytest.raises(OptionError, match="old.png"):
+        run_test(unet_pth, root, overwrite=True, **kw)
+    (tmp_path / "Consolidation" / "MC" / "old.png").unlink()
+    written = run_test(unet_pth, root, overwrite=True, **kw)
+    assert sorted(p.name for p in (tmp_path / "Consolidation" / "MC").glob("*.png")) == \
+        sorted(p.name for p in written["Consolidation"])
+    for folder in ("Ground-glass opacities", "Consolidation", "Overlay"):
+        assert (tmp_path / folder / "MC" / "test_run.json").is_file()
+    check_outputs(tmp_path, "MC", sizes)
+
+
+@pytest.mark.parametrize("argv, says", [(["--device", "banana"], "--device banana"),
+                                        (["--testsize", "100000"], "--testsize 100000"),
+                                        (["--save_path", "FILE"], "is a file")])
+def test_bad_test_options_are_one_line(test_slices, unet_pth, tmp_path, capsys, argv, says):
+    root, _ = test_slices
+    (tmp_path / "FILE").write_text("x")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    base = ["--pth_path", str(unet_pth), "--data_path", str(root), "--prior_path", str(root / "Prior"),
+            "--save_path", str(tmp_path / "out"), "--testsize", str(SIZE), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        test_cli.run_main(test_cli.main, base + argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err

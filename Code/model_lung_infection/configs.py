@@ -5,6 +5,7 @@ from these without importing it, so `--help` is fast).
   TrainConfig        the Inf-Net recipe (train.py); STAGES: the paper's runs as presets (stage_config)
   MultiClassConfig   the multi-class recipes (multiclass/train.py)
   PseudoConfig       Algorithm 1 (pseudo.py); it holds the rounds' TrainConfig
+  TestConfig         the slice test stage (infer.run_test)
 Each training config says which network it builds (`architecture()`: registry.create_model's arguments),
 which its checkpoint.pth records for models.load_model.
 """
@@ -341,6 +342,55 @@ class MultiClassConfig(RunConfig):
         """create_model's arguments for this run's network (recorded in checkpoint.pth; models.load_model)."""
         return {"name": ARCHS[self.arch], "in_channels": 6 if self.prior else 3, "num_classes": N_CLASSES,
                 **{k: getattr(self, k) for k in self.MODEL_OPTIONS.get(self.arch, ())}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The test stage (slices; volume/options.py's VolumeConfig uses the same names for what it shares)
+# ---------------------------------------------------------------------------------------------
+
+TEST_SIZE_RANGE = (32, 4096)  # below 32 px Inf-Net's deepest maps vanish; above 4096 one slice needs > 10 GB
+
+
+@dataclass
+class TestConfig:
+    """Options of the slice test stage (infer.run_test; MyTest_LungInf.py builds it from its arguments)."""
+    pth_path: str = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
+    data_path: str = "Dataset/TestingSet/LungInfection-Test"
+    save_path: Optional[str] = None       # default: Results/Lung infection segmentation/<model>
+    testsize: int = 352
+    batchsize: int = 8                    # slices per forward pass (all are resized to testsize)
+    backbone: Optional[str] = None        # encoder of release-format weights
+    device: str = "auto"
+    amp: Optional[bool] = None            # None: bf16 on CPUs with native bf16, fp32 elsewhere (infer.default_amp)
+    channels_last: bool = True
+    fuse_bn: bool = True
+    compile: bool = False
+    normalize: str = "none"               # maps.NORMALIZATIONS
+    num_workers: Optional[int] = None     # decoding processes; None: infer.default_workers
+    progress: bool = True
+    overwrite: bool = False               # replace the maps of an earlier run in save_path
+
+    __test__: ClassVar[bool] = False      # not a pytest test class
+
+    def __post_init__(self):
+        check_test_options(self)
+
+
+def check_test_options(cfg):
+    """OptionError naming the option for values no test run can use."""
+    low, high = TEST_SIZE_RANGE
+    problems = []
+    if not low <= cfg.testsize <= high:
+        problems.append(f"--testsize {cfg.testsize}: must lie between {low} and {high} (the paper's is 352)")
+    if cfg.batchsize < 1:
+        problems.append(f"--batchsize {cfg.batchsize}: must be >= 1")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        problems.append(f"--num_workers {cfg.num_workers}: must be >= 0")
+    from .maps import NORMALIZATIONS  # light
+    if cfg.normalize not in NORMALIZATIONS:
+        problems.append(f"--normalize {cfg.normalize}: choose one of {', '.join(NORMALIZATIONS)}")
+    if problems:
+        raise OptionError("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ unsafe (a conv whose output is also read elsewhere) makes it fall back to the he
 which are conv -> BN by construction. Outputs match the unfused fp32 model to ~1e-5 (the golden
 tolerance is 1e-4): only the rounding of the folded weights differs.
 """
+import contextlib
 import copy
 import time
 import warnings
@@ -118,6 +119,20 @@ def _max_abs_diff(a, b):
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(_tensors(a), _tensors(b)))
 
 
+@contextlib.contextmanager
+def tf32_off():
+    """fp32 convolutions and matmuls in full fp32 on CUDA for the fusion check, the flags restored after.
+    TF32 (cuDNN's default for fp32 convolutions on Ampere and newer GPUs) rounds inputs to 10 mantissa bits,
+    ~1e-3 relative, which would hide whether folding kept the outputs (it changes them by ~1e-6) and make
+    every check fail. No effect on CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def fuse_conv_bn(model, probe=None, encoder=True, atol=1e-4, rtol=1e-4):
     """Fold BatchNorm into the preceding convolution, IN PLACE (eval mode). Returns `model`.
 
@@ -125,7 +140,7 @@ def fuse_conv_bn(model, probe=None, encoder=True, atol=1e-4, rtol=1e-4):
     (default: one 3 x 32 x 32 random image, the smallest every encoder takes); the result is
     checked against the unfused model on the probe and, if it differs by more than
     atol + rtol * (largest output magnitude) (folding only rounds differently, ~1e-6 relative),
-    only the `ConvBN` modules are folded.
+    only the `ConvBN` modules are folded. The check runs with TF32 off (`tf32_off`).
     """
     model.eval()
     pairs = _head_pairs(model)
@@ -135,12 +150,13 @@ def fuse_conv_bn(model, probe=None, encoder=True, atol=1e-4, rtol=1e-4):
     if probe is None:
         probe = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     probe = probe.to(next(model.parameters()).device)
-    traced, expected = _traced_pairs(model, probe)
-    traced = [p for p in traced if p not in pairs]
-    _fold(model, pairs)
-    replaced = _fold(model, traced)
-    with torch.no_grad():
-        err = _max_abs_diff(model(probe), expected)
+    with tf32_off():
+        traced, expected = _traced_pairs(model, probe)
+        traced = [p for p in traced if p not in pairs]
+        _fold(model, pairs)
+        replaced = _fold(model, traced)
+        with torch.no_grad():
+            err = _max_abs_diff(model(probe), expected)
     if err > atol + rtol * _max_abs(expected):
         warnings.warn(f"fusing the encoder's conv/BN pairs changed the outputs by {err:.2e}: "
                       "folding only the ConvBN modules")

@@ -9,8 +9,14 @@ so its figures do not depend on this choice beyond 8-bit rounding).
 
 One prediction loop (`iter_batches`, with `probabilities`: logits resized, then the sigmoid) serves
 the test script, the multi-class priors computed on the fly (`multiclass.infnet_priors`, the same
-8-bit maps), the multi-class test stage and the pseudo labels.
+8-bit maps), the multi-class test stage and the pseudo labels. It predicts batches of slices (all are
+resized to testsize) while worker processes decode the next ones (`default_workers`).
+
+The stage's options are one `configs.TestConfig` (`run_test(config)`); its output folder holds that run's
+maps only, with a record of what made them (outputs.OutputFolder; the evaluation checks it).
 """
+import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -19,12 +25,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .atomic import atomic_write
+from .configs import TestConfig
 from .data import SliceSet
+from .errors import OptionError
 from .fast_inference import cpu_has_native_bf16, prepare_for_inference
 from .maps import NORMALIZATIONS, _normalizer, minmax, to_uint8  # noqa: F401 -- how maps are written
 from .models import load_model
+from .outputs import OutputFolder, check_output_folder, file_identity
 from .runtime import autocast, pick_device
 
+DEFAULT_SAVE_ROOT = Path("Results") / "Lung infection segmentation"
 PREDICTION_INDEX = 3  # lateral_map_2, the output of the shallowest reverse-attention branch
 
 
@@ -71,61 +81,90 @@ def _collate(batch):
     return torch.stack(images), list(stems), list(sizes)
 
 
-def iter_batches(model, dataset, batchsize=1, device=None, channels_last=False, progress=False, desc="test"):
+def default_workers(device, num_workers=None, slices=None, batchsize=1):
+    """Decoding processes of the prediction loop: `num_workers` bounded by the CPU count (a larger number only
+    exhausts memory; said when bounded). None: 4 on CUDA (decoding on the main thread starves the GPU); on CPU
+    one when there is more than one batch of `slices` (it decodes the next batch while the network computes:
+    5% less wall time on the 48 test slices here, bench/bench_test_stage.py), else none (a process to start
+    for nothing)."""
+    cpus = os.cpu_count() or 1
+    if num_workers is None:
+        if torch.device(device).type == "cuda":
+            num_workers = 4
+        else:
+            num_workers = int(slices is not None and slices > batchsize)
+    elif num_workers > cpus:
+        print(f"[test] --num_workers {num_workers}: using {cpus}, the number of CPUs")
+    return max(0, min(int(num_workers), cpus))
+
+
+def iter_batches(model, dataset, batchsize=1, device=None, channels_last=False, progress=False, desc="test",
+                 num_workers=0):
     """The batched prediction loop every stage shares: (inputs on `device`, keys, sizes) per batch of
-    `dataset` (items: (input tensor, key, (h, w))), with the progress bar; `model` is used as given."""
-    device = device or next(model.parameters()).device
+    `dataset` (items: (input tensor, key, (h, w))), with the progress bar; `model` is used as given.
+    num_workers: processes decoding the slices (bounded by the CPU count); on CUDA the batches are pinned."""
+    device = torch.device(device or next(model.parameters()).device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = DataLoader(dataset, batch_size=max(1, batchsize), collate_fn=_collate)
+    workers = min(max(0, num_workers or 0), os.cpu_count() or 1)
+    loader = DataLoader(dataset, batch_size=max(1, batchsize), collate_fn=_collate, num_workers=workers,
+                        pin_memory=device.type == "cuda")
     if progress:
         from tqdm import tqdm
         loader = tqdm(loader, desc=desc, leave=False)
     for inputs, keys, sizes in loader:
-        inputs = inputs.to(device)
+        inputs = inputs.to(device, non_blocking=True)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         yield inputs, keys, sizes
 
 
 def iter_probability_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",
-                          progress=False):
+                          progress=False, num_workers=0):
     """(stem, float32 probability map at the slice's size) for each slice of `slices` (a `data.SliceSet`)."""
     device = device or next(model.parameters()).device
     _normalizer(normalize)  # a wrong name fails before the first slice
-    for images, stems, sizes in iter_batches(model, slices, batchsize, device, channels_last, progress):
+    for images, stems, sizes in iter_batches(model, slices, batchsize, device, channels_last, progress,
+                                             num_workers=num_workers):
         yield from zip(stems, probability_maps(model, images, sizes, amp, device, normalize))
 
 
 def iter_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",
-              progress=False):
+              progress=False, num_workers=0):
     """The test stage's maps: (stem, 8-bit map at the slice's size) for each slice of `slices`."""
     for stem, prob in iter_probability_maps(model, slices, batchsize, device, amp, channels_last, normalize,
-                                            progress):
+                                            progress, num_workers):
         yield stem, to_uint8(prob)
 
 
+def png_writer(array):
+    return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
+
+
 def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, device=None, amp=False,
-                   channels_last=True, progress=True, fuse_bn=True, compile=False, prepare=True, normalize="none"):
+                   channels_last=True, progress=True, fuse_bn=True, compile=False, prepare=True, normalize="none",
+                   num_workers=0, overwrite=False, record=None):
     """Segment every slice of `data_path` (or `data_path/Imgs`) into `save_path`/<stem>.png; returns the paths.
 
+    `save_path` holds this run's maps only: a folder that already holds files is refused unless `overwrite`,
+    which deletes its old maps first; `save_path`/test_run.json records the run (`record`: what made the maps)
+    and every map's digest, so that the evaluation can refuse a folder that mixes runs (outputs.py).
     By default `model` is first passed through `prepare_for_inference` (a copy: `model` itself is
     left as it is) with Conv-BN fusion and channels-last on, torch.compile off; the maps match the
     plain fp32 model's to well under one gray level. `amp`: bf16 autocast on CPU (fp16 on CUDA).
     prepare=False uses `model` as given (`channels_last` then only converts the inputs and model).
     normalize: "none" (probabilities) or "minmax" (the release's per-slice stretch), see `probability_maps`.
     """
-    dataset = SliceSet(data_path, testsize)
-    save_path = Path(save_path)
-    existing = [s for s, _ in dataset.items if (save_path / f"{s}.png").exists()]
-    if existing:
-        print(f"[test] replacing {len(existing)} existing map(s) in {save_path}")
+    dataset = data_path if isinstance(data_path, SliceSet) else SliceSet(data_path, testsize)
+    check_output_folder(save_path, overwrite, [path for _, path in dataset.items])
     if prepare:
         model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
-    written = []
-    for stem, gray in iter_maps(model, dataset, batchsize, device, amp, channels_last, normalize, progress):
-        written.append(save_png(gray, save_path / f"{stem}.png"))
-    return written
+    record = {"slices": len(dataset), "testsize": dataset.testsize, "normalize": normalize, **(record or {})}
+    out = OutputFolder(save_path, record, overwrite, [f"{stem}.png" for stem, _ in dataset.items]).start()
+    for stem, gray in iter_maps(model, dataset, batchsize, device, amp, channels_last, normalize, progress,
+                                num_workers):
+        out.write(f"{stem}.png", png_writer(gray))
+    return out.finish()
 
 
 def load_for_test(pth_path, backbone=None, device="cpu", channels_last=True, fuse_bn=True, compile=False):
@@ -136,14 +175,18 @@ def load_for_test(pth_path, backbone=None, device="cpu", channels_last=True, fus
 
 
 def slice_maps(pth_path, data_path, testsize=352, backbone=None, device="auto", amp=None, channels_last=True,
-              batchsize=1, progress=False, fuse_bn=True, compile=False, normalize="none"):
+               batchsize=TestConfig.batchsize, progress=False, fuse_bn=True, compile=False, normalize="none",
+               num_workers=None):
     """{stem: 8-bit map} of every slice of `data_path`: exactly what `run_test` (MyTest_LungInf.py)
-    writes for the same checkpoint and options, without writing. amp=None: `default_amp(device)`."""
-    device = pick_device(device) if isinstance(device, str) else device
+    writes for the same checkpoint and options, without writing. amp=None: `default_amp(device)`. The batch
+    size is the test stage's default too: oneDNN's kernels for other batch sizes round differently (one gray
+    level on a few pixels)."""
+    device = resolve_device(device) if isinstance(device, str) else device
     amp = default_amp(device) if amp is None else amp
     model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile)
-    return dict(iter_maps(model, SliceSet(data_path, testsize), batchsize, device, amp, channels_last, normalize,
-                          progress))
+    slices = SliceSet(data_path, testsize)
+    return dict(iter_maps(model, slices, batchsize, device, amp, channels_last, normalize, progress,
+                          default_workers(device, num_workers, len(slices), batchsize)))
 
 
 def default_amp(device):
@@ -154,25 +197,58 @@ def default_amp(device):
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
+def resolve_device(name):
+    """`pick_device`, with a device that does not exist here said in one line (OptionError)."""
+    try:
+        device = pick_device(name)
+    except RuntimeError:
+        raise OptionError(f"--device {name}: no such device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise OptionError(f"--device {name}: {'no CUDA GPU is visible' if count == 0 else f'only {count} GPU(s)'}"
+                              f" here; use --device cpu{'' if count == 0 else ' or cuda:0'}")
+    elif device.type != "cpu":
+        raise OptionError(f"--device {name}: the test stage runs on cpu or cuda")
+    return device
+
+
 def default_model_name(pth_path):
     """'Inf-Net' for Snapshots/save_weights/Inf-Net/Inf-Net-100.pth; the file stem otherwise."""
     p = Path(pth_path)
     return p.parent.name if p.parent.parent.name == "save_weights" else p.stem
 
 
-def run_test(pth_path, data_path, save_path=None, testsize=352, backbone=None, device="auto", amp=None,
-             channels_last=True, batchsize=1, progress=True, fuse_bn=True, compile=False, normalize="none"):
-    """Load `pth_path` and write one map per slice of `data_path` (see `predict_folder` for the options).
+def as_test_config(config=None, data_path=None, save_path=None, **options):
+    """A TestConfig from a TestConfig (`options` replace its fields) or from the weights' path and options."""
+    if isinstance(config, TestConfig):
+        return dataclasses.replace(config, **options)
+    given = {"pth_path": config, "data_path": data_path, "save_path": save_path}
+    return TestConfig(**{k: v for k, v in given.items() if v is not None}, **options)
 
-    amp=None: `default_amp(device)`; amp=False with the defaults (fused BN, channels-last) gives
-    the fp32 maps, within the golden tolerance of the release's. normalize: "none" writes
-    probabilities, "minmax" the release's stretched maps.
+
+def run_test(config=None, data_path=None, save_path=None, **options):
+    """The slice test stage: load the weights and write one map per slice (see `predict_folder`).
+
+    `config`: a configs.TestConfig (MyTest_LungInf.py's options), or the weights' path with `data_path`,
+    `save_path` and TestConfig's fields as keywords. amp None: `default_amp(device)`; amp=False with the
+    defaults (fused BN, channels-last) gives the fp32 maps, within the golden tolerance of the release's.
+    normalize: "none" writes probabilities, "minmax" the release's stretched maps. Returns the paths written.
     """
-    device = pick_device(device)
-    amp = default_amp(device) if amp is None else amp
-    model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile)
-    save_path = save_path or Path("Results") / "Lung infection segmentation" / default_model_name(pth_path)
-    written = predict_folder(model, data_path, save_path, testsize, batchsize, device, amp, channels_last, progress,
-                             prepare=False, normalize=normalize)
+    cfg = as_test_config(config, data_path, save_path, **options)
+    device = resolve_device(cfg.device)
+    amp = default_amp(device) if cfg.amp is None else cfg.amp
+    save_path = Path(cfg.save_path or DEFAULT_SAVE_ROOT / default_model_name(cfg.pth_path))
+    slices = SliceSet(cfg.data_path, cfg.testsize)
+    check_output_folder(save_path, cfg.overwrite, [path for _, path in slices.items])  # before loading the model
+    model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile)
+    record = {"weights": file_identity(cfg.pth_path), "data_path": str(Path(cfg.data_path).resolve()),
+              "options": {k: v for k, v in dataclasses.asdict(cfg).items()
+                          if k not in ("pth_path", "data_path", "save_path", "progress", "overwrite")},
+              "amp": bool(amp), "device": str(device)}
+    written = predict_folder(model, slices, save_path, cfg.testsize, cfg.batchsize, device, amp, cfg.channels_last,
+                             cfg.progress, prepare=False, normalize=cfg.normalize,
+                             num_workers=default_workers(device, cfg.num_workers, len(slices), cfg.batchsize),
+                             overwrite=cfg.overwrite, record=record)
     print(f"[test] wrote {len(written)} maps to {save_path}")
     return written

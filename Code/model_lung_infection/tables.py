@@ -314,8 +314,9 @@ class TableRunner:
             shutil.rmtree(maps)
         device = str(self.device)
         if row.recipe != "multiclass":
+            # the row's own folder (emptied above): overwrite, so a redone attempt is never refused
             run_test(checkpoint, self.data.test, maps, testsize=self.budget.trainsize, device=device,
-                     progress=self.runtime["progress"])
+                     progress=self.runtime["progress"], overwrite=True)
             summary = evaluate_folder(self.data.test / "GT", maps)
             return _six(summary), {"infection": empty_maps(maps, 128)}, summary["n_images"]
         prior_path = None
@@ -326,7 +327,7 @@ class TableRunner:
                                         f"run that row first (run_table does)")
         multiclass.run_test(checkpoint, self.data.multiclass_test / "Imgs", prior_path=prior_path, save_root=maps,
                             testsize=self.budget.trainsize, model_name=row.run, device=device,
-                            progress=self.runtime["progress"])
+                            progress=self.runtime["progress"], overwrite=True)
         per_class = {}
         for cls, gt in MULTICLASS:
             per_class[cls] = evaluate_folder(self.data.multiclass_test / gt, maps / cls / row.run)

@@ -10,12 +10,21 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT
-from ..data import DataError, _natural_key, find_test_images, list_images, read_rgb, resize
+from ..data import DataError, _natural_key, check_pairs, find_test_images, list_images, raise_problems, read_rgb, resize
 from ..errors import CheckpointError
-from ..infer import default_model_name, iter_batches, probabilities, save_png, slice_maps, to_uint8
+from ..infer import (
+    default_model_name,
+    default_workers,
+    iter_batches,
+    png_writer,
+    probabilities,
+    resolve_device,
+    slice_maps,
+    to_uint8,
+)
 from ..models import MULTICLASS_ARCHS as ARCHS
 from ..models import read_model
-from ..runtime import pick_device
+from ..outputs import OutputFolder, check_output_folder, file_identity, safe_component
 from .data import N_CLASSES, MultiClassSliceSet, network_input, prepare_prior
 
 CLASS_FOLDERS = {1: "Ground-glass opacities", 2: "Consolidation"}
@@ -49,8 +58,9 @@ def infnet_priors(infnet_pth, data_path, testsize=352, backbone=None, device="cp
 
 
 def folder_priors(prior_path, slices):
-    """{stem: prior path} for every slice; a slice without a prior is an error naming it.
-    Extra maps in the folder (e.g. all 50 lung-infection test slices) are ignored."""
+    """{stem: prior path} for every slice; a slice without a prior, or a prior of another size than its slice
+    (training refuses those too), is an error naming it. Extra maps in the folder (e.g. all 50
+    lung-infection test slices) are ignored."""
     prior_path = Path(prior_path)
     if not prior_path.is_dir():
         raise DataError(f"{prior_path}: prior folder not found (run MyTest_LungInf.py with a Semi-Inf-Net "
@@ -59,6 +69,7 @@ def folder_priors(prior_path, slices):
     for stem, path in slices:
         if stem not in found:
             raise DataError(f"{path}: no infection map (prior) named '{stem}.*' in {prior_path}")
+    raise_problems(check_pairs([(stem, path, found[stem]) for stem, path in slices]), what="priors")
     return {stem: found[stem] for stem, _ in slices}
 
 
@@ -66,11 +77,11 @@ def _logits(outputs):
     return outputs  # a multi-class network returns its class logits (N, 3, h, w)
 
 
-def iter_probabilities(model, slices, batchsize=1, device="cpu", amp=False, progress=False):
+def iter_probabilities(model, slices, batchsize=1, device="cpu", amp=False, progress=False, num_workers=0):
     """(stem, sigmoid class probabilities (3, H, W) float32 numpy at the slice's own size) for each slice
     of `slices` (a MultiClassSliceSet); the logits are resized first, so the argmax is taken at the
     slice's resolution."""
-    for x, stems, sizes in iter_batches(model, slices, batchsize, device, progress=progress):
+    for x, stems, sizes in iter_batches(model, slices, batchsize, device, progress=progress, num_workers=num_workers):
         for stem, prob in zip(stems, probabilities(model, x, sizes, amp, device, select=_logits)):
             yield stem, prob.cpu().numpy()
 
@@ -115,27 +126,35 @@ def overlay(rgb, labels, alpha=0.5):
 
 def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None, save_root=DEFAULT_SAVE_ROOT,
              testsize=None, model_name=None, device="auto", amp=None, binarize_prior=True,
-             infnet_testsize=352, infnet_backbone=None, progress=True, batchsize=1):
+             infnet_testsize=352, infnet_backbone=None, progress=True, batchsize=1, num_workers=None,
+             overwrite=False):
     """Label every slice of `data_path` (or `data_path/Imgs`); returns {folder kind: [paths]}.
 
     Priors: computed from `infnet_pth` (an Inf-Net / Semi-Inf-Net checkpoint) when given,
-    otherwise read from `prior_path` (maps named like the slices, e.g. MyTest_LungInf.py's
-    output); image-only models need neither. Either way a prior is binarised at 128 (unless
-    binarize_prior=False), like the released training priors, then resized like the slice.
+    otherwise read from `prior_path` (maps named like the slices and of their size, e.g.
+    MyTest_LungInf.py's output); image-only models need neither. Either way a prior is binarised at 128
+    (unless binarize_prior=False), like the released training priors, then resized like the slice.
     `amp` None: priors at MyTest_LungInf.py's default precision (so they equal its maps), the multi-class
     network in fp32; True/False: both networks.
-    Writes, at each slice's original size:
+    Writes, at each slice's original size (each folder holds this run's maps only, with its test_run.json:
+    a folder that holds files is refused unless `overwrite`, which deletes the old maps first):
       <save_root>/Ground-glass opacities/<model>/<stem>.png   8-bit graded map (class_maps)
       <save_root>/Consolidation/<model>/<stem>.png            8-bit graded map, disjoint from GGO
       <save_root>/Overlay/<model>/<stem>.png                  RGB: red GGO, green consolidation
+    `model_name` (default: from the weights' path) must be one folder name.
     """
-    device = pick_device(device)
+    model_name = safe_component(model_name or default_model_name(pth_path), "--model_name")
+    device = resolve_device(device)
     slices = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))
+    save_root = Path(save_root)
+    dirs = {c: save_root / folder / model_name for c, folder in CLASS_FOLDERS.items()}
+    dirs["overlay"] = save_root / OVERLAY_FOLDER / model_name
+    for d in dirs.values():  # before any work
+        check_output_folder(d, overwrite, [path for _, path in slices])
     model, info = load_multiclass(pth_path, device)
     testsize = testsize or info["trainsize"] or 352
     if info["arch"] != "unet" and testsize % 32:
         raise ValueError(f"{info['arch']} needs a testsize that is a multiple of 32, got {testsize}")
-    model_name = model_name or default_model_name(pth_path)
 
     priors = None
     if info["n_channels"] == 6:
@@ -145,22 +164,22 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
         else:
             priors = folder_priors(prior_path, slices)
 
-    save_root = Path(save_root)
-    dirs = {c: save_root / folder / model_name for c, folder in CLASS_FOLDERS.items()}
-    dirs["overlay"] = save_root / OVERLAY_FOLDER / model_name
-    existing = sum((d / f"{s}.png").exists() for d in dirs.values() for s, _ in slices)
-    if existing:
-        print(f"[test] replacing {existing} existing file(s) under {save_root}")
+    record = {"weights": file_identity(pth_path), "data_path": str(Path(data_path).resolve()),
+              "priors": (f"computed by {Path(infnet_pth).resolve()}" if infnet_pth else
+                         str(Path(prior_path).resolve()) if priors is not None else None),
+              "options": {"testsize": testsize, "binarize_prior": binarize_prior, "amp": amp,
+                          "infnet_testsize": infnet_testsize, "infnet_backbone": infnet_backbone},
+              "device": str(device), "slices": len(slices)}
+    names = [f"{stem}.png" for stem, _ in slices]
+    outputs = {c: OutputFolder(d, record, overwrite, names).start() for c, d in dirs.items()}
     paths = dict(slices)
-    written = {"GGO": [], "Consolidation": [], "Overlay": []}
     dataset = MultiClassSliceSet(slices, testsize, priors, binarize_prior)
-    for stem, prob in iter_probabilities(model, dataset, batchsize, device, bool(amp), progress):
-        rgb = read_rgb(paths[stem])
+    for stem, prob in iter_probabilities(model, dataset, batchsize, device, bool(amp), progress,
+                                         default_workers(device, num_workers, len(slices), batchsize)):
         labels, maps = class_maps(prob)
-        for c, key in ((1, "GGO"), (2, "Consolidation")):
-            save_png(maps[c], dirs[c] / f"{stem}.png")
-            written[key].append(dirs[c] / f"{stem}.png")
-        save_png(overlay(rgb, labels), dirs["overlay"] / f"{stem}.png")
-        written["Overlay"].append(dirs["overlay"] / f"{stem}.png")
+        for c in CLASS_FOLDERS:
+            outputs[c].write(f"{stem}.png", png_writer(maps[c]))
+        outputs["overlay"].write(f"{stem}.png", png_writer(overlay(read_rgb(paths[stem]), labels)))
+    written = {key: outputs[c].finish() for key, c in (("GGO", 1), ("Consolidation", 2), ("Overlay", "overlay"))}
     print(f"[test] {model_name}: wrote {len(slices)} slices to {', '.join(str(d) for d in dirs.values())}")
     return written
