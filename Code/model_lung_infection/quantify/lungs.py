@@ -80,7 +80,10 @@ def _disk(radius_mm, spacing):
     r = max(1, int(round(radius_mm / min(spacing[0], spacing[1]))))
     radius_mm = max(radius_mm, r * min(spacing[0], spacing[1]))  # never a single pixel: at least a cross
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return ((yy * spacing[0]) ** 2 + (xx * spacing[1]) ** 2 <= radius_mm ** 2).astype(np.uint8), r
+    # a relative margin: spacings read from DICOM tags and from a NIfTI header differ in the last digits, and
+    # a pixel exactly on the circle must not flip in or out with them (a cross would become a single pixel)
+    inside = (yy * spacing[0]) ** 2 + (xx * spacing[1]) ** 2 <= radius_mm ** 2 * (1 + 1e-6)
+    return inside.astype(np.uint8), r
 
 
 def _largest(mask):
