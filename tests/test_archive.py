@@ -191,7 +191,7 @@ def test_mask_probability_and_gray_maps_are_thresholded_and_a_scan_is_refused(co
         summary = _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}")
         in_lung = summary["infection_ml"] + summary["infection_outside_lungs_ml"]
         assert in_lung == pytest.approx(right.sum() * voxel_ml, rel=1e-6), name
-        assert _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}", threshold=0.8)["infection_ml"] == 0
+        assert _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}_0.8", threshold=0.8)["infection_ml"] == 0
     with pytest.raises(DataError, match=r"ct-64\.nii\.gz: values -?\d+\.\.\d+ are the scan itself, not a mask"):
         _mask_run(copd["nifti"], copd["nifti"], tmp_path / "hu")
 
@@ -203,9 +203,55 @@ def test_mask_rerun_over_a_network_run_keeps_no_stale_outputs(copd, checkpoint, 
     assert (out / "ct-64/infection.nii.gz").is_file() and (out / "ct-64/probability.nii.gz").is_file()
     (out / "ct-64/notes.txt").write_text("the user's own file")
     mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8))
-    _mask_run(copd["nifti"], mask, out)
+    _mask_run(copd["nifti"], mask, out, overwrite=True)
     left = sorted(p.name for p in (out / "ct-64").iterdir())
     assert left == ["lungs.nii.gz", "notes.txt", "overview.png", "slices.csv", "summary.json"]
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_an_output_folder_holds_one_run_other_runs_refused_unless_overwrite(copd, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(copd["nifti"], other / "second scan.nii.gz")
+    mask = _copd_with(tmp_path, copd, "right.nii.gz", (np.asarray(nib.load(str(copd["labels"])).dataobj) == 1)
+                      .astype(np.uint8))
+    out = tmp_path / "out"
+    _mask_run(copd["nifti"], mask, out)
+    first = _tree(out)
+    assert "volume_run.json" in first and "ct-64/summary.json" in first
+    with pytest.raises(OptionError, match=r"already holds 1 case folder\(s\) of another run \(from .*ct-64\.nii\.gz "
+                                          r"with mask .*right\.nii\.gz\).*--overwrite"):
+        run_volumes(dict(data_path=str(other), mask=str(mask), save_path=str(out)))
+    assert _tree(out) == first  # refused before any work
+    (out / "ct-64" / "notes.txt").write_text("the user's own file")
+    run_volumes(dict(data_path=str(other), mask=str(mask), save_path=str(out), overwrite=True))
+    assert _tree(out) == ["ct-64", "ct-64/notes.txt", "second_scan", *(f"second_scan/{n}" for n in (
+        "lungs.nii.gz", "overview.png", "slices.csv", "summary.json")), "summary.csv", "volume_run.json"]
+    with open(out / "summary.csv") as f:
+        assert [row["case"] for row in csv.DictReader(f)] == ["second_scan"]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.docx").write_text("x")
+    with pytest.raises(OptionError, match=r"already holds 1 file\(s\) or folder\(s\)"):
+        _mask_run(copd["nifti"], mask, user)
+
+
+def test_rerun_of_the_same_inputs_keeps_finished_cases_and_redoes_the_rest(copd, tmp_path):
+    out = tmp_path / "out"
+    options = dict(data_path=str(copd["nifti"]), mask=str(copd["labels"]), save_path=str(out), window=(-1000, 200))
+    run_volumes(options)
+    done = (out / "ct-64" / "summary.json").stat().st_mtime_ns
+    again = run_volumes(dict(options, batchsize=3))  # the batch size changes no output
+    assert (out / "ct-64" / "summary.json").stat().st_mtime_ns == done  # kept, not recomputed
+    assert again["ct-64"]["lung_ml"] > 4000
+    (out / "ct-64" / "summary.json").unlink()  # an interrupted case is run again
+    run_volumes(options)
+    assert (out / "ct-64" / "summary.json").is_file()
+    with pytest.raises(OptionError, match="of another run"):  # another window: another run
+        run_volumes(dict(options, window=(-1100, 200)))
 
 
 def _script_args(argv):

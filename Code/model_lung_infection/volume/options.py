@@ -32,6 +32,7 @@ class VolumeConfig:
     fuse_bn: bool = True
     channels_last: bool = True
     progress: bool = True
+    overwrite: bool = False       # delete the results of another run in save_path first (output_folder.py)
 
     @classmethod
     def from_any(cls, source=None, **overrides):
