@@ -405,3 +405,25 @@ def test_infection_everywhere_stays_inside_the_rib_cage(dense_chest):
     ml = dense_chest["ml"]
     assert ml["consolidation"] <= added.sum() * voxel_ml < 2 * (ml["right"] + ml["left"])
     assert ATTACH_MM <= 50
+
+
+def test_overview_shows_slices_apart_and_a_lung_outline_that_survives_the_shrink(tmp_path):
+    from Code.model_lung_infection.quantify.report import PANEL, overview, overview_slices
+    lung_area = np.r_[np.zeros(5), np.full(60, 100), np.zeros(5)]
+    # no infection: one slice in the middle of each third of the lungs' height (not three neighbours)
+    assert list(overview_slices(lung_area, np.zeros(70))) == [15, 35, 55]
+    # one lesion over slices 40-45 and a smaller one at 10: the lesion's peak, then other levels
+    inf = np.zeros(70)
+    inf[40:46] = [5, 8, 9, 8, 7, 6]
+    inf[10] = 2
+    picked = list(overview_slices(lung_area, inf))
+    assert 42 in picked and 10 in picked and len(picked) == 2  # no neighbour of 42 shown twice
+    # a 512-row slice is shrunk to PANEL rows: the blue outline must still be there
+    rows = 2 * PANEL
+    gray = np.full((rows, rows, 3), 40, np.uint8)
+    lungs = np.zeros((rows, rows, 3), np.uint8)
+    lungs[100:400, 60:240] = 1
+    overview(tmp_path / "o.png", gray, lungs, np.zeros(lungs.shape, bool), [0.0, 1.0, 2.0], (1.0, 1.0, 1.0))
+    panel = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))[:PANEL, :PANEL].astype(int)
+    blue = (panel[..., 2] - panel[..., 0]) > 60
+    assert blue[:, 60 // 2 - 2:60 // 2 + 3].any() and blue[100 // 2 - 2:100 // 2 + 3].any()

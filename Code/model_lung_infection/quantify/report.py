@@ -218,18 +218,39 @@ def _zone_table(summary, width):
     return img
 
 
+def overview_slices(lung_area, inf_area, n=OVERVIEW_SLICES):
+    """The slices overview.png shows, inferior to superior: the most infected ones, at least a sixth of
+    the lungs' height apart (neighbours of one lesion say nothing new); without infection, the middle
+    slice of each third of the lungs' height (the zones' thirds)."""
+    present = np.flatnonzero(lung_area)
+    if not len(present):
+        return np.arange(min(n, len(lung_area)))
+    if not inf_area.any():
+        thirds = np.array_split(present, n)
+        return np.array(sorted({int(t[len(t) // 2]) for t in thirds if len(t)}))
+    gap = len(present) // (2 * n)
+    chosen = []
+    for z in np.argsort(-inf_area, kind="stable"):
+        if inf_area[z] and all(abs(int(z) - c) > gap for c in chosen):
+            chosen.append(int(z))
+        if len(chosen) == n:
+            break
+    return np.array(sorted(chosen))
+
+
 def overview(path, gray, lungs, infection, z_mm, spacing, classes=None, summary=None):
-    """overview.png: the most infected slices (infection, or GGO red / consolidation green, over the CT;
-    lung outline in blue), the infected percent of lung along z and, given the summary, the zones."""
+    """overview.png: the slices of overview_slices (infection, or GGO red / consolidation green, over the
+    CT; lung outline in blue), the infected percent of lung along z and, given the summary, the zones."""
     from scipy import ndimage
     lung_area = (lungs > 0).sum(axis=(0, 1))
     inf_area = (infection & (lungs > 0)).sum(axis=(0, 1))
     percent = np.where(lung_area > 0, 100.0 * inf_area / np.maximum(lung_area, 1), 0.0)
-    order = np.argsort(-inf_area if inf_area.any() else -lung_area, kind="stable")[:OVERVIEW_SLICES]
+    # a 1-voxel outline vanishes when a 512-row slice is shrunk to PANEL rows: as thick as the shrink
+    width_px = max(1, int(np.ceil(gray.shape[0] / PANEL)))
     panels = []
-    for z in sorted(order):
+    for z in overview_slices(lung_area, inf_area):
         lung = lungs[..., z] > 0
-        outline = lung & ~ndimage.binary_erosion(lung)
+        outline = lung & ~ndimage.binary_erosion(lung, iterations=width_px)
         masks = [(outline, (60, 120, 255))]
         if classes is not None:
             masks += [(classes[..., z] == c, COLOURS[c]) for c in (GGO, CONSOLIDATION)]
