@@ -239,6 +239,15 @@ def test_an_output_folder_holds_one_run_other_runs_refused_unless_overwrite(copd
         _mask_run(copd["nifti"], mask, user)
 
 
+def test_a_file_as_save_path_is_one_line_before_any_work(copd, tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(copd["nifti"], scan)
+    before = scan.read_bytes()
+    with pytest.raises(OptionError, match=r"--save_path .*scan\.nii\.gz is a file, not a folder"):
+        run_volumes(dict(data_path=str(scan), mask=str(copd["labels"]), save_path=str(scan)))
+    assert scan.read_bytes() == before
+
+
 def test_rerun_of_the_same_inputs_keeps_finished_cases_and_redoes_the_rest(copd, tmp_path):
     out = tmp_path / "out"
     options = dict(data_path=str(copd["nifti"]), mask=str(copd["labels"]), save_path=str(out), window=(-1000, 200))
