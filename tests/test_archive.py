@@ -239,6 +239,17 @@ def test_an_output_folder_holds_one_run_other_runs_refused_unless_overwrite(copd
         _mask_run(copd["nifti"], mask, user)
 
 
+def test_a_run_that_finished_no_case_does_not_block_the_folder(copd, tmp_path):
+    data = np.asarray(nib.load(str(copd["nifti"])).dataobj).astype(np.float32)
+    data[0, 0, 0] = np.nan
+    broken = _copd_with(tmp_path, copd, "broken.nii.gz", data)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="not finite"):
+        run_volumes(dict(data_path=str(broken), mask=str(copd["labels"]), save_path=str(out)))
+    assert _mask_run(copd["nifti"], copd["labels"], out)["lung_ml"] > 4000  # the fixed scan, same folder
+    assert sorted(p.name for p in out.iterdir()) == ["ct-64", "summary.csv", "volume_run.json"]
+
+
 def test_a_file_as_save_path_is_one_line_before_any_work(copd, tmp_path):
     scan = tmp_path / "scan.nii.gz"
     shutil.copy(copd["nifti"], scan)

@@ -82,6 +82,8 @@ class OutputRoot:
         if existing is not None and not existing.is_dir():
             raise OptionError(f"--save_path {existing} is a file, not a folder; give a folder for the outputs")
         entries = [p for p in folder.iterdir() if not is_temporary(p.name)] if folder.is_dir() else []
+        if entries and all(p.name in (RECORD_NAME, TABLE_NAME) for p in entries):
+            entries = []  # a run that made no case folder (its one scan unreadable, say): nothing to keep
         record = self._read_record() if entries else None
         keep = {}
         if record and record.get("key") == self.key and not self.overwrite:
@@ -99,11 +101,11 @@ class OutputRoot:
                 f"{len(entries)} file(s) or folder(s)"
             raise OptionError(f"--save_path {folder} already holds {what}; an output folder holds one run's results: "
                               f"choose a new or empty folder, or pass --overwrite to delete its results first")
-        elif entries:
-            self._clear()
+        elif entries or folder.is_dir():
+            self._clear(quiet=not entries)
         return keep
 
-    def _clear(self):
+    def _clear(self, quiet=False):
         """--overwrite: delete what the volume stage wrote here (case outputs, the table, the record) only."""
         removed = 0
         with writing(self.folder):
@@ -118,7 +120,8 @@ class OutputRoot:
                 if p.is_file():
                     p.unlink()
                     removed += 1
-        print(f"[volume] --overwrite: deleted {removed} file(s) of an earlier run in {self.folder}")
+        if not quiet:
+            print(f"[volume] --overwrite: deleted {removed} file(s) of an earlier run in {self.folder}")
 
     def _save(self):
         path = self.folder / RECORD_NAME
