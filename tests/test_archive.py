@@ -102,7 +102,7 @@ def test_every_series_of_an_archive_is_a_case_and_the_corrupt_one_is_named_and_s
     assert float(rows[study + "Series_1_lung"]["lung_ml"]) == pytest.approx(float(rows["Patient_003__nifti__ct_64"]
                                                                                  ["lung_ml"]), rel=2e-4)
     assert sorted(p.name for p in out.iterdir()) == sorted(expected - {"Patient_002__Study_A__Series_9__broken"}
-                                                            | {"summary.csv"})
+                                                            | {"summary.csv", "volume_run.json"})
     assert len(find_cases(archive, skip=[out])) == 7  # a rerun does not take our outputs for scans
 
 

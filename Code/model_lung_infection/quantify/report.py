@@ -219,9 +219,9 @@ def _zone_table(summary, width):
 
 
 def overview_slices(lung_area, inf_area, n=OVERVIEW_SLICES):
-    """The slices overview.png shows, inferior to superior: the most infected ones, at least a sixth of
-    the lungs' height apart (neighbours of one lesion say nothing new); without infection, the middle
-    slice of each third of the lungs' height (the zones' thirds)."""
+    """The slices overview.png shows, inferior to superior: the most infected ones, a sixth of the lungs'
+    height apart where the infection allows (neighbours of one lesion say little new), else the next most
+    infected; without infection, the middle slice of each third of the lungs' height (the zones' thirds)."""
     present = np.flatnonzero(lung_area)
     if not len(present):
         return np.arange(min(n, len(lung_area)))
@@ -229,12 +229,12 @@ def overview_slices(lung_area, inf_area, n=OVERVIEW_SLICES):
         thirds = np.array_split(present, n)
         return np.array(sorted({int(t[len(t) // 2]) for t in thirds if len(t)}))
     gap = len(present) // (2 * n)
+    ranked = [int(z) for z in np.argsort(-inf_area, kind="stable") if inf_area[z]]
     chosen = []
-    for z in np.argsort(-inf_area, kind="stable"):
-        if inf_area[z] and all(abs(int(z) - c) > gap for c in chosen):
-            chosen.append(int(z))
-        if len(chosen) == n:
-            break
+    for z in ranked:
+        if len(chosen) < n and all(abs(z - c) > gap for c in chosen):
+            chosen.append(z)
+    chosen += [z for z in ranked if z not in chosen][:n - len(chosen)]  # one small lesion: its next slices
     return np.array(sorted(chosen))
 
 
