@@ -213,8 +213,8 @@ def _zone_table(summary, width):
            f"zone score {summary['zone_score']} / {summary['zone_score_max']}", fill="black")
     d.text((x0 + label_w + 2 * cell_w + 10, 4 + 3 * row_h + 3), "(six zones, lobe-free; not the", fill="black")
     d.text((x0 + label_w + 2 * cell_w + 10, 4 + 4 * row_h + 3), "25-point CT severity score)", fill="black")
-    d.text((x0, 4 + 7 * row_h + 3), "slices above: the patient's right lung on top, anterior to the left",
-           fill=(90, 90, 90))
+    d.text((x0, 4 + 7 * row_h + 3), "slices above as radiologists view them: anterior up, the patient's right on "
+                                     "the left", fill=(90, 90, 90))
     return img
 
 
@@ -256,7 +256,8 @@ def overview(path, gray, lungs, infection, z_mm, spacing, classes=None, summary=
             masks += [(classes[..., z] == c, COLOURS[c]) for c in (GGO, CONSOLIDATION)]
         else:
             masks.append((infection[..., z], COLOURS["infection"]))
-        panel = _panel(gray[..., z], masks, spacing[1] / spacing[0])
+        # the display view (right lung on top, anterior to the left) transposed: the radiological view
+        panel = _panel(gray[..., z].T, [(m.T, colour) for m, colour in masks], spacing[0] / spacing[1])
         ImageDraw.Draw(panel).text((4, 4), f"z {z_mm[z]:.1f} mm  {percent[z]:.1f}%", fill=(255, 255, 0))
         panels.append(panel)
     width = max(sum(p.width for p in panels), 560 if summary else 400)
