@@ -250,6 +250,17 @@ def test_a_run_that_finished_no_case_does_not_block_the_folder(copd, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ct-64", "summary.csv", "volume_run.json"]
 
 
+def test_a_missing_or_non_nifti_mask_is_one_line_before_any_work(copd, tmp_path):
+    out = tmp_path / "out"
+    png = tmp_path / "gt.png"
+    png.write_bytes(b"not read")
+    for mask, what in ((tmp_path / "missing.nii.gz", "no such file"), (png, r"not a NIfTI file \(\.nii, \.nii\.gz\)"),
+                       (copd["dicom"], r"not a NIfTI file \(\.nii, \.nii\.gz\)")):
+        with pytest.raises(OptionError, match=rf"--mask .*: {what}; give the infection mask as a NIfTI file"):
+            run_volumes(dict(data_path=str(copd["nifti"]), mask=str(mask), save_path=str(out)))
+    assert not out.exists()
+
+
 def test_a_file_as_save_path_is_one_line_before_any_work(copd, tmp_path):
     scan = tmp_path / "scan.nii.gz"
     shutil.copy(copd["nifti"], scan)

@@ -1,8 +1,10 @@
 """The volume stage's options (VolumeConfig) and its command-line arguments; light, for `--help`."""
 import argparse
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from ..errors import OptionError
+from .io import is_nifti
 from .window import DEFAULT_WINDOW, parse_window
 
 THRESHOLD = 0.5
@@ -67,6 +69,10 @@ def check_config(cfg):
     if not 0 < threshold <= 1:
         raise OptionError(f"--threshold {cfg.threshold}: expected a probability 0 < t <= 1 (masks are probabilities "
                           f">= t; an 8-bit --mask is divided by 255 first)")
+    if cfg.mask and not is_nifti(cfg.mask):  # before any scan is read
+        what = "no such file" if not Path(cfg.mask).exists() else "not a NIfTI file (.nii, .nii.gz)"
+        raise OptionError(f"--mask {cfg.mask}: {what}; give the infection mask as a NIfTI file aligned with the scan "
+                          f"(e.g. an infection.nii.gz this stage wrote for it)")
     if cfg.mask:
         ignored = [o for o, on in (("--multiclass_pth", cfg.multiclass_pth), ("--save_probabilities",
                                                                               cfg.save_probabilities)) if on]
