@@ -235,8 +235,11 @@ def test_an_output_folder_holds_one_run_other_runs_refused_unless_overwrite(copd
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.docx").write_text("x")
-    with pytest.raises(OptionError, match=r"already holds 1 file\(s\) or folder\(s\)"):
-        _mask_run(copd["nifti"], mask, user)
+    for overwrite in (False, True):  # --overwrite deletes only what this stage wrote: it cannot help
+        with pytest.raises(OptionError, match=r"holds 1 file\(s\) or folder\(s\) that this stage did not write "
+                                              r"\(thesis\.docx\)"):
+            _mask_run(copd["nifti"], mask, user, overwrite=overwrite)
+    assert sorted(p.name for p in user.iterdir()) == ["thesis.docx"]
 
 
 def test_a_run_that_finished_no_case_does_not_block_the_folder(copd, tmp_path):

@@ -85,8 +85,8 @@ class OutputRoot:
         if entries and all(p.name in (RECORD_NAME, TABLE_NAME) for p in entries):
             entries = []  # a run that made no case folder (its one scan unreadable, say): nothing to keep
         record = self._read_record() if entries else None
-        keep = {}
         if record and record.get("key") == self.key and not self.overwrite:
+            keep = {}
             for case in cases:
                 done = record["cases"].get(case.name)
                 summary = folder / case.name / "summary.json"
@@ -95,15 +95,22 @@ class OutputRoot:
                     self.record["cases"][case.name] = done
             print(f"[volume] {folder}: a rerun of the same inputs: keeping {len(keep)} case(s) finished earlier, "
                   f"running {len(cases) - len(keep)}")
-        elif entries and not self.overwrite:
+            return keep
+        if entries:
             ours = _case_folders(folder)
-            what = f"{len(ours)} case folder(s) of another run{_describe(record)}" if ours else \
-                f"{len(entries)} file(s) or folder(s)"
-            raise OptionError(f"--save_path {folder} already holds {what}; an output folder holds one run's results: "
-                              f"choose a new or empty folder, or pass --overwrite to delete its results first")
-        elif entries or folder.is_dir():
+            foreign = sorted(p.name for p in entries if p not in ours and p.name not in (RECORD_NAME, TABLE_NAME))
+            if foreign:  # never ours to delete, so --overwrite cannot help
+                shown = ", ".join(foreign[:3]) + (f" (and {len(foreign) - 3} more)" if len(foreign) > 3 else "")
+                raise OptionError(f"--save_path {folder} holds {len(foreign)} file(s) or folder(s) that this stage did "
+                                  f"not write ({shown}); an output folder holds one run's results: choose a new or "
+                                  f"empty folder")
+            if not self.overwrite:
+                raise OptionError(f"--save_path {folder} already holds {len(ours)} case folder(s) of another run"
+                                  f"{_describe(record)}; an output folder holds one run's results: choose a new or "
+                                  f"empty folder, or pass --overwrite to delete its results first")
+        if folder.is_dir():
             self._clear(quiet=not entries)
-        return keep
+        return {}
 
     def _clear(self, quiet=False):
         """--overwrite: delete what the volume stage wrote here (case outputs, the table, the record) only."""
