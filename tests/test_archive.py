@@ -264,6 +264,28 @@ def test_a_missing_or_non_nifti_mask_is_one_line_before_any_work(copd, tmp_path)
     assert not out.exists()
 
 
+def test_lungs_cut_by_the_field_of_view_are_flagged(copd, tmp_path, recwarn):
+    img = nib.load(str(copd["nifti"]))
+    data, affine = np.asarray(img.dataobj), img.affine  # index 0 is the inferior end (affine z > 0)
+    air = np.full((64, 64, 4), -1024, data.dtype)
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ [0, 0, -4] + affine[:3, 3]
+    cropped = affine.copy()
+    cropped[:3, 3] = affine[:3, :3] @ [0, 0, 30] + affine[:3, 3]
+    found = {}
+    for name, (scan, aff) in {"padded": (np.concatenate([air, data, air], axis=2), shifted),
+                              "cropped": (data[:, :, 30:], cropped)}.items():
+        path = _copd_with(tmp_path, copd, f"{name}.nii.gz", scan, affine=aff)
+        mask = _copd_with(tmp_path, copd, f"{name}_mask.nii.gz", np.zeros(scan.shape, np.uint8), affine=aff)
+        found[name] = run_volumes(dict(data_path=str(path), mask=str(mask),
+                                       save_path=str(tmp_path / name)))[name]["lungs_cut_by_scan"]
+    assert found == {"padded": [], "cropped": ["inferior", "superior"]}
+    with open(tmp_path / "cropped" / "summary.csv") as f:
+        assert next(csv.DictReader(f))["lungs_cut_by_scan"] == "inferior superior"
+    warned = [str(w.message) for w in recwarn if "cuts the lungs" in str(w.message)]
+    assert len(warned) == 1 and "cropped.nii.gz: lung in the scan's inferior and superior end slice" in warned[0]
+
+
 def test_a_file_as_save_path_is_one_line_before_any_work(copd, tmp_path):
     scan = tmp_path / "scan.nii.gz"
     shutil.copy(copd["nifti"], scan)

@@ -24,6 +24,7 @@ from .lungs import LEFT, RIGHT
 GGO, CONSOLIDATION = 1, 2
 COLOURS = {"infection": (255, 40, 40), GGO: (255, 40, 40), CONSOLIDATION: (40, 220, 40)}
 OVERVIEW_SLICES = 3
+CUT_MIN_MM2 = 100.0  # lung in a scan's end slice beyond partial-volume specks (1 cm²): the scan cuts the lungs
 PANEL = 256
 THIRDS = ("upper", "middle", "lower")
 HALVES = ("ventral", "dorsal")
@@ -83,6 +84,15 @@ def zones(lungs, infection, voxel_ml, z_mm):
     return out, total
 
 
+def lungs_cut_by_scan(lung_mm2, z_mm):
+    """The scan's ends ("inferior", "superior") whose outermost slice still holds lung (at least
+    CUT_MIN_MM2): there the field of view cuts the lungs, and volumes, percentages and thirds are of the
+    scanned part only (an abdomen scan holding the lung bases; a chest scan that misses the bases)."""
+    order = np.argsort(z_mm)
+    ends = (("inferior", order[0]), ("superior", order[-1])) if len(order) else ()
+    return [side for side, z in ends if lung_mm2[z] >= CUT_MIN_MM2]
+
+
 def quantify(lungs, infection, voxel_ml, pixel_mm2, z_mm, file_index, spacing_mm, shape, classes=None):
     """(rows of slices.csv, summary dict) from display-view volumes (rows, cols, slices).
 
@@ -113,6 +123,7 @@ def quantify(lungs, infection, voxel_ml, pixel_mm2, z_mm, file_index, spacing_mm
                "slices_with_infection": int((inf_mm2 > 0).sum()),
                "spacing_mm": [round(float(s), 6) for s in spacing_mm], "shape": [int(s) for s in shape],
                "infection_outside_lungs_ml": round(int((infection & (lungs == 0)).sum()) * voxel_ml, 4)}
+    summary["lungs_cut_by_scan"] = lungs_cut_by_scan(lung_mm2, z_mm)
     summary["zones"], summary["zone_score"] = zones(lungs, infection, voxel_ml, z_mm)
     summary["zone_score_max"] = ZONE_SCORE_MAX
     if classes is not None:
@@ -139,8 +150,8 @@ def write_summary(path, summary):
 
 
 def _flat(summary):
-    """summary.json's fields as table columns: lists joined with 'x', zones as right_upper_percent,
-    right_upper_score ..."""
+    """summary.json's fields as table columns: lists of numbers joined with 'x' (of names with ' '), zones
+    as right_upper_percent, right_upper_score ..."""
     row = {}
     for k, v in summary.items():
         if k == "zones":
@@ -150,7 +161,10 @@ def _flat(summary):
                     if "score" in z:
                         row[f"{side}_{zone}_score"] = z["score"]
         else:
-            row[k] = "x".join(str(x) for x in v) if isinstance(v, list) else v
+            if isinstance(v, list):
+                joiner = " " if all(isinstance(x, str) for x in v) else "x"  # names: "inferior superior"
+                v = joiner.join(str(x) for x in v)
+            row[k] = v
     return row
 
 
@@ -193,7 +207,7 @@ SCORE_COLOURS = ((255, 255, 255), (255, 240, 200), (255, 215, 150), (255, 180, 1
 def _zone_table(summary, width):
     """The zones as a small table: each lung's thirds (infected %, score 0-5, tinted by score) and halves,
     and the zone score."""
-    img = Image.new("RGB", (width, 156), "white")
+    img = Image.new("RGB", (width, 176), "white")
     d = ImageDraw.Draw(img)
     x0, label_w, cell_w, row_h = 10, 110, 130, 18
     d.text((x0, 4), "infected % of each lung's zone (score 0-5)", fill="black")
@@ -215,6 +229,10 @@ def _zone_table(summary, width):
     d.text((x0 + label_w + 2 * cell_w + 10, 4 + 4 * row_h + 3), "25-point CT severity score)", fill="black")
     d.text((x0, 4 + 7 * row_h + 3), "slices above as radiologists view them: anterior up, the patient's right on "
                                      "the left", fill=(90, 90, 90))
+    cut = " and ".join(summary.get("lungs_cut_by_scan", []))
+    if cut:
+        d.text((x0, 4 + 8 * row_h + 3), f"the scan's {cut} end cuts the lungs: volumes, percentages and thirds are "
+                                        f"of the scanned part only", fill=(200, 0, 0))
     return img
 
 

@@ -195,6 +195,10 @@ def run_case(case, cfg, nets, out_root):
     z_mm = orient.slice_z_mm()
     rows, summary = report.quantify(lungs, infection, volume.voxel_ml, spacing[0] * spacing[1], z_mm,
                                     orient.file_slice_index(), volume.spacing, volume.data.shape, classes)
+    cut = " and ".join(summary["lungs_cut_by_scan"])
+    if cut:
+        warnings.warn(f"{volume.source}: lung in the scan's {cut} end slice: the field of view cuts the lungs; "
+                      f"volumes, percentages and zones are of the scanned part only")
     summary["window_hu"] = None if already_gray else [float(v) for v in window]
     summary.update(fill_summary(lungs, found.dense, attached, volume.voxel_ml))
     if summary["lung_ml"] > MAX_LUNG_ML:
