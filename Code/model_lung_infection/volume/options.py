@@ -69,16 +69,20 @@ def check_config(cfg):
     if not 0 < threshold <= 1:
         raise OptionError(f"--threshold {cfg.threshold}: expected a probability 0 < t <= 1 (masks are probabilities "
                           f">= t; an 8-bit --mask is divided by 255 first)")
-    if cfg.mask and not is_nifti(cfg.mask):  # before any scan is read
-        what = "no such file" if not Path(cfg.mask).exists() else "not a NIfTI file (.nii, .nii.gz)"
-        raise OptionError(f"--mask {cfg.mask}: {what}; give the infection mask as a NIfTI file aligned with the scan "
-                          f"(e.g. an infection.nii.gz this stage wrote for it)")
     if cfg.mask:
         ignored = [o for o, on in (("--multiclass_pth", cfg.multiclass_pth), ("--save_probabilities",
                                                                               cfg.save_probabilities)) if on]
         if ignored:
             raise OptionError(f"{' and '.join(ignored)} need the network, and --mask quantifies a given mask "
                               f"without it: drop {' and '.join(ignored)}, or --mask to run the network")
+
+
+def check_mask_file(mask):
+    """A --mask that is missing, a folder or not NIfTI: one line, before any scan is read."""
+    if mask and not is_nifti(mask):
+        what = "no such file" if not Path(mask).exists() else "not a NIfTI file (.nii, .nii.gz)"
+        raise OptionError(f"--mask {mask}: {what}; give the infection mask as a NIfTI file aligned with the scan "
+                          f"(e.g. an infection.nii.gz this stage wrote for it)")
 
 
 def check_slice_options(args):

@@ -30,7 +30,7 @@ from ..quantify.lungs import attach_infection, fill_summary, find_lungs
 from ..runtime import pick_device
 from . import geometry
 from .io import find_cases, read_case, read_nifti, save_nifti
-from .options import THRESHOLD, VolumeConfig, add_volume_args, check_config  # noqa: F401 -- the stage's options
+from .options import THRESHOLD, VolumeConfig, add_volume_args, check_config, check_mask_file  # noqa: F401
 from .output_folder import OUTPUTS, TABLE_NAME, OutputRoot, run_key
 from .window import DEFAULT_WINDOW, gray_volume, is_already_gray
 
@@ -239,6 +239,7 @@ def run_volumes(args_or_config=None, **overrides):
     _check_save_path(save_path, cfg.data_path, cases)
     if cfg.mask and len(cases) > 1:
         raise UserError(f"--mask {cfg.mask}: give one scan as --data_path, not a folder of {len(cases)}")
+    check_mask_file(cfg.mask)
     if not cfg.mask and not cfg.pth_path:
         raise UserError("give --pth_path (the network) or --mask (a mask to quantify)")
     root = OutputRoot(save_path, run_key(cfg), cfg.overwrite)
