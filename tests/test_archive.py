@@ -358,3 +358,13 @@ def test_outputs_never_land_in_a_scans_own_folder(copd, tmp_path):
         with pytest.raises(OptionError, match=r"would go into --data_path .*ct-64 itself"):
             run_volumes(dict(data_path=str(series), mask=str(mask), save_path=str(save)))
     assert sorted(p.name for p in series.iterdir()) == sorted(p.name for p in copd["dicom"].iterdir())
+
+
+def test_warnings_on_the_command_line_are_one_line_each(copd, tmp_path, capsys):
+    import MyTest_LungInf as script
+    from Code.model_lung_infection.cli import run_main
+    mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8))
+    run_main(script.main, ["--data_path", str(copd["nifti"]), "--mask", str(mask), "--save_path",
+                           str(tmp_path / "out"), "--progress", "False"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: ") and "superior end slice" in err[0], err
