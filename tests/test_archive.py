@@ -227,6 +227,8 @@ def test_an_output_folder_holds_one_run_other_runs_refused_unless_overwrite(copd
         run_volumes(dict(data_path=str(other), mask=str(mask), save_path=str(out)))
     assert _tree(out) == first  # refused before any work
     (out / "ct-64" / "notes.txt").write_text("the user's own file")
+    (out / "killed").mkdir()  # a case killed while writing its first file: ours too
+    (out / "killed" / ".tmp-0123456789abcdef.gz").write_bytes(b"")
     run_volumes(dict(data_path=str(other), mask=str(mask), save_path=str(out), overwrite=True))
     assert _tree(out) == ["ct-64", "ct-64/notes.txt", "second_scan", *(f"second_scan/{n}" for n in (
         "lungs.nii.gz", "overview.png", "slices.csv", "summary.json")), "summary.csv", "volume_run.json"]

@@ -47,9 +47,14 @@ def fingerprint(case):
     return [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
 
 
+def _is_case_folder(path):
+    return path.is_dir() and (any((path / n).is_file() for n in OUTPUTS)
+                              or any(is_temporary(q.name) for q in path.iterdir()))  # a case killed while writing
+
+
 def _case_folders(folder):
     """Subfolders holding a file the volume stage writes (a run's case folders, recorded or not)."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and any((p / n).is_file() for n in OUTPUTS))
+    return sorted(p for p in folder.iterdir() if _is_case_folder(p))
 
 
 def _describe(record):
