@@ -281,11 +281,20 @@ def test_lungs_cut_by_the_field_of_view_are_flagged(copd, tmp_path, recwarn):
         mask = _copd_with(tmp_path, copd, f"{name}_mask.nii.gz", np.zeros(scan.shape, np.uint8), affine=aff)
         found[name] = run_volumes(dict(data_path=str(path), mask=str(mask),
                                        save_path=str(tmp_path / name)))[name]["lungs_cut_by_scan"]
-    assert found == {"padded": [], "cropped": ["inferior", "superior"]}
-    with open(tmp_path / "cropped" / "summary.csv") as f:
+    cut = {"inferior": data[:, :, 30:], "superior": data[:, :, :40], "inferior superior": data[:, :, 30:50]}
+    for name, scan in cut.items():
+        aff = cropped if name.startswith("inferior") else affine
+        path = _copd_with(tmp_path, copd, f"{name}.nii.gz", scan, affine=aff)
+        mask = _copd_with(tmp_path, copd, f"{name}_mask.nii.gz", np.zeros(scan.shape, np.uint8), affine=aff)
+        found[name] = run_volumes(dict(data_path=str(path), mask=str(mask), save_path=str(tmp_path / name)))
+        found[name] = found[name][name.replace(" ", "_")]["lungs_cut_by_scan"]
+    # the whole scan's top slice holds 0.7% of the largest slice's lung: a tapering apex, not a cut
+    assert found == {"padded": [], "cropped": ["inferior"], "inferior": ["inferior"], "superior": ["superior"],
+                     "inferior superior": ["inferior", "superior"]}
+    with open(tmp_path / "inferior superior" / "summary.csv") as f:
         assert next(csv.DictReader(f))["lungs_cut_by_scan"] == "inferior superior"
     warned = [str(w.message) for w in recwarn if "cuts the lungs" in str(w.message)]
-    assert len(warned) == 1 and "cropped.nii.gz: lung in the scan's inferior and superior end slice" in warned[0]
+    assert "cropped.nii.gz: lung in the scan's inferior end slice" in warned[0] and len(warned) == 4
 
 
 def test_a_file_as_save_path_is_one_line_before_any_work(copd, tmp_path):
@@ -365,8 +374,9 @@ def test_outputs_never_land_in_a_scans_own_folder(copd, tmp_path):
 def test_warnings_on_the_command_line_are_one_line_each(copd, tmp_path, capsys):
     import MyTest_LungInf as script
     from Code.model_lung_infection.cli import run_main
-    mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8))
-    run_main(script.main, ["--data_path", str(copd["nifti"]), "--mask", str(mask), "--save_path",
+    lower = _copd_with(tmp_path, copd, "lower.nii.gz", np.asarray(nib.load(str(copd["nifti"])).dataobj)[:, :, :40])
+    mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 40), np.uint8))
+    run_main(script.main, ["--data_path", str(lower), "--mask", str(mask), "--save_path",
                            str(tmp_path / "out"), "--progress", "False"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("warning: ") and "superior end slice" in err[0], err

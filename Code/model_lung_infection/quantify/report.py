@@ -24,7 +24,9 @@ from .lungs import LEFT, RIGHT
 GGO, CONSOLIDATION = 1, 2
 COLOURS = {"infection": (255, 40, 40), GGO: (255, 40, 40), CONSOLIDATION: (40, 220, 40)}
 OVERVIEW_SLICES = 3
-CUT_MIN_MM2 = 100.0  # lung in a scan's end slice beyond partial-volume specks (1 cm²): the scan cuts the lungs
+# Lung in a scan's end slice of at least this share of the largest slice's: the scan cuts the lungs. Apices
+# and basal recesses taper: complete scans end at 0.7-1.1% (our real chests); TotalSegmentator's abdomen at 100%.
+CUT_MIN_SHARE = 0.05
 PANEL = 256
 THIRDS = ("upper", "middle", "lower")
 HALVES = ("ventral", "dorsal")
@@ -85,12 +87,14 @@ def zones(lungs, infection, voxel_ml, z_mm):
 
 
 def lungs_cut_by_scan(lung_mm2, z_mm):
-    """The scan's ends ("inferior", "superior") whose outermost slice still holds lung (at least
-    CUT_MIN_MM2): there the field of view cuts the lungs, and volumes, percentages and thirds are of the
-    scanned part only (an abdomen scan holding the lung bases; a chest scan that misses the bases)."""
+    """The scan's ends ("inferior", "superior") whose outermost slice still holds a real part of the lungs
+    (CUT_MIN_SHARE of the largest slice's lung area): there the field of view cuts the lungs, and volumes,
+    percentages and thirds are of the scanned part only (an abdomen scan holding the lung bases; a chest
+    scan that misses the bases)."""
     order = np.argsort(z_mm)
     ends = (("inferior", order[0]), ("superior", order[-1])) if len(order) else ()
-    return [side for side, z in ends if lung_mm2[z] >= CUT_MIN_MM2]
+    largest = float(np.max(lung_mm2)) if len(lung_mm2) else 0.0
+    return [side for side, z in ends if largest > 0 and lung_mm2[z] >= CUT_MIN_SHARE * largest]
 
 
 def quantify(lungs, infection, voxel_ml, pixel_mm2, z_mm, file_index, spacing_mm, shape, classes=None):
