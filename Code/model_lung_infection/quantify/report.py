@@ -25,7 +25,7 @@ GGO, CONSOLIDATION = 1, 2
 COLOURS = {"infection": (255, 40, 40), GGO: (255, 40, 40), CONSOLIDATION: (40, 220, 40)}
 OVERVIEW_SLICES = 3
 # Lung in a scan's end slice of at least this share of the largest slice's: the scan cuts the lungs. Apices
-# and basal recesses taper: complete scans end at 0.7-1.1% (our real chests); TotalSegmentator's abdomen at 100%.
+# and basal recesses taper: our two real chest scans end at 0.7-1.1%; TotalSegmentator's abdomen at 100%.
 CUT_MIN_SHARE = 0.05
 PANEL = 256
 THIRDS = ("upper", "middle", "lower")
