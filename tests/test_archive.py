@@ -297,6 +297,16 @@ def test_lungs_cut_by_the_field_of_view_are_flagged(copd, tmp_path, recwarn):
     assert "cropped.nii.gz: lung in the scan's inferior end slice" in warned[0] and len(warned) == 4
 
 
+def test_an_earlier_runs_outputs_inside_the_data_are_not_scans(copd, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(copd["nifti"], data / "ct-64.nii.gz")
+    _mask_run(data, copd["labels"], data / "results")  # OUT inside the data folder
+    assert [c.name for c in find_cases(data)] == ["ct-64"]  # another run (other --save_path) reads no masks
+    with pytest.raises(DataError, match=r"results: an output folder of the volume stage .* give the scans' folder"):
+        find_cases(data / "results")
+
+
 def test_a_file_as_save_path_is_one_line_before_any_work(copd, tmp_path):
     scan = tmp_path / "scan.nii.gz"
     shutil.copy(copd["nifti"], scan)
