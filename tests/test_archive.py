@@ -20,7 +20,12 @@ from Code.model_lung_infection import Inf_Net  # noqa: E402
 from Code.model_lung_infection.checkpoint import atomic_save  # noqa: E402
 from Code.model_lung_infection.errors import DataError, OptionError  # noqa: E402
 from Code.model_lung_infection.volume import add_volume_args, run_volumes  # noqa: E402
-from Code.model_lung_infection.volume.io import find_cases, read_dicom, read_nifti  # noqa: E402
+from Code.model_lung_infection.volume.io import (  # noqa: E402
+    find_cases,
+    is_volume_input,
+    read_dicom,
+    read_nifti,
+)
 
 REALCT = SHARED / "realct"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -305,6 +310,7 @@ def test_an_earlier_runs_outputs_inside_the_data_are_not_scans(copd, tmp_path):
     assert [c.name for c in find_cases(data)] == ["ct-64"]  # another run (other --save_path) reads no masks
     with pytest.raises(DataError, match=r"results: an output folder of the volume stage .* give the scans' folder"):
         find_cases(data / "results")
+    assert is_volume_input(data / "results")  # named by the volume stage, not "no images" from the slice stage
 
 
 def test_a_file_as_save_path_is_one_line_before_any_work(copd, tmp_path):

@@ -243,6 +243,8 @@ def is_volume_input(path):
         return is_nifti(path) or is_dicom_file(path)
     if not path.is_dir() or (path / "Imgs").is_dir():
         return False
+    if is_output_folder(path):  # the volume stage names it (find_cases) rather than the slice stage
+        return True
     return next(_scan_files(path), None) is not None
 
 
