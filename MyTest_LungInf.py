@@ -58,8 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--save_path", default=None,
                    help="default: Results/Lung infection segmentation/<model>/ (model from the weights' folder); "
                         "it holds this run's maps only, with test_run.json saying what made them")
-    add_bool(p, "--overwrite", False, "delete the maps of an earlier run in --save_path first (without it, a "
-                                      "folder that holds files is refused)")
+    add_bool(p, "--overwrite", False, "delete the maps (volumes: the results) of an earlier run in --save_path "
+                                      "first (without it, a folder that holds files is refused)")
     p.add_argument("--testsize", type=positive_int, default=DEFAULTS.testsize)
     p.add_argument("--batchsize", type=positive_int, default=DEFAULTS.batchsize,
                    help="slices per forward pass (every slice is resized to --testsize)")

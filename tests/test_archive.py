@@ -20,7 +20,12 @@ from Code.model_lung_infection import Inf_Net  # noqa: E402
 from Code.model_lung_infection.checkpoint import atomic_save  # noqa: E402
 from Code.model_lung_infection.errors import DataError, OptionError  # noqa: E402
 from Code.model_lung_infection.volume import add_volume_args, run_volumes  # noqa: E402
-from Code.model_lung_infection.volume.io import find_cases, read_dicom, read_nifti  # noqa: E402
+from Code.model_lung_infection.volume.io import (  # noqa: E402
+    find_cases,
+    is_volume_input,
+    read_dicom,
+    read_nifti,
+)
 
 REALCT = SHARED / "realct"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,7 +107,7 @@ def test_every_series_of_an_archive_is_a_case_and_the_corrupt_one_is_named_and_s
     assert float(rows[study + "Series_1_lung"]["lung_ml"]) == pytest.approx(float(rows["Patient_003__nifti__ct_64"]
                                                                                  ["lung_ml"]), rel=2e-4)
     assert sorted(p.name for p in out.iterdir()) == sorted(expected - {"Patient_002__Study_A__Series_9__broken"}
-                                                            | {"summary.csv"})
+                                                            | {"summary.csv", "volume_run.json"})
     assert len(find_cases(archive, skip=[out])) == 7  # a rerun does not take our outputs for scans
 
 
@@ -191,7 +196,7 @@ def test_mask_probability_and_gray_maps_are_thresholded_and_a_scan_is_refused(co
         summary = _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}")
         in_lung = summary["infection_ml"] + summary["infection_outside_lungs_ml"]
         assert in_lung == pytest.approx(right.sum() * voxel_ml, rel=1e-6), name
-        assert _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}", threshold=0.8)["infection_ml"] == 0
+        assert _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}_0.8", threshold=0.8)["infection_ml"] == 0
     with pytest.raises(DataError, match=r"ct-64\.nii\.gz: values -?\d+\.\.\d+ are the scan itself, not a mask"):
         _mask_run(copd["nifti"], copd["nifti"], tmp_path / "hu")
 
@@ -203,9 +208,133 @@ def test_mask_rerun_over_a_network_run_keeps_no_stale_outputs(copd, checkpoint, 
     assert (out / "ct-64/infection.nii.gz").is_file() and (out / "ct-64/probability.nii.gz").is_file()
     (out / "ct-64/notes.txt").write_text("the user's own file")
     mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8))
-    _mask_run(copd["nifti"], mask, out)
+    _mask_run(copd["nifti"], mask, out, overwrite=True)
     left = sorted(p.name for p in (out / "ct-64").iterdir())
     assert left == ["lungs.nii.gz", "notes.txt", "overview.png", "slices.csv", "summary.json"]
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_an_output_folder_holds_one_run_other_runs_refused_unless_overwrite(copd, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(copd["nifti"], other / "second scan.nii.gz")
+    mask = _copd_with(tmp_path, copd, "right.nii.gz", (np.asarray(nib.load(str(copd["labels"])).dataobj) == 1)
+                      .astype(np.uint8))
+    out = tmp_path / "out"
+    _mask_run(copd["nifti"], mask, out)
+    first = _tree(out)
+    assert "volume_run.json" in first and "ct-64/summary.json" in first
+    with pytest.raises(OptionError, match=r"already holds 1 case folder\(s\) of another run \(from .*ct-64\.nii\.gz "
+                                          r"with mask .*right\.nii\.gz\).*--overwrite"):
+        run_volumes(dict(data_path=str(other), mask=str(mask), save_path=str(out)))
+    assert _tree(out) == first  # refused before any work
+    (out / "ct-64" / "notes.txt").write_text("the user's own file")
+    (out / "killed").mkdir()  # a case killed while writing its first file: ours too
+    (out / "killed" / ".tmp-0123456789abcdef.gz").write_bytes(b"")
+    run_volumes(dict(data_path=str(other), mask=str(mask), save_path=str(out), overwrite=True))
+    assert _tree(out) == ["ct-64", "ct-64/notes.txt", "second_scan", *(f"second_scan/{n}" for n in (
+        "lungs.nii.gz", "overview.png", "slices.csv", "summary.json")), "summary.csv", "volume_run.json"]
+    with open(out / "summary.csv") as f:
+        assert [row["case"] for row in csv.DictReader(f)] == ["second_scan"]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.docx").write_text("x")
+    for overwrite in (False, True):  # --overwrite deletes only what this stage wrote: it cannot help
+        with pytest.raises(OptionError, match=r"holds 1 file\(s\) or folder\(s\) that this stage did not write "
+                                              r"\(thesis\.docx\)"):
+            _mask_run(copd["nifti"], mask, user, overwrite=overwrite)
+    assert sorted(p.name for p in user.iterdir()) == ["thesis.docx"]
+
+
+def test_a_run_that_finished_no_case_does_not_block_the_folder(copd, tmp_path):
+    data = np.asarray(nib.load(str(copd["nifti"])).dataobj).astype(np.float32)
+    data[0, 0, 0] = np.nan
+    broken = _copd_with(tmp_path, copd, "broken.nii.gz", data)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="not finite"):
+        run_volumes(dict(data_path=str(broken), mask=str(copd["labels"]), save_path=str(out)))
+    assert _mask_run(copd["nifti"], copd["labels"], out)["lung_ml"] > 4000  # the fixed scan, same folder
+    assert sorted(p.name for p in out.iterdir()) == ["ct-64", "summary.csv", "volume_run.json"]
+
+
+def test_a_missing_or_non_nifti_mask_is_one_line_before_any_work(copd, tmp_path):
+    out = tmp_path / "out"
+    png = tmp_path / "gt.png"
+    png.write_bytes(b"not read")
+    for mask, what in ((tmp_path / "missing.nii.gz", "no such file"), (png, r"not a NIfTI file \(\.nii, \.nii\.gz\)"),
+                       (copd["dicom"], r"not a NIfTI file \(\.nii, \.nii\.gz\)")):
+        with pytest.raises(OptionError, match=rf"--mask .*: {what}; give the infection mask as a NIfTI file"):
+            run_volumes(dict(data_path=str(copd["nifti"]), mask=str(mask), save_path=str(out)))
+    assert not out.exists()
+
+
+def test_lungs_cut_by_the_field_of_view_are_flagged(copd, tmp_path, recwarn):
+    img = nib.load(str(copd["nifti"]))
+    data, affine = np.asarray(img.dataobj), img.affine  # index 0 is the inferior end (affine z > 0)
+    air = np.full((64, 64, 4), -1024, data.dtype)
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ [0, 0, -4] + affine[:3, 3]
+    cropped = affine.copy()
+    cropped[:3, 3] = affine[:3, :3] @ [0, 0, 30] + affine[:3, 3]
+    found = {}
+    for name, (scan, aff) in {"padded": (np.concatenate([air, data, air], axis=2), shifted),
+                              "cropped": (data[:, :, 30:], cropped)}.items():
+        path = _copd_with(tmp_path, copd, f"{name}.nii.gz", scan, affine=aff)
+        mask = _copd_with(tmp_path, copd, f"{name}_mask.nii.gz", np.zeros(scan.shape, np.uint8), affine=aff)
+        found[name] = run_volumes(dict(data_path=str(path), mask=str(mask),
+                                       save_path=str(tmp_path / name)))[name]["lungs_cut_by_scan"]
+    cut = {"inferior": data[:, :, 30:], "superior": data[:, :, :40], "inferior superior": data[:, :, 30:50]}
+    for name, scan in cut.items():
+        aff = cropped if name.startswith("inferior") else affine
+        path = _copd_with(tmp_path, copd, f"{name}.nii.gz", scan, affine=aff)
+        mask = _copd_with(tmp_path, copd, f"{name}_mask.nii.gz", np.zeros(scan.shape, np.uint8), affine=aff)
+        found[name] = run_volumes(dict(data_path=str(path), mask=str(mask), save_path=str(tmp_path / name)))
+        found[name] = found[name][name.replace(" ", "_")]["lungs_cut_by_scan"]
+    # the whole scan's top slice holds 0.7% of the largest slice's lung: a tapering apex, not a cut
+    assert found == {"padded": [], "cropped": ["inferior"], "inferior": ["inferior"], "superior": ["superior"],
+                     "inferior superior": ["inferior", "superior"]}
+    with open(tmp_path / "inferior superior" / "summary.csv") as f:
+        assert next(csv.DictReader(f))["lungs_cut_by_scan"] == "inferior superior"
+    warned = [str(w.message) for w in recwarn if "cuts the lungs" in str(w.message)]
+    assert "cropped.nii.gz: lung in the scan's inferior end slice" in warned[0] and len(warned) == 4
+
+
+def test_an_earlier_runs_outputs_inside_the_data_are_not_scans(copd, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(copd["nifti"], data / "ct-64.nii.gz")
+    _mask_run(data, copd["labels"], data / "results")  # OUT inside the data folder
+    assert [c.name for c in find_cases(data)] == ["ct-64"]  # another run (other --save_path) reads no masks
+    with pytest.raises(DataError, match=r"results: an output folder of the volume stage .* give the scans' folder"):
+        find_cases(data / "results")
+    assert is_volume_input(data / "results")  # named by the volume stage, not "no images" from the slice stage
+
+
+def test_a_file_as_save_path_is_one_line_before_any_work(copd, tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(copd["nifti"], scan)
+    before = scan.read_bytes()
+    with pytest.raises(OptionError, match=r"--save_path .*scan\.nii\.gz is a file, not a folder"):
+        run_volumes(dict(data_path=str(scan), mask=str(copd["labels"]), save_path=str(scan)))
+    assert scan.read_bytes() == before
+
+
+def test_rerun_of_the_same_inputs_keeps_finished_cases_and_redoes_the_rest(copd, tmp_path):
+    out = tmp_path / "out"
+    options = dict(data_path=str(copd["nifti"]), mask=str(copd["labels"]), save_path=str(out), window=(-1000, 200))
+    run_volumes(options)
+    done = (out / "ct-64" / "summary.json").stat().st_mtime_ns
+    again = run_volumes(dict(options, batchsize=3))  # the batch size changes no output
+    assert (out / "ct-64" / "summary.json").stat().st_mtime_ns == done  # kept, not recomputed
+    assert again["ct-64"]["lung_ml"] > 4000
+    (out / "ct-64" / "summary.json").unlink()  # an interrupted case is run again
+    run_volumes(options)
+    assert (out / "ct-64" / "summary.json").is_file()
+    with pytest.raises(OptionError, match="of another run"):  # another window: another run
+        run_volumes(dict(options, window=(-1100, 200)))
 
 
 def _script_args(argv):
@@ -256,3 +385,14 @@ def test_outputs_never_land_in_a_scans_own_folder(copd, tmp_path):
         with pytest.raises(OptionError, match=r"would go into --data_path .*ct-64 itself"):
             run_volumes(dict(data_path=str(series), mask=str(mask), save_path=str(save)))
     assert sorted(p.name for p in series.iterdir()) == sorted(p.name for p in copd["dicom"].iterdir())
+
+
+def test_warnings_on_the_command_line_are_one_line_each(copd, tmp_path, capsys):
+    import MyTest_LungInf as script
+    from Code.model_lung_infection.cli import run_main
+    lower = _copd_with(tmp_path, copd, "lower.nii.gz", np.asarray(nib.load(str(copd["nifti"])).dataobj)[:, :, :40])
+    mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 40), np.uint8))
+    run_main(script.main, ["--data_path", str(lower), "--mask", str(mask), "--save_path",
+                           str(tmp_path / "out"), "--progress", "False"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: ") and "superior end slice" in err[0], err

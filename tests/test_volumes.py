@@ -405,3 +405,47 @@ def test_infection_everywhere_stays_inside_the_rib_cage(dense_chest):
     ml = dense_chest["ml"]
     assert ml["consolidation"] <= added.sum() * voxel_ml < 2 * (ml["right"] + ml["left"])
     assert ATTACH_MM <= 50
+
+
+def test_overview_shows_slices_apart_and_a_lung_outline_that_survives_the_shrink(tmp_path):
+    from Code.model_lung_infection.quantify.report import PANEL, overview, overview_slices
+    lung_area = np.r_[np.zeros(5), np.full(60, 100), np.zeros(5)]
+    # no infection: one slice in the middle of each third of the lungs' height (not three neighbours)
+    assert list(overview_slices(lung_area, np.zeros(70))) == [15, 35, 55]
+    # one lesion over slices 40-45 and a smaller one at 10: the lesion's peak, then other levels
+    inf = np.zeros(70)
+    inf[40:46] = [5, 8, 9, 8, 7, 6]
+    inf[10] = 2
+    assert list(overview_slices(lung_area, inf)) == [10, 41, 42]  # 10 before 41, a neighbour of 42
+    inf[10] = 0  # one lesion only: its three most infected slices
+    assert list(overview_slices(lung_area, inf)) == [41, 42, 43]
+    # a 512-row slice is shrunk to PANEL rows: the blue outline must still be there
+    rows = 2 * PANEL
+    gray = np.full((rows, rows, 3), 40, np.uint8)
+    lungs = np.zeros((rows, rows, 3), np.uint8)
+    lungs[100:400, 60:240] = 1
+    overview(tmp_path / "o.png", gray, lungs, np.zeros(lungs.shape, bool), [0.0, 1.0, 2.0], (1.0, 1.0, 1.0))
+    panel = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))[:PANEL, :PANEL].astype(int)
+    blue = (panel[..., 2] - panel[..., 0]) > 60
+    # (the radiological view: display rows are the panel's columns)
+    assert blue[:, 100 // 2 - 2:100 // 2 + 3].any() and blue[60 // 2 - 2:60 // 2 + 3].any()
+
+
+def test_overview_slices_in_the_radiological_view(tmp_path):
+    """The display view has the right lung on top and anterior to the left; a clinician reads slices with
+    anterior up and the patient's right on the image's left: posterior infection in the right lung must
+    show at the panel's left and bottom."""
+    from Code.model_lung_infection.quantify.report import PANEL, overview
+    rows, cols = 128, 96  # rows: patient's right -> left; cols: anterior -> posterior
+    gray = np.full((rows, cols, 1), 40, np.uint8)
+    lungs = np.zeros((rows, cols, 1), np.uint8)
+    lungs[10:60, 10:86] = 1
+    lungs[68:118, 10:86] = 2
+    infection = np.zeros(lungs.shape, bool)
+    infection[20:50, 60:80] = True  # right lung, dorsal
+    overview(tmp_path / "o.png", gray, lungs, infection, [0.0], (1.0, 1.0, 1.0))
+    img = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).astype(int)
+    width = int(round(PANEL * rows / cols))  # transposed: as wide as the display view is high
+    panel = img[:PANEL, :width]
+    ys, xs = np.nonzero((panel[..., 0] - panel[..., 2]) > 60)  # red
+    assert xs.mean() < width / 2 and ys.mean() > PANEL / 2

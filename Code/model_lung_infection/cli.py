@@ -3,6 +3,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 
 from .configs import MAX_SEED
 from .errors import UserError
@@ -23,14 +24,22 @@ def add_debug(parser):
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
 def run_main(main, argv=None):
-    """Run a script's `main(argv)`: a user error prints `error: ...` on one line and exits 2; Ctrl-C prints
+    """Run a script's `main(argv)`: a user error prints `error: ...` on one line and exits 2, a warning
+    `warning: ...` on one line; Ctrl-C prints
     what was saved and how to continue (if the stage says) and exits 130. `--debug` (or INFNET_DEBUG=1)
     shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("INFNET_DEBUG", "") not in ("", "0")
     try:
-        return main(argv)
+        with warnings.catch_warnings():
+            if not debug:  # each warning one line, as errors are (not Python's file:line and source line)
+                warnings.showwarning = _one_line_warning
+            return main(argv)
     except KeyboardInterrupt as e:
         if debug:
             raise

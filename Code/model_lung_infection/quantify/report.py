@@ -24,6 +24,9 @@ from .lungs import LEFT, RIGHT
 GGO, CONSOLIDATION = 1, 2
 COLOURS = {"infection": (255, 40, 40), GGO: (255, 40, 40), CONSOLIDATION: (40, 220, 40)}
 OVERVIEW_SLICES = 3
+# Lung in a scan's end slice of at least this share of the largest slice's: the scan cuts the lungs. Apices
+# and basal recesses taper: our two real chest scans end at 0.7-1.1%; TotalSegmentator's abdomen at 100%.
+CUT_MIN_SHARE = 0.05
 PANEL = 256
 THIRDS = ("upper", "middle", "lower")
 HALVES = ("ventral", "dorsal")
@@ -83,6 +86,17 @@ def zones(lungs, infection, voxel_ml, z_mm):
     return out, total
 
 
+def lungs_cut_by_scan(lung_mm2, z_mm):
+    """The scan's ends ("inferior", "superior") whose outermost slice still holds a real part of the lungs
+    (CUT_MIN_SHARE of the largest slice's lung area): there the field of view cuts the lungs, and volumes,
+    percentages and thirds are of the scanned part only (an abdomen scan holding the lung bases; a chest
+    scan that misses the bases)."""
+    order = np.argsort(z_mm)
+    ends = (("inferior", order[0]), ("superior", order[-1])) if len(order) else ()
+    largest = float(np.max(lung_mm2)) if len(lung_mm2) else 0.0
+    return [side for side, z in ends if largest > 0 and lung_mm2[z] >= CUT_MIN_SHARE * largest]
+
+
 def quantify(lungs, infection, voxel_ml, pixel_mm2, z_mm, file_index, spacing_mm, shape, classes=None):
     """(rows of slices.csv, summary dict) from display-view volumes (rows, cols, slices).
 
@@ -113,6 +127,7 @@ def quantify(lungs, infection, voxel_ml, pixel_mm2, z_mm, file_index, spacing_mm
                "slices_with_infection": int((inf_mm2 > 0).sum()),
                "spacing_mm": [round(float(s), 6) for s in spacing_mm], "shape": [int(s) for s in shape],
                "infection_outside_lungs_ml": round(int((infection & (lungs == 0)).sum()) * voxel_ml, 4)}
+    summary["lungs_cut_by_scan"] = lungs_cut_by_scan(lung_mm2, z_mm)
     summary["zones"], summary["zone_score"] = zones(lungs, infection, voxel_ml, z_mm)
     summary["zone_score_max"] = ZONE_SCORE_MAX
     if classes is not None:
@@ -139,8 +154,8 @@ def write_summary(path, summary):
 
 
 def _flat(summary):
-    """summary.json's fields as table columns: lists joined with 'x', zones as right_upper_percent,
-    right_upper_score ..."""
+    """summary.json's fields as table columns: lists of numbers joined with 'x' (of names with ' '), zones
+    as right_upper_percent, right_upper_score ..."""
     row = {}
     for k, v in summary.items():
         if k == "zones":
@@ -150,7 +165,10 @@ def _flat(summary):
                     if "score" in z:
                         row[f"{side}_{zone}_score"] = z["score"]
         else:
-            row[k] = "x".join(str(x) for x in v) if isinstance(v, list) else v
+            if isinstance(v, list):
+                joiner = " " if all(isinstance(x, str) for x in v) else "x"  # names: "inferior superior"
+                v = joiner.join(str(x) for x in v)
+            row[k] = v
     return row
 
 
@@ -193,7 +211,7 @@ SCORE_COLOURS = ((255, 255, 255), (255, 240, 200), (255, 215, 150), (255, 180, 1
 def _zone_table(summary, width):
     """The zones as a small table: each lung's thirds (infected %, score 0-5, tinted by score) and halves,
     and the zone score."""
-    img = Image.new("RGB", (width, 156), "white")
+    img = Image.new("RGB", (width, 176), "white")
     d = ImageDraw.Draw(img)
     x0, label_w, cell_w, row_h = 10, 110, 130, 18
     d.text((x0, 4), "infected % of each lung's zone (score 0-5)", fill="black")
@@ -213,29 +231,55 @@ def _zone_table(summary, width):
            f"zone score {summary['zone_score']} / {summary['zone_score_max']}", fill="black")
     d.text((x0 + label_w + 2 * cell_w + 10, 4 + 3 * row_h + 3), "(six zones, lobe-free; not the", fill="black")
     d.text((x0 + label_w + 2 * cell_w + 10, 4 + 4 * row_h + 3), "25-point CT severity score)", fill="black")
-    d.text((x0, 4 + 7 * row_h + 3), "slices above: the patient's right lung on top, anterior to the left",
-           fill=(90, 90, 90))
+    d.text((x0, 4 + 7 * row_h + 3), "slices above as radiologists view them: anterior up, the patient's right on "
+                                     "the left", fill=(90, 90, 90))
+    cut = " and ".join(summary.get("lungs_cut_by_scan", []))
+    if cut:
+        d.text((x0, 4 + 8 * row_h + 3), f"the scan's {cut} end cuts the lungs: volumes, percentages and thirds are "
+                                        f"of the scanned part only", fill=(200, 0, 0))
     return img
 
 
+def overview_slices(lung_area, inf_area, n=OVERVIEW_SLICES):
+    """The slices overview.png shows, inferior to superior: the most infected ones, a sixth of the lungs'
+    height apart where the infection allows (neighbours of one lesion say little new), else the next most
+    infected; without infection, the middle slice of each third of the lungs' height (the zones' thirds)."""
+    present = np.flatnonzero(lung_area)
+    if not len(present):
+        return np.arange(min(n, len(lung_area)))
+    if not inf_area.any():
+        thirds = np.array_split(present, n)
+        return np.array(sorted({int(t[len(t) // 2]) for t in thirds if len(t)}))
+    gap = len(present) // (2 * n)
+    ranked = [int(z) for z in np.argsort(-inf_area, kind="stable") if inf_area[z]]
+    chosen = []
+    for z in ranked:
+        if len(chosen) < n and all(abs(z - c) > gap for c in chosen):
+            chosen.append(z)
+    chosen += [z for z in ranked if z not in chosen][:n - len(chosen)]  # one small lesion: its next slices
+    return np.array(sorted(chosen))
+
+
 def overview(path, gray, lungs, infection, z_mm, spacing, classes=None, summary=None):
-    """overview.png: the most infected slices (infection, or GGO red / consolidation green, over the CT;
-    lung outline in blue), the infected percent of lung along z and, given the summary, the zones."""
+    """overview.png: the slices of overview_slices (infection, or GGO red / consolidation green, over the
+    CT; lung outline in blue), the infected percent of lung along z and, given the summary, the zones."""
     from scipy import ndimage
     lung_area = (lungs > 0).sum(axis=(0, 1))
     inf_area = (infection & (lungs > 0)).sum(axis=(0, 1))
     percent = np.where(lung_area > 0, 100.0 * inf_area / np.maximum(lung_area, 1), 0.0)
-    order = np.argsort(-inf_area if inf_area.any() else -lung_area, kind="stable")[:OVERVIEW_SLICES]
+    # a 1-voxel outline vanishes when a 512-row slice is shrunk to PANEL rows: as thick as the shrink
+    width_px = max(1, int(np.ceil(gray.shape[0] / PANEL)))
     panels = []
-    for z in sorted(order):
+    for z in overview_slices(lung_area, inf_area):
         lung = lungs[..., z] > 0
-        outline = lung & ~ndimage.binary_erosion(lung)
+        outline = lung & ~ndimage.binary_erosion(lung, iterations=width_px)
         masks = [(outline, (60, 120, 255))]
         if classes is not None:
             masks += [(classes[..., z] == c, COLOURS[c]) for c in (GGO, CONSOLIDATION)]
         else:
             masks.append((infection[..., z], COLOURS["infection"]))
-        panel = _panel(gray[..., z], masks, spacing[1] / spacing[0])
+        # the display view (right lung on top, anterior to the left) transposed: the radiological view
+        panel = _panel(gray[..., z].T, [(m.T, colour) for m, colour in masks], spacing[0] / spacing[1])
         ImageDraw.Draw(panel).text((4, 4), f"z {z_mm[z]:.1f} mm  {percent[z]:.1f}%", fill=(255, 255, 0))
         panels.append(panel)
     width = max(sum(p.width for p in panels), 560 if summary else 400)

@@ -105,11 +105,21 @@ def _dicom_files(folder):
     return [p for p in sorted(Path(folder).iterdir()) if is_dicom_file(p)]
 
 
+def is_output_folder(folder):
+    """True for the volume stage's output folders (their record), with everything below them."""
+    from .output_folder import RECORD_NAME
+    return (Path(folder) / RECORD_NAME).is_file()
+
+
 def _scan_files(root, skip=()):
     """(kind, path) of every NIfTI and DICOM-looking file below `root`, in sorted order; hidden files
-    and folders and the folders in `skip` (our own output) are left out."""
+    and folders, the folders in `skip` (this run's output) and any earlier run's output folder (its
+    masks are not scans) are left out."""
     skip = {os.path.realpath(p) for p in skip}
     for folder, dirs, files in os.walk(root):
+        if is_output_folder(folder):
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(Path(folder, d)) not in skip)
         for f in sorted(files):
             p = Path(folder, f)
@@ -176,6 +186,9 @@ def find_cases(path, series=None, skip=()):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found")
+    if path.is_dir() and is_output_folder(path):
+        raise DataError(f"{path}: an output folder of the volume stage (it holds {path / 'volume_run.json'}); its "
+                        f"masks are not scans: give the scans' folder as --data_path")
     if path.is_file() and not (is_nifti(path) or is_dicom_file(path)):
         raise DataError(f"{path}: neither a NIfTI file (.nii, .nii.gz) nor a DICOM file")
     root = path.parent if path.is_file() else path
@@ -230,6 +243,8 @@ def is_volume_input(path):
         return is_nifti(path) or is_dicom_file(path)
     if not path.is_dir() or (path / "Imgs").is_dir():
         return False
+    if is_output_folder(path):  # the volume stage names it (find_cases) rather than the slice stage
+        return True
     return next(_scan_files(path), None) is not None
 
 

@@ -1,8 +1,10 @@
 """The volume stage's options (VolumeConfig) and its command-line arguments; light, for `--help`."""
 import argparse
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from ..errors import OptionError
+from .io import is_nifti
 from .window import DEFAULT_WINDOW, parse_window
 
 THRESHOLD = 0.5
@@ -32,6 +34,7 @@ class VolumeConfig:
     fuse_bn: bool = True
     channels_last: bool = True
     progress: bool = True
+    overwrite: bool = False       # delete the results of another run in save_path first (output_folder.py)
 
     @classmethod
     def from_any(cls, source=None, **overrides):
@@ -72,6 +75,14 @@ def check_config(cfg):
         if ignored:
             raise OptionError(f"{' and '.join(ignored)} need the network, and --mask quantifies a given mask "
                               f"without it: drop {' and '.join(ignored)}, or --mask to run the network")
+
+
+def check_mask_file(mask):
+    """A --mask that is missing, a folder or not NIfTI: one line, before any scan is read."""
+    if mask and not is_nifti(mask):
+        what = "no such file" if not Path(mask).exists() else "not a NIfTI file (.nii, .nii.gz)"
+        raise OptionError(f"--mask {mask}: {what}; give the infection mask as a NIfTI file aligned with the scan "
+                          f"(e.g. an infection.nii.gz this stage wrote for it)")
 
 
 def check_slice_options(args):

@@ -6,10 +6,12 @@ threshold the sigmoid probabilities at 0.5 (never a per-slice stretch: most slic
 infection), paste back, write in the input's own voxel order, quantify. See docs/volumes.md.
 
 A case that cannot be read is reported in one line and skipped; the others are processed, and
-OUT/summary.csv lists every case with its status. A case folder holds one run's outputs: a rerun
-removes that case's earlier outputs first (a --mask run after a network run keeps no stale
-infection.nii.gz), and summary.json is written last, so a case folder without it is unfinished.
+OUT/summary.csv lists every case with its status. OUT holds one run's results (output_folder.py):
+another run's are refused unless --overwrite, and a rerun of the same inputs keeps the cases it
+finished. A case run again has its earlier outputs removed first, and summary.json is written last,
+so a case folder without it is unfinished.
 """
+import json
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +30,8 @@ from ..quantify.lungs import attach_infection, fill_summary, find_lungs
 from ..runtime import pick_device
 from . import geometry
 from .io import find_cases, read_case, read_nifti, save_nifti
-from .options import THRESHOLD, VolumeConfig, add_volume_args, check_config  # noqa: F401 -- the stage's options
+from .options import THRESHOLD, VolumeConfig, add_volume_args, check_config, check_mask_file  # noqa: F401
+from .output_folder import OUTPUTS, TABLE_NAME, OutputRoot, run_key
 from .window import DEFAULT_WINDOW, gray_volume, is_already_gray
 
 # ------------------------------------------------------------------------------------- networks
@@ -101,9 +104,6 @@ def predict_case(nets, gray, lungs, cfg, name, spacing=(1.0, 1.0, 1.0)):
 
 # ---------------------------------------------------------------------------------------- cases
 
-# The files a case folder gets (and only these are removed when a case is run again).
-OUTPUTS = ("infection.nii.gz", "lungs.nii.gz", "classes.nii.gz", "probability.nii.gz", "slices.csv", "overview.png",
-           "summary.json")
 MAX_LUNG_ML = 12000.0  # two adult lungs at full inspiration hold about 6-8 L: more is a geometry error
 LABEL_MAX = 15  # a --mask of whole numbers up to this is a label map (e.g. classes.nii.gz: 1 GGO, 2 consolidation)
 
@@ -195,6 +195,10 @@ def run_case(case, cfg, nets, out_root):
     z_mm = orient.slice_z_mm()
     rows, summary = report.quantify(lungs, infection, volume.voxel_ml, spacing[0] * spacing[1], z_mm,
                                     orient.file_slice_index(), volume.spacing, volume.data.shape, classes)
+    cut = " and ".join(summary["lungs_cut_by_scan"])
+    if cut:
+        warnings.warn(f"{volume.source}: lung in the scan's {cut} end slice: the field of view cuts the lungs; "
+                      f"volumes, percentages and zones are of the scanned part only")
     summary["window_hu"] = None if already_gray else [float(v) for v in window]
     summary.update(fill_summary(lungs, found.dense, attached, volume.voxel_ml))
     if summary["lung_ml"] > MAX_LUNG_ML:
@@ -235,11 +239,20 @@ def run_volumes(args_or_config=None, **overrides):
     _check_save_path(save_path, cfg.data_path, cases)
     if cfg.mask and len(cases) > 1:
         raise UserError(f"--mask {cfg.mask}: give one scan as --data_path, not a folder of {len(cases)}")
+    check_mask_file(cfg.mask)
     if not cfg.mask and not cfg.pth_path:
         raise UserError("give --pth_path (the network) or --mask (a mask to quantify)")
-    nets = None if cfg.mask else Networks(cfg)
+    root = OutputRoot(save_path, run_key(cfg), cfg.overwrite)
+    kept = root.prepare(cases)  # before any work: another run's results are refused (or --overwrite)
+    nets = None if cfg.mask or len(kept) == len(cases) else Networks(cfg)
+    root.start()
     summaries, timings, table, failed = {}, {}, {}, []
     for case in cases:
+        if case.name in kept:
+            summary = summaries[case.name] = json.loads(kept[case.name].read_text())
+            table[case.name] = {"status": "ok", "source": str(case.path), **summary}
+            print(f"[volume] {case.name}: finished earlier, kept ({save_path / case.name})")
+            continue
         try:
             name, summary, t = run_case(case, cfg, nets, save_path)
         except DataError as e:
@@ -251,11 +264,13 @@ def run_volumes(args_or_config=None, **overrides):
             table[case.name] = {"status": f"skipped: {message}", "source": str(case.path)}
         else:
             summaries[name], timings[name] = summary, t
+            root.done(case)
             table[name] = {"status": "ok", "source": str(case.path), **summary}
             print(f"[volume] {name}: lungs {summary['lung_ml']:.0f} mL (right {summary['right_lung_ml']:.0f}, left "
                   f"{summary['left_lung_ml']:.0f}), infection {summary['infection_ml']:.1f} mL = "
                   f"{summary['infection_percent']:.2f}%, zone score {summary['zone_score']}/30 -> {save_path / name}")
-        report.write_summary_table(save_path / "summary.csv", table)  # after every case: a killed run keeps it
+        report.write_summary_table(save_path / TABLE_NAME, table)  # after every case: a killed run keeps it
+    root.finish()
     run_volumes.last_timings = timings  # for bench/bench_volume.py
     if failed:
         raise DataError(f"{len(failed)} of {len(cases)} case(s) skipped ({', '.join(failed)}); the other "
