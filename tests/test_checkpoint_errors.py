@@ -123,3 +123,15 @@ def test_test_script_with_truncated_weights_names_the_file(truncated, tmp_path, 
     assert err.count("\n") == 1 and err.startswith(f"error: {truncated} cannot be read as a PyTorch checkpoint")
     with pytest.raises(CheckpointError):  # --debug: the exception itself, with its traceback
         run_main(multiclass_test_script.main, argv + ["--debug"])
+
+
+def test_multiclass_test_names_an_unknown_infnet_backbone_on_one_line(unet_file, tmp_path, capsys):
+    (tmp_path / "slices").mkdir()
+    Image.new("L", (40, 48), 90).save(tmp_path / "slices" / "1.png")
+    with pytest.raises(SystemExit) as e:
+        run_main(multiclass_test_script.main, ["--pth_path", str(unet_file), "--infnet_pth", str(unet_file),
+                                               "--infnet_backbone", "nope", "--data_path", str(tmp_path / "slices"),
+                                               "--save_path", str(tmp_path / "out"), "--progress", "False"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --infnet_backbone 'nope': choose one of") and not (tmp_path / "out").exists()

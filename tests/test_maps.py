@@ -271,7 +271,8 @@ def test_output_folder_guards(test_slices, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, says", [(["--device", "banana"], "--device banana"),
                                         (["--testsize", "100000"], "--testsize 100000"),
-                                        (["--testsize", "8"], "--testsize 8")])
+                                        (["--testsize", "8"], "--testsize 8"),
+                                        (["--backbone", "nope"], "--backbone 'nope': choose one of")])
 def test_bad_test_options_are_one_line(test_slices, tmp_path, capsys, argv, says):
     data, _ = test_slices(1)
     weights = tmp_path / "w.pth"
