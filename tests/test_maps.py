@@ -339,3 +339,17 @@ def test_run_test_takes_a_test_config(test_slices, tmp_path):
     assert [p.name for p in written] == [p.name for p in again]
     for p, q in zip(written, again):
         assert np.array_equal(np.array(Image.open(p)), np.array(Image.open(q)))
+
+
+def test_a_truncated_slice_stops_the_test_before_anything_is_written(test_slices, tmp_path, capsys):
+    """Every slice decodes before the run starts: a cut-short JPEG met mid-run left an unfinished folder that the
+    rerun then refused without --overwrite."""
+    data, names = test_slices(2)
+    cut = data / "Imgs" / names[1]
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    weights, out = tmp_path / "w.pth", tmp_path / "out"
+    save_release_weights(spread_infnet(), weights)
+    err = _one_line_error(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(out),
+                           "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress"], capsys)
+    assert "test slices" in err and str(cut) in err and "truncated" in err
+    assert not out.exists()

@@ -189,6 +189,9 @@ def test_fcn8s_image_only_paper_recipe_trains_and_tests(pair_root, test_slices, 
     run_test(snapshot, root, prior_path=tmp_path / "no-such-folder", save_root=tmp_path / "out",
              testsize=SIZE, device="cpu", progress=False)
     check_outputs(tmp_path / "out", "FCN8s", sizes)
+    from Code.model_lung_infection.errors import OptionError
+    with pytest.raises(OptionError, match=r"--testsize 100: fcn8s needs a multiple of 32 \(e\.g\. 96\)"):
+        run_test(snapshot, root, save_root=tmp_path / "out2", testsize=100, device="cpu", progress=False)
 
 
 def test_recipes_and_cli():

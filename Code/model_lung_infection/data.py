@@ -161,6 +161,12 @@ def check_pairs(samples):
     return problems
 
 
+def check_slices(items, what="test slices"):
+    """DataError listing every slice of [(stem, path)] that does not decode to its end (image_size: fast), so
+    that a bad file stops a test run before it writes anything."""
+    raise_problems(check_pairs([(stem, path) for stem, path in items]), what)
+
+
 def _natural_key(stem):
     """Sort '2' before '10'."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", stem)]
