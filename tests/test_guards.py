@@ -393,3 +393,42 @@ def test_lock_files_are_not_left_behind(tmp_path):
     assert json.loads((tmp_path / "a" / run_folder.LOCK_NAME).read_text())["pid"] == os.getpid()
     run_folder.release_folder(tmp_path / "a")
     assert list((tmp_path / "a").iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [["--init", "MISSING"], ["--pretrained", "MISSING"], ["--train_path", "ZERO_ONE"]])
+def test_overwrite_keeps_the_earlier_run_when_an_input_is_wrong(data, tmp_path, capsys, bad):
+    """--overwrite deletes the earlier run only once the data and the weights to start from have been read:
+    a typo in them cost the earlier run before."""
+    snap = tmp_path / "snap"
+    script.main(_options(data, snap))
+    run_dir = snap / "save_weights/run"
+    before = sorted(p.name for p in run_dir.glob("*.pth"))
+    capsys.readouterr()
+    zero_one = tmp_path / "zero_one"
+    shutil.copytree(data, zero_one)
+    for gt in (zero_one / "GT").iterdir():
+        _zero_one(gt)
+    bad = [str(tmp_path / "missing.pth") if a == "MISSING" else str(zero_one) if a == "ZERO_ONE" else a
+           for a in bad]
+    err, out = _one_line_error(capsys, script.main, _options(data, snap, "--overwrite", *bad))
+    assert "deleted" not in out and sorted(p.name for p in run_dir.glob("*.pth")) == before, out
+    if "--pretrained" in bad:
+        assert err.startswith(f"error: no ImageNet weights at {tmp_path / 'missing.pth'}: no such file")
+
+
+def test_multiclass_overwrite_keeps_the_earlier_run_when_the_data_is_wrong(data_root, tmp_path, capsys):
+    src = data_root / MULTICLASS
+    stems = sorted(p.stem for p in (src / "Imgs").iterdir())[:2]
+    for sub in ("Imgs", "GT", "Prior"):
+        (tmp_path / "mc" / sub).mkdir(parents=True)
+        for s in stems:
+            shutil.copy(next((src / sub).glob(s + ".*")), tmp_path / "mc" / sub)
+    argv = ["--train_path", str(tmp_path / "mc"), "--trainsize", "64", "--batchsize", "2", "--epoch", "1",
+            "--snapshot_root", str(tmp_path / "snap"), "--train_save", "mc", "--no-progress", "--no-amp"]
+    multiclass_script.main(argv)
+    run_dir = tmp_path / "snap/save_weights/mc"
+    before = sorted(p.name for p in run_dir.glob("*.pth"))
+    capsys.readouterr()
+    shutil.rmtree(tmp_path / "mc" / "Prior")
+    err, out = _one_line_error(capsys, multiclass_script.main, argv + ["--overwrite"])
+    assert "Prior" in err and "deleted" not in out and sorted(p.name for p in run_dir.glob("*.pth")) == before

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
 
     `dataset` (default: InfectionTrainSet(cfg.train_path)) lets a caller train on a chosen subset.
     """
-    check_run_folder(cfg)  # before reading data or building the model
+    check_run_folder(cfg, clear=False)  # before reading data or building the model
     if cfg.model == "inf_net":
         check_encoder(cfg.backbone)
     seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights

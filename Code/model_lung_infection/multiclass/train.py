@@ -44,7 +44,7 @@ def train(cfg: MultiClassConfig, model=None):
     """Train the multi-class network; returns the bare model. Snapshots
     (`<snapshot_root>/save_weights/<train_save>/<prefix>-<epoch>.pth`, release format), the resumable
     checkpoint and TensorBoard logs are written by engine.Engine."""
-    check_run_folder(cfg)  # an existing run or a missing checkpoint: said before reading any data
+    check_run_folder(cfg, clear=False)  # an existing run or a missing checkpoint: said before reading any data
     seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights
     dataset = MultiClassTrainSet(cfg.train_path, cfg.trainsize, cfg.prior, cfg.binarize_prior)
     validate, held = None, ""
