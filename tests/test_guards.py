@@ -432,3 +432,15 @@ def test_multiclass_overwrite_keeps_the_earlier_run_when_the_data_is_wrong(data_
     shutil.rmtree(tmp_path / "mc" / "Prior")
     err, out = _one_line_error(capsys, multiclass_script.main, argv + ["--overwrite"])
     assert "Prior" in err and "deleted" not in out and sorted(p.name for p in run_dir.glob("*.pth")) == before
+
+
+def test_warnings_of_the_scripts_are_one_line_each(tmp_path):
+    """A warning is `warning: ...` on one line, as errors are (not `file:line: UserWarning:` plus a source line)."""
+    proc = subprocess.run([sys.executable, "MyTrain_LungInf.py", "--train_path", str(tmp_path / "nowhere"),
+                           "--snapshot_root", str(tmp_path / "snap"), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr
+    assert lines[0].startswith("warning: inf_net: the encoder starts from RANDOM weights") and lines[1].startswith(
+        "error: ") and "UserWarning" not in proc.stderr

@@ -3,6 +3,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 
 from .configs import MAX_SEED
 from .errors import UserError
@@ -25,10 +26,13 @@ def add_debug(parser):
 
 def run_main(main, argv=None):
     """Run a script's `main(argv)`: a user error prints `error: ...` on one line and exits 2; Ctrl-C prints
-    what was saved and how to continue (if the stage says) and exits 130. `--debug` (or INFNET_DEBUG=1)
-    shows the traceback instead."""
+    what was saved and how to continue (if the stage says) and exits 130; warnings print as one line
+    `warning: ...`, without a source line. `--debug` (or INFNET_DEBUG=1) shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("INFNET_DEBUG", "") not in ("", "0")
+    formatwarning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = one_line_warning
     try:
         return main(argv)
     except KeyboardInterrupt as e:
@@ -41,6 +45,13 @@ def run_main(main, argv=None):
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def one_line_warning(message, category, filename, lineno, line=None):
+    """warnings.formatwarning of the scripts: `warning: <message>` on one line, as errors are."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def one_line(error):
