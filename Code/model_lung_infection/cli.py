@@ -248,7 +248,7 @@ def add_validation_args(parser, defaults, scores="Dice at 0.5 and MAE, as the te
     g.add_argument("--time_budget", type=positive_float, default=defaults.time_budget, metavar="MINUTES",
                    help="stop after the epoch that crosses this wall time (from the run's start, resumed time "
                         "included), saving snapshots as at the last epoch; set --epoch to the epochs expected to "
-                        "fit, which the cosine schedule and --progressive_size count on")
+                        "fit, which schedules over the epochs count on")
     return g
 
 
