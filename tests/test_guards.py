@@ -444,3 +444,12 @@ def test_warnings_of_the_scripts_are_one_line_each(tmp_path):
     assert proc.returncode == 2 and len(lines) == 2, proc.stderr
     assert lines[0].startswith("warning: inf_net: the encoder starts from RANDOM weights") and lines[1].startswith(
         "error: ") and "UserWarning" not in proc.stderr
+
+
+@pytest.mark.parametrize("trainer, holds", [(script, "Imgs/ and GT/"), (multiclass_script, "Imgs/, GT/ and Prior/")])
+def test_a_missing_training_folder_names_the_option_and_where_data_goes(trainer, holds, tmp_path, capsys):
+    """The first run of a new user, without Dataset/: the line says which option and what to give."""
+    err, _ = _one_line_error(capsys, trainer.main, ["--train_path", str(tmp_path / "nowhere"), "--snapshot_root",
+                                                    str(tmp_path / "snap"), "--no-progress"])
+    assert err.startswith(f"error: --train_path: {tmp_path / 'nowhere'}/Imgs: folder not found; give the folder "
+                          f"holding {holds}") and "Dataset/README.md" in err, err

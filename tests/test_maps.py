@@ -353,3 +353,12 @@ def test_a_truncated_slice_stops_the_test_before_anything_is_written(test_slices
                            "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress"], capsys)
     assert "test slices" in err and str(cut) in err and "truncated" in err
     assert not out.exists()
+
+
+def test_a_data_path_that_is_neither_slices_nor_a_volume_is_one_line(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    (tmp_path / "notes.txt").write_text("x")
+    err = _one_line_error(["--pth_path", str(weights), "--data_path", str(tmp_path / "notes.txt"), "--save_path",
+                           str(tmp_path / "out"), "--backbone", SMALL, "--no-progress"], capsys)
+    assert err.startswith(f"error: --data_path: {tmp_path / 'notes.txt'}: folder not found; give the folder holding")

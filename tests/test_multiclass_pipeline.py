@@ -378,3 +378,13 @@ def test_bad_test_options_are_one_line(test_slices, unet_pth, tmp_path, capsys, 
         test_cli.run_main(test_cli.main, base + argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+
+
+def test_a_missing_test_folder_names_the_option(unet_pth, tmp_path, capsys):
+    argv = ["--pth_path", str(unet_pth), "--data_path", str(tmp_path / "nowhere"), "--save_path", str(tmp_path / "o"),
+            "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        test_cli.run_main(test_cli.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: --data_path: {tmp_path / 'nowhere'}: folder not found; "
+                                                f"give the folder holding the slices"), err

@@ -31,7 +31,7 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     scaled_size,
     stage_config,
 )
-from .data import DataError, InfectionTrainSet
+from .data import DataError, InfectionTrainSet, data_option
 from .encoders import check_encoder
 from .engine import Engine, PretrainSampler, check_run_folder
 from .losses import segmentation_loss
@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, model=None, dataset=None):
         check_encoder(cfg.backbone)
     seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights
     if dataset is None:
-        dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
+        with data_option("--train_path", "Imgs/ and GT/"):
+            dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
     validate = None
     if cfg.val_split:
         dataset, validate = split_validation(
