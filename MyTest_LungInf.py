@@ -65,7 +65,8 @@ def parse_args(argv=None):
                    help="slices per forward pass (every slice is resized to --testsize)")
     p.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default="none",
                    help="none: write probabilities (default); minmax: stretch each map to 0..255 as the release did")
-    p.add_argument("--backbone", default=None, help="encoder of release-format weights (default res2net50_v1b_26w_4s)")
+    p.add_argument("--backbone", default=None, help="encoder of release-format weights (default: read off the "
+                                                    "file's keys, e.g. a run trained with --backbone mobilenetv2)")
     add_bool(p, "--progress", True, "progress bar")
     add_bool(p, "--fuse_bn", True, "fold each BatchNorm into its convolution (same maps, faster)")
     add_bool(p, "--compile", False, "torch.compile the model (inductor; slow first slice, needs a C compiler on CPU)")
