@@ -453,3 +453,12 @@ def test_a_missing_training_folder_names_the_option_and_where_data_goes(trainer,
                                                     str(tmp_path / "snap"), "--no-progress"])
     assert err.startswith(f"error: --train_path: {tmp_path / 'nowhere'}/Imgs: folder not found; give the folder "
                           f"holding {holds}") and "Dataset/README.md" in err, err
+
+
+def test_init_weights_of_another_encoder_say_which_backbone_they_need(data, tmp_path, capsys):
+    from Code.model_lung_infection import Inf_Net, save_release_weights
+    init = tmp_path / "Inf-Net-10.pth"
+    save_release_weights(Inf_Net(backbone="mobilenetv2"), init)
+    err, _ = _one_line_error(capsys, script.main, _options(data, tmp_path / "snap", "--init", str(init)))
+    assert err == (f"error: --init {init} holds Inf-Net weights with the mobilenetv2 encoder, and this run builds "
+                   f"{SMALL}: add --backbone mobilenetv2")
