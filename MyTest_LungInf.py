@@ -78,6 +78,10 @@ def parse_args(argv=None):
 
 def check_weights(pth_path):
     """A missing checkpoint is the usual first-run mistake: say which file and where weights come from."""
+    if Path(pth_path).is_dir():
+        found = sorted(p.name for p in Path(pth_path).glob("*.pth"))
+        listed = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "") if found else "it holds no .pth file"
+        raise FileNotFoundError(f"--pth_path {pth_path} is a folder: give a weights file in it ({listed})")
     if not Path(pth_path).is_file():
         raise FileNotFoundError(
             f"no weights at {pth_path}: pass --pth_path PATH, with weights trained by MyTrain_LungInf.py "

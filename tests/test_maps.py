@@ -362,3 +362,12 @@ def test_a_data_path_that_is_neither_slices_nor_a_volume_is_one_line(tmp_path, c
     err = _one_line_error(["--pth_path", str(weights), "--data_path", str(tmp_path / "notes.txt"), "--save_path",
                            str(tmp_path / "out"), "--backbone", SMALL, "--no-progress"], capsys)
     assert err.startswith(f"error: --data_path: {tmp_path / 'notes.txt'}: folder not found; give the folder holding")
+
+
+def test_a_weights_folder_as_pth_path_lists_the_files_in_it(tmp_path, capsys):
+    run = tmp_path / "Inf-Net"
+    run.mkdir()
+    for name in ("checkpoint.pth", "Inf-Net-10.pth"):
+        (run / name).write_bytes(b"x")
+    err = _one_line_error(["--pth_path", str(run), "--data_path", str(tmp_path), "--no-progress"], capsys)
+    assert err == f"error: --pth_path {run} is a folder: give a weights file in it (Inf-Net-10.pth, checkpoint.pth)"
