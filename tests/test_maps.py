@@ -371,3 +371,23 @@ def test_a_weights_folder_as_pth_path_lists_the_files_in_it(tmp_path, capsys):
         (run / name).write_bytes(b"x")
     err = _one_line_error(["--pth_path", str(run), "--data_path", str(tmp_path), "--no-progress"], capsys)
     assert err == f"error: --pth_path {run} is a folder: give a weights file in it (Inf-Net-10.pth, checkpoint.pth)"
+
+
+def test_a_folder_of_an_unfinished_run_is_said_to_be_one(test_slices, tmp_path, capsys, monkeypatch):
+    """A run stopped mid-way (Ctrl-C, a full disk) leaves a record marked incomplete: the rerun's refusal says so."""
+    import Code.model_lung_infection.infer as infer
+    data, _ = test_slices(2)
+    weights, out = tmp_path / "w.pth", tmp_path / "out"
+    save_release_weights(spread_infnet(), weights)
+    real = infer.iter_maps
+
+    def stop_after_one(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(infer, "iter_maps", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(out)])
+    monkeypatch.undo()
+    err = _one_line_error(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(out),
+                           "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress"], capsys)
+    assert f"(an unfinished run of {weights.resolve()}: 1 of 2 maps)" in err and "--overwrite" in err, err

@@ -39,7 +39,14 @@ def _record(folder):
 
 def _source(folder):
     record = _record(folder)
-    return f" (maps of {record.get('weights', {}).get('path', '?')})" if record else ""
+    if not record:
+        return ""
+    weights = record.get("weights", {}).get("path", "?")
+    if not record.get("complete"):  # stopped by an error or Ctrl-C: --overwrite is the way on, say so
+        expected = record.get("expected", [])
+        written = sum((Path(folder) / name).is_file() for name in expected)
+        return f" (an unfinished run of {weights}: {written} of {len(expected)} maps)"
+    return f" (maps of {weights})"
 
 
 def _recorded(folder):
