@@ -462,3 +462,17 @@ def test_init_weights_of_another_encoder_say_which_backbone_they_need(data, tmp_
     err, _ = _one_line_error(capsys, script.main, _options(data, tmp_path / "snap", "--init", str(init)))
     assert err == (f"error: --init {init} holds Inf-Net weights with the mobilenetv2 encoder, and this run builds "
                    f"{SMALL}: add --backbone mobilenetv2")
+
+
+@pytest.mark.parametrize("trainer, option", [(script, "--train_save"), (script, "--snapshot_prefix"),
+                                             (multiclass_script, "--train_save"),
+                                             (multiclass_script, "--snapshot_prefix"), (pseudo_script, "--train_save")])
+@pytest.mark.parametrize("name", ["../escaped", "", "a/b", "ABSOLUTE"])
+def test_run_names_are_one_folder_name(trainer, option, name, tmp_path, capsys):
+    """--train_save ../x trained into <snapshot_root>/x, '' into save_weights/ itself, --snapshot_prefix ../p wrote
+    its snapshots beside the run folders: every name that becomes a path stays under --snapshot_root."""
+    name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
+    with pytest.raises(SystemExit) as stop:
+        trainer.parse_args([option, name, "--snapshot_root", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and option in err and "one folder or file name" in err

@@ -90,6 +90,13 @@ MIN_SIDE, MAX_SIDE = 32, 2048
 MAX_SEED = 2 ** 63 - 1
 
 
+def is_path_component(name):
+    """Whether a user-given name that becomes a path (a run, a file prefix, an output folder) is one safe path
+    component: it stays under the folder it is put in. No separators, not '', '.' or '..', no NUL."""
+    name = str(name)
+    return not (name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute())
+
+
 def run_option_problems(cfg):
     """What no run of any trainer can use (RunConfig's fields and `trainsize`), one message per option."""
     problems = []

@@ -17,6 +17,7 @@ from pathlib import Path
 from EvaluationTool.record import RECORD_NAME, RecordError, digest, is_temporary, read_record
 
 from .atomic import atomic_write
+from .configs import is_path_component
 from .errors import OptionError, UserError
 
 MAP_SUFFIX = ".png"
@@ -172,7 +173,7 @@ def safe_component(name, option):
     """`name` if it is one safe path component (a folder or file name that stays where it is put), else an
     OptionError naming the option: no separators, not '.' or '..', not empty, no NUL."""
     name = str(name)
-    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+    if not is_path_component(name):
         raise OptionError(f"{option} {name!r}: must be one folder name (no '/', '\\', '..' or absolute path), "
                           f"as it names a folder under the output root")
     return name
