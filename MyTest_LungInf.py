@@ -65,7 +65,8 @@ def parse_args(argv=None):
                    help="slices per forward pass (every slice is resized to --testsize)")
     p.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default="none",
                    help="none: write probabilities (default); minmax: stretch each map to 0..255 as the release did")
-    p.add_argument("--backbone", default=None, help="encoder of release-format weights (default res2net50_v1b_26w_4s)")
+    p.add_argument("--backbone", default=None, help="encoder of release-format weights (default: read off the "
+                                                    "file's keys, e.g. a run trained with --backbone mobilenetv2)")
     add_bool(p, "--progress", True, "progress bar")
     add_bool(p, "--fuse_bn", True, "fold each BatchNorm into its convolution (same maps, faster)")
     add_bool(p, "--compile", False, "torch.compile the model (inductor; slow first slice, needs a C compiler on CPU)")
@@ -77,6 +78,10 @@ def parse_args(argv=None):
 
 def check_weights(pth_path):
     """A missing checkpoint is the usual first-run mistake: say which file and where weights come from."""
+    if Path(pth_path).is_dir():
+        found = sorted(p.name for p in Path(pth_path).glob("*.pth"))
+        listed = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "") if found else "it holds no .pth file"
+        raise FileNotFoundError(f"--pth_path {pth_path} is a folder: give a weights file in it ({listed})")
     if not Path(pth_path).is_file():
         raise FileNotFoundError(
             f"no weights at {pth_path}: pass --pth_path PATH, with weights trained by MyTrain_LungInf.py "

@@ -18,7 +18,7 @@ import argparse
 import os
 
 from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
-from Code.model_lung_infection.configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, TEST_SIZE_RANGE
+from Code.model_lung_infection.configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, TEST_SIZE_RANGE, backbone_problems
 from Code.model_lung_infection.errors import CheckpointError, OptionError
 from Code.model_lung_infection.outputs import safe_component
 
@@ -74,6 +74,9 @@ def main(argv=None):
     for option, size in (("--testsize", a.testsize), ("--infnet_testsize", a.infnet_testsize)):
         if size is not None and not low <= size <= high:
             raise OptionError(f"{option} {size}: must lie between {low} and {high}")
+    problems = backbone_problems(a.infnet_backbone, "--infnet_backbone")
+    if problems:
+        raise OptionError(problems[0])
     check_weights("--pth_path", a.pth_path)
     check_weights("--infnet_pth", a.infnet_pth)
     from Code.model_lung_infection.multiclass.predict import run_test  # PyTorch: after the arguments are parsed

@@ -48,7 +48,7 @@ def build_parser():
     p.add_argument("--train_path", nargs="+", default=None,
                    help="folder(s) with Imgs/, GT/ and optionally Edge/ (edges are derived from GT if absent); "
                         "default from --stage")
-    p.add_argument("--snapshot_prefix", default=None,
+    p.add_argument("--snapshot_prefix", type=cli.path_component, default=None,
                    help="snapshot file names: <prefix>-<epoch>.pth (default from --stage)")
     p.add_argument("--backbone", default=d.backbone,
                    help=f"encoder: {', '.join(ENCODERS.names())} or timm:<name>")

@@ -25,9 +25,9 @@ def build_parser():
     d = MultiClassConfig()
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_path", default=d.train_path, help="folder with Imgs/, GT/ and Prior/")
-    p.add_argument("--train_save", default=None,
+    p.add_argument("--train_save", type=cli.path_component, default=None,
                    help="run name: Snapshots/save_weights/<train_save>/ (default after --arch/--prior)")
-    p.add_argument("--snapshot_prefix", default=None,
+    p.add_argument("--snapshot_prefix", type=cli.path_component, default=None,
                    help="snapshot file names: <prefix>-<epoch>.pth (default: run name)")
     p.add_argument("--snapshot_root", default=d.snapshot_root)
     p.add_argument("--arch", choices=sorted(ARCHS), default=d.arch)

@@ -51,7 +51,8 @@ def parse_args(argv=None):
                         "initialised them; without it every encoder starts from random weights")
     add_bool(p, "--retrain", False, "train, test and evaluate every row again")
     add_bool(p, "--progress", True, "progress bars")
-    add_runtime_args(p, defaults={"channels_last": None}, help=TRAINING_PRECISION_HELP)  # the rows train
+    add_runtime_args(p, defaults={"channels_last": None}, help={  # the rows train
+        **TRAINING_PRECISION_HELP, "amp": TRAINING_PRECISION_HELP["amp"].replace(" (dtype: --amp_dtype)", "")})
     add_debug(p)
     a = p.parse_args(argv)
     names = [r.name for r in TABLE_ROWS[a.table]]

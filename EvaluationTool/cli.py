@@ -17,6 +17,17 @@ from .folder import (
 from .report import MULTICLASS, average, write_binary_reports, write_multiclass_reports
 
 
+def _at_least_one(value):
+    """argparse type of --workers: an integer >= 1 (0 or less reached the thread pool as a traceback)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return n
+
+
 def default_dataset(gt_root, task):
     gt_root = Path(gt_root).resolve()
     if task == "binary" and gt_root.name == "GT":
@@ -88,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--save_dir", default="EvaluateResults", help="where reports are written")
     p.add_argument("--em_strict", action="store_true",
                    help="binarise with pred > t for E-phi (one main.m revision) instead of >=")
-    p.add_argument("--workers", type=int, default=None, help="threads (default: up to 4)")
+    p.add_argument("--workers", type=_at_least_one, default=None, help="threads (default: up to 4)")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     return p.parse_args(argv)
 

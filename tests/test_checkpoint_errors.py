@@ -123,3 +123,29 @@ def test_test_script_with_truncated_weights_names_the_file(truncated, tmp_path, 
     assert err.count("\n") == 1 and err.startswith(f"error: {truncated} cannot be read as a PyTorch checkpoint")
     with pytest.raises(CheckpointError):  # --debug: the exception itself, with its traceback
         run_main(multiclass_test_script.main, argv + ["--debug"])
+
+
+def test_multiclass_test_names_an_unknown_infnet_backbone_on_one_line(unet_file, tmp_path, capsys):
+    (tmp_path / "slices").mkdir()
+    Image.new("L", (40, 48), 90).save(tmp_path / "slices" / "1.png")
+    with pytest.raises(SystemExit) as e:
+        run_main(multiclass_test_script.main, ["--pth_path", str(unet_file), "--infnet_pth", str(unet_file),
+                                               "--infnet_backbone", "nope", "--data_path", str(tmp_path / "slices"),
+                                               "--save_path", str(tmp_path / "out"), "--progress", "False"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --infnet_backbone 'nope': choose one of") and not (tmp_path / "out").exists()
+
+
+def test_a_release_format_snapshot_of_another_encoder_tests_without_backbone(tmp_path):
+    """Snapshots (<prefix>-<epoch>.pth) are bare state dicts: the encoder is read off their keys, so a run trained
+    with --backbone mobilenetv2 tests without repeating it (it was a key report of hundreds of names)."""
+    torch.manual_seed(0)
+    model = Inf_Net(backbone="mobilenetv2").eval()
+    path = tmp_path / "Inf-Net-1.pth"
+    save_release_weights(model, path)
+    loaded = load_inf_net(path)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[3], model(x)[3])
+    assert loaded.resnet.__class__ is model.resnet.__class__

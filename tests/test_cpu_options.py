@@ -456,7 +456,7 @@ def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_training_defaults_to_bf16_and_channels_last_where_bf16_is_native(monkeypatch, native):
+def test_cpu_training_defaults_to_bf16_and_channels_last_where_bf16_is_native(monkeypatch, native, tmp_path):
     from Code.model_lung_infection import runtime
     from Code.model_lung_infection.engine import Engine
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
@@ -469,7 +469,7 @@ def test_cpu_training_defaults_to_bf16_and_channels_last_where_bf16_is_native(mo
     assert TrainConfig(trainsize=352, progressive_size=96).smallest_input() == 64
     assert TrainConfig(trainsize=352, progressive_size=32).smallest_input() == 32  # its first epochs: fp32 run
     assert TrainConfig().amp is None and TrainConfig().channels_last is None  # unset unless given
-    engine = Engine(TrainConfig(device="cpu", snapshot_root="unused"), torch.nn.Conv2d(3, 4, 3))
+    engine = Engine(TrainConfig(device="cpu", snapshot_root=str(tmp_path)), torch.nn.Conv2d(3, 4, 3))
     assert (engine.amp, engine.channels_last) == (native, native)
     assert engine.model.weight.is_contiguous(memory_format=torch.channels_last) == native
     assert engine.images(torch.zeros(1, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last) == native

@@ -422,6 +422,16 @@ def test_save_dir_that_is_a_file_is_one_line(toy_folders, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--save_dir" in err and "is a file" in err
 
 
+@pytest.mark.parametrize("workers", ["0", "-1", "two"])
+def test_workers_below_one_is_one_line(toy_folders, tmp_path, capsys, workers):
+    gt_dir, pred_dir = toy_folders
+    with pytest.raises(SystemExit) as stop:
+        main(["--gt_root", str(gt_dir), "--pred_root", str(pred_dir.parent), "--models", "pred",
+              "--save_dir", str(tmp_path / "reports"), "--workers", workers])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "--workers" in err and "Traceback" not in err, err
+
+
 def test_gt_stored_as_0_1_warns_once_and_keeps_the_toolbox_figures(toy_folders, tmp_path, capsys):
     gt_dir, pred_dir = toy_folders
     for p in gt_dir.iterdir():

@@ -393,3 +393,86 @@ def test_lock_files_are_not_left_behind(tmp_path):
     assert json.loads((tmp_path / "a" / run_folder.LOCK_NAME).read_text())["pid"] == os.getpid()
     run_folder.release_folder(tmp_path / "a")
     assert list((tmp_path / "a").iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [["--init", "MISSING"], ["--pretrained", "MISSING"], ["--train_path", "ZERO_ONE"]])
+def test_overwrite_keeps_the_earlier_run_when_an_input_is_wrong(data, tmp_path, capsys, bad):
+    """--overwrite deletes the earlier run only once the data and the weights to start from have been read:
+    a typo in them cost the earlier run before."""
+    snap = tmp_path / "snap"
+    script.main(_options(data, snap))
+    run_dir = snap / "save_weights/run"
+    before = sorted(p.name for p in run_dir.glob("*.pth"))
+    capsys.readouterr()
+    zero_one = tmp_path / "zero_one"
+    shutil.copytree(data, zero_one)
+    for gt in (zero_one / "GT").iterdir():
+        _zero_one(gt)
+    bad = [str(tmp_path / "missing.pth") if a == "MISSING" else str(zero_one) if a == "ZERO_ONE" else a
+           for a in bad]
+    err, out = _one_line_error(capsys, script.main, _options(data, snap, "--overwrite", *bad))
+    assert "deleted" not in out and sorted(p.name for p in run_dir.glob("*.pth")) == before, out
+    if "--pretrained" in bad:
+        assert err.startswith(f"error: no ImageNet weights at {tmp_path / 'missing.pth'}: no such file")
+
+
+def test_multiclass_overwrite_keeps_the_earlier_run_when_the_data_is_wrong(data_root, tmp_path, capsys):
+    src = data_root / MULTICLASS
+    stems = sorted(p.stem for p in (src / "Imgs").iterdir())[:2]
+    for sub in ("Imgs", "GT", "Prior"):
+        (tmp_path / "mc" / sub).mkdir(parents=True)
+        for s in stems:
+            shutil.copy(next((src / sub).glob(s + ".*")), tmp_path / "mc" / sub)
+    argv = ["--train_path", str(tmp_path / "mc"), "--trainsize", "64", "--batchsize", "2", "--epoch", "1",
+            "--snapshot_root", str(tmp_path / "snap"), "--train_save", "mc", "--no-progress", "--no-amp"]
+    multiclass_script.main(argv)
+    run_dir = tmp_path / "snap/save_weights/mc"
+    before = sorted(p.name for p in run_dir.glob("*.pth"))
+    capsys.readouterr()
+    shutil.rmtree(tmp_path / "mc" / "Prior")
+    err, out = _one_line_error(capsys, multiclass_script.main, argv + ["--overwrite"])
+    assert "Prior" in err and "deleted" not in out and sorted(p.name for p in run_dir.glob("*.pth")) == before
+
+
+def test_warnings_of_the_scripts_are_one_line_each(tmp_path):
+    """A warning is `warning: ...` on one line, as errors are (not `file:line: UserWarning:` plus a source line)."""
+    proc = subprocess.run([sys.executable, "MyTrain_LungInf.py", "--train_path", str(tmp_path / "nowhere"),
+                           "--snapshot_root", str(tmp_path / "snap"), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr
+    assert lines[0].startswith("warning: inf_net: the encoder starts from RANDOM weights") and lines[1].startswith(
+        "error: ") and "UserWarning" not in proc.stderr
+
+
+@pytest.mark.parametrize("trainer, holds", [(script, "Imgs/ and GT/"), (multiclass_script, "Imgs/, GT/ and Prior/")])
+def test_a_missing_training_folder_names_the_option_and_where_data_goes(trainer, holds, tmp_path, capsys):
+    """The first run of a new user, without Dataset/: the line says which option and what to give."""
+    err, _ = _one_line_error(capsys, trainer.main, ["--train_path", str(tmp_path / "nowhere"), "--snapshot_root",
+                                                    str(tmp_path / "snap"), "--no-progress"])
+    assert err.startswith(f"error: --train_path: {tmp_path / 'nowhere'}/Imgs: folder not found; give the folder "
+                          f"holding {holds}") and "Dataset/README.md" in err, err
+
+
+def test_init_weights_of_another_encoder_say_which_backbone_they_need(data, tmp_path, capsys):
+    from Code.model_lung_infection import Inf_Net, save_release_weights
+    init = tmp_path / "Inf-Net-10.pth"
+    save_release_weights(Inf_Net(backbone="mobilenetv2"), init)
+    err, _ = _one_line_error(capsys, script.main, _options(data, tmp_path / "snap", "--init", str(init)))
+    assert err == (f"error: --init {init} holds Inf-Net weights with the mobilenetv2 encoder, and this run builds "
+                   f"{SMALL}: add --backbone mobilenetv2")
+
+
+@pytest.mark.parametrize("trainer, option", [(script, "--train_save"), (script, "--snapshot_prefix"),
+                                             (multiclass_script, "--train_save"),
+                                             (multiclass_script, "--snapshot_prefix"), (pseudo_script, "--train_save")])
+@pytest.mark.parametrize("name", ["../escaped", "", "a/b", "ABSOLUTE"])
+def test_run_names_are_one_folder_name(trainer, option, name, tmp_path, capsys):
+    """--train_save ../x trained into <snapshot_root>/x, '' into save_weights/ itself, --snapshot_prefix ../p wrote
+    its snapshots beside the run folders: every name that becomes a path stays under --snapshot_root."""
+    name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
+    with pytest.raises(SystemExit) as stop:
+        trainer.parse_args([option, name, "--snapshot_root", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and option in err and "one folder or file name" in err

@@ -271,7 +271,8 @@ def test_output_folder_guards(test_slices, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, says", [(["--device", "banana"], "--device banana"),
                                         (["--testsize", "100000"], "--testsize 100000"),
-                                        (["--testsize", "8"], "--testsize 8")])
+                                        (["--testsize", "8"], "--testsize 8"),
+                                        (["--backbone", "nope"], "--backbone 'nope': choose one of")])
 def test_bad_test_options_are_one_line(test_slices, tmp_path, capsys, argv, says):
     data, _ = test_slices(1)
     weights = tmp_path / "w.pth"
@@ -338,3 +339,55 @@ def test_run_test_takes_a_test_config(test_slices, tmp_path):
     assert [p.name for p in written] == [p.name for p in again]
     for p, q in zip(written, again):
         assert np.array_equal(np.array(Image.open(p)), np.array(Image.open(q)))
+
+
+def test_a_truncated_slice_stops_the_test_before_anything_is_written(test_slices, tmp_path, capsys):
+    """Every slice decodes before the run starts: a cut-short JPEG met mid-run left an unfinished folder that the
+    rerun then refused without --overwrite."""
+    data, names = test_slices(2)
+    cut = data / "Imgs" / names[1]
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    weights, out = tmp_path / "w.pth", tmp_path / "out"
+    save_release_weights(spread_infnet(), weights)
+    err = _one_line_error(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(out),
+                           "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress"], capsys)
+    assert "test slices" in err and str(cut) in err and "truncated" in err
+    assert not out.exists()
+
+
+def test_a_data_path_that_is_neither_slices_nor_a_volume_is_one_line(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    (tmp_path / "notes.txt").write_text("x")
+    err = _one_line_error(["--pth_path", str(weights), "--data_path", str(tmp_path / "notes.txt"), "--save_path",
+                           str(tmp_path / "out"), "--backbone", SMALL, "--no-progress"], capsys)
+    assert err.startswith(f"error: --data_path: {tmp_path / 'notes.txt'}: folder not found; give the folder holding")
+
+
+def test_a_weights_folder_as_pth_path_lists_the_files_in_it(tmp_path, capsys):
+    run = tmp_path / "Inf-Net"
+    run.mkdir()
+    for name in ("checkpoint.pth", "Inf-Net-10.pth"):
+        (run / name).write_bytes(b"x")
+    err = _one_line_error(["--pth_path", str(run), "--data_path", str(tmp_path), "--no-progress"], capsys)
+    assert err == f"error: --pth_path {run} is a folder: give a weights file in it (Inf-Net-10.pth, checkpoint.pth)"
+
+
+def test_a_folder_of_an_unfinished_run_is_said_to_be_one(test_slices, tmp_path, capsys, monkeypatch):
+    """A run stopped mid-way (Ctrl-C, a full disk) leaves a record marked incomplete: the rerun's refusal says so."""
+    import Code.model_lung_infection.infer as infer
+    data, _ = test_slices(2)
+    weights, out = tmp_path / "w.pth", tmp_path / "out"
+    save_release_weights(spread_infnet(), weights)
+    real = infer.iter_maps
+
+    def stop_after_one(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(infer, "iter_maps", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(out)])
+    monkeypatch.undo()
+    err = _one_line_error(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(out),
+                           "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress"], capsys)
+    assert f"(an unfinished run of {weights.resolve()}: 1 of 2 maps)" in err and "--overwrite" in err, err

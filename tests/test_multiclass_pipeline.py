@@ -189,6 +189,9 @@ def test_fcn8s_image_only_paper_recipe_trains_and_tests(pair_root, test_slices, 
     run_test(snapshot, root, prior_path=tmp_path / "no-such-folder", save_root=tmp_path / "out",
              testsize=SIZE, device="cpu", progress=False)
     check_outputs(tmp_path / "out", "FCN8s", sizes)
+    from Code.model_lung_infection.errors import OptionError
+    with pytest.raises(OptionError, match=r"--testsize 100: fcn8s needs a multiple of 32 \(e\.g\. 96\)"):
+        run_test(snapshot, root, save_root=tmp_path / "out2", testsize=100, device="cpu", progress=False)
 
 
 def test_recipes_and_cli():
@@ -375,3 +378,13 @@ def test_bad_test_options_are_one_line(test_slices, unet_pth, tmp_path, capsys, 
         test_cli.run_main(test_cli.main, base + argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+
+
+def test_a_missing_test_folder_names_the_option(unet_pth, tmp_path, capsys):
+    argv = ["--pth_path", str(unet_pth), "--data_path", str(tmp_path / "nowhere"), "--save_path", str(tmp_path / "o"),
+            "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        test_cli.run_main(test_cli.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: --data_path: {tmp_path / 'nowhere'}: folder not found; "
+                                                f"give the folder holding the slices"), err

@@ -1,5 +1,6 @@
 """Start-up: --help and argument errors come before any heavy import; optional libraries are imported
 only by what needs them; the random-weights warning is said once, by the entry point."""
+import re
 import subprocess
 import sys
 import warnings
@@ -27,6 +28,23 @@ def test_help_imports_nothing_heavy(script):
                 f"try:\n    with contextlib.redirect_stdout(io.StringIO()):\n"
                 f"        runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit:\n    pass")
     assert _imported_after(run_help) == set()
+
+
+# Options a script's --help names that belong to other commands (the examples it gives).
+OTHER_COMMANDS = {"--nproc_per_node", "--gt_root", "--pred_root", "--models", "--task", "--stage", "--train_path",
+                  "--no"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["-m EvaluationTool"])
+def test_every_option_a_help_names_exists(script):
+    """--help names only options the script has (reproduce.py's --amp named an --amp_dtype it lacks)."""
+    proc = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    usage, text = proc.stdout.split("\n\n", 1)[0], proc.stdout
+    defined = set(re.findall(r"--[a-z][a-z0-9_]*", usage)) | {"--help"}
+    defined |= {"--no-" + option[2:] for option in defined}
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", text))
+    assert proc.returncode == 0 and named - defined - OTHER_COMMANDS == set(), proc.stdout
 
 
 def test_package_and_evaluation_tool_import_light():

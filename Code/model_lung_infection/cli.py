@@ -5,7 +5,7 @@ import os
 import sys
 import warnings
 
-from .configs import MAX_SEED
+from .configs import MAX_SEED, is_path_component
 from .errors import UserError
 
 # What a user can fix: printed as one line, not a traceback (run_main).
@@ -59,6 +59,14 @@ def one_line(error):
     else:
         text = str(error.args[0]) if len(error.args) == 1 else str(error)
     return " ".join(text.split())
+
+
+def path_component(value):
+    """argparse type of --train_save / --snapshot_prefix: one name that stays under --snapshot_root."""
+    if not is_path_component(value):
+        raise argparse.ArgumentTypeError(f"expected one folder or file name (no '/', '\\', '..', empty or "
+                                         f"absolute path: it names a folder under --snapshot_root), got {value!r}")
+    return value
 
 
 def positive_int(value):
@@ -191,7 +199,7 @@ def add_train_args(parser, defaults, from_preset=()):
 
     g = parser.add_argument_group("training recipe")
     g.add_argument("--snapshot_root", default=defaults.snapshot_root)
-    g.add_argument("--train_save", default=default("train_save"),
+    g.add_argument("--train_save", type=path_component, default=default("train_save"),
                    help=preset_help("train_save", "run name: <snapshot_root>/save_weights/<train_save>/"))
     g.add_argument("--epoch", type=positive_int, default=default("epoch"), help=preset_help("epoch"))
     g.add_argument("--lr", type=positive_float, default=defaults.lr)
@@ -246,7 +254,7 @@ def add_validation_args(parser, defaults, scores="Dice at 0.5 and MAE, as the te
     g.add_argument("--time_budget", type=positive_float, default=defaults.time_budget, metavar="MINUTES",
                    help="stop after the epoch that crosses this wall time (from the run's start, resumed time "
                         "included), saving snapshots as at the last epoch; set --epoch to the epochs expected to "
-                        "fit, which the cosine schedule and --progressive_size count on")
+                        "fit, which schedules over the epochs count on")
     return g
 
 

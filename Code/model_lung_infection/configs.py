@@ -90,6 +90,13 @@ MIN_SIDE, MAX_SIDE = 32, 2048
 MAX_SEED = 2 ** 63 - 1
 
 
+def is_path_component(name):
+    """Whether a user-given name that becomes a path (a run, a file prefix, an output folder) is one safe path
+    component: it stays under the folder it is put in. No separators, not '', '.' or '..', no NUL."""
+    name = str(name)
+    return not (name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute())
+
+
 def run_option_problems(cfg):
     """What no run of any trainer can use (RunConfig's fields and `trainsize`), one message per option."""
     problems = []
@@ -112,6 +119,13 @@ def side_problems(name, side):
         return []
     return [f"{name} {side}: must lie between {MIN_SIDE} (the networks downsample by 32) and {MAX_SIDE} "
             f"(far above the 512 px CT slices: a batch would not fit in memory)"]
+
+
+def backbone_problems(name, option="backbone"):
+    """[message] when an encoder name is neither registered nor `timm:<name>`; None: not set (the weights' own)."""
+    if name is None or name.startswith("timm:") or name in ENCODERS:
+        return []
+    return [f"{option} '{name}': choose one of {', '.join(ENCODERS.names())} or timm:<name>"]
 
 
 SCALES = (0.75, 1.0, 1.25)
@@ -186,8 +200,8 @@ TRAIN_RECIPES = {
 def check_train_options(cfg):
     """ValueError naming the option for values no run can use (the CLI's types catch most of them first)."""
     problems = run_option_problems(cfg)
-    if cfg.model == "inf_net" and not (cfg.backbone.startswith("timm:") or cfg.backbone in ENCODERS):
-        problems.append(f"backbone '{cfg.backbone}': choose one of {', '.join(ENCODERS.names())} or timm:<name>")
+    if cfg.model == "inf_net":
+        problems += backbone_problems(cfg.backbone)
     if cfg.recipe not in TRAIN_RECIPES:
         problems.append(f"recipe '{cfg.recipe}': choose one of {', '.join(TRAIN_RECIPES)}")
     if cfg.schedule not in LR_SCHEDULES:
@@ -386,6 +400,7 @@ def check_test_options(cfg):
         problems.append(f"--batchsize {cfg.batchsize}: must be >= 1")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         problems.append(f"--num_workers {cfg.num_workers}: must be >= 0")
+    problems += backbone_problems(cfg.backbone, "--backbone")
     from .maps import NORMALIZATIONS  # light
     if cfg.normalize not in NORMALIZATIONS:
         problems.append(f"--normalize {cfg.normalize}: choose one of {', '.join(NORMALIZATIONS)}")
@@ -423,6 +438,7 @@ class PseudoConfig:
 
     def __post_init__(self):
         problems = side_problems("testsize", self.testsize) + ([] if self.k >= 1 else [f"k {self.k}: must be >= 1"])
+        problems += backbone_problems(self.backbone)
         if problems:
             raise OptionError("; ".join(problems))
 

@@ -8,6 +8,7 @@ Rules (each violation is an error naming the file, never a silent skip):
 - images of any size and mode load: gray, RGB(A), palette, 16-bit (16-bit and float images are
   min-max scaled to 8 bits, since CT exports rarely use the full 16-bit range).
 """
+import contextlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +27,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class MissingFolderError(DataError):
+    """A data folder that is not there (the usual first run: no Dataset/ yet)."""
+
+
+@contextlib.contextmanager
+def data_option(option, holds):
+    """Within it, a missing data folder is said with the option that gave it and what the folder must hold."""
+    try:
+        yield
+    except MissingFolderError as e:
+        raise MissingFolderError(f"{option}: {e}; give the folder holding {holds} (or put the COVID-SemiSeg data "
+                                 f"in Dataset/, see Dataset/README.md)") from e
+
+
 def list_images(folder):
     """{stem: path} of the image files in `folder`; errors on a missing/empty folder or a repeated stem."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found")
+        raise MissingFolderError(f"{folder}: folder not found")
     found = {}
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
@@ -159,6 +174,12 @@ def check_pairs(samples):
         problems += [f"{p} is {sizes[p][0]}x{sizes[p][1]} but {_short(image)} is {w}x{h}"
                      for p in partners if p in sizes and sizes[p] != (w, h)]
     return problems
+
+
+def check_slices(items, what="test slices"):
+    """DataError listing every slice of [(stem, path)] that does not decode to its end (image_size: fast), so
+    that a bad file stops a test run before it writes anything."""
+    raise_problems(check_pairs([(stem, path) for stem, path in items]), what)
 
 
 def _natural_key(stem):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from .atomic import file_sha256
-from .checkpoint import check_fit, extract_state_dict, key_mismatches
+from .checkpoint import MissingCheckpointError, check_fit, extract_state_dict, key_mismatches
 from .errors import CheckpointError, OptionError
 from .registry import ENCODERS
 
@@ -281,9 +281,13 @@ def timm_weights_file(model):
 
 def _read_weights(path):
     """(state dict, name) of a local weights file: a PyTorch checkpoint or a .safetensors file (timm's hub format)."""
+    if not os.path.exists(path):
+        raise MissingCheckpointError(f"no ImageNet weights at {path}: no such file; give the encoder's ImageNet "
+                                     f"file (--pretrained PATH, e.g. res2net50_v1b_26w_4s-3cf99910.pth for the "
+                                     f"default encoder) or --pretrained imagenet")
     if os.fspath(path).endswith(".safetensors"):
         if not os.path.isfile(path):
-            extract_state_dict(path)  # the usual "no weights at ..." error
+            extract_state_dict(path)  # a folder: the usual error
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:

@@ -75,11 +75,12 @@ class TrainingDiverged(UserError):
 VAL_COLUMNS = ("epoch", "minutes", "val_dice", "val_mae", "train_loss", "lr")
 
 
-def check_run_folder(cfg):
+def check_run_folder(cfg, clear=True):
     """What trainers check first, before reading any data: the device exists; the run folder is this run's
     alone (locked: a second run on it stops, naming the first; a killed run's half-written files removed;
-    --overwrite deletes the earlier run's files); never overwrite a run silently, never resume one that
-    is not there."""
+    --overwrite deletes the earlier run's files, with `clear`); never overwrite a run silently, never resume
+    one that is not there. Trainers call it with clear=False first and let Engine clear: a typo in the data,
+    --init or --pretrained must not cost the earlier run."""
     pick_device(cfg.device)
     main = Distributed().is_main  # torchrun's other ranks work for rank 0, which holds the lock
     if main:
@@ -95,7 +96,7 @@ def check_run_folder(cfg):
                               f"again, or choose another --train_save")
     if cfg.resume and not cfg.checkpoint_path.exists():
         read_training_checkpoint(cfg.checkpoint_path)  # the error that says what to do
-    if cfg.overwrite and main:
+    if cfg.overwrite and main and clear:
         _clear_earlier_run(cfg)
 
 
@@ -228,7 +229,9 @@ def precision_name(amp, dtype):
 class Engine:
     def __init__(self, cfg: RunConfig, model):
         self.cfg = cfg
-        check_run_folder(cfg)  # on every rank before any process group exists: an error stops them all
+        # on every rank before any process group exists: an error stops them all; --overwrite clears here,
+        # once the data and the model's weights (--init, --pretrained) have been read
+        check_run_folder(cfg)
         self.ddp = Distributed()
         check_global_batch(cfg.batchsize, self.ddp.world_size)
         if cfg.deterministic:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .atomic import atomic_write
 from .configs import TestConfig
-from .data import SliceSet
+from .data import SliceSet, check_slices, data_option
 from .errors import OptionError
 from .fast_inference import cpu_has_native_bf16, prepare_for_inference
 from .maps import NORMALIZATIONS, _normalizer, minmax, to_uint8  # noqa: F401 -- how maps are written
@@ -231,8 +231,10 @@ def run_test(config=None, data_path=None, save_path=None, **options):
     device = resolve_device(cfg.device)
     amp = default_amp(device) if cfg.amp is None else cfg.amp
     save_path = Path(cfg.save_path or DEFAULT_SAVE_ROOT / default_model_name(cfg.pth_path))
-    slices = SliceSet(cfg.data_path, cfg.testsize)
-    check_output_folder(save_path, cfg.overwrite, [path for _, path in slices.items])  # before loading the model
+    with data_option("--data_path", "the slices, or Imgs/ with them"):
+        slices = SliceSet(cfg.data_path, cfg.testsize)
+    check_slices(slices.items)  # before loading the model or writing anything
+    check_output_folder(save_path, cfg.overwrite, [path for _, path in slices.items])
     model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile)
     record = {"weights": file_identity(cfg.pth_path), "data_path": str(Path(cfg.data_path).resolve()),
               "options": {k: v for k, v in dataclasses.asdict(cfg).items()

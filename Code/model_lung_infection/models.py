@@ -5,20 +5,21 @@ What to build is read, in this order, from
   name and `create_model`'s arguments; older checkpoints: the training config's fields);
 - a release-format file (a bare state dict) by its keys (RELEASE_FORMATS): the multi-class U-Net
   (`unet_model_200.pkl`: `inc.*`, channels and classes from its shapes), FCN8s (`features.*` +
-  `fc6.*`), and Inf-Net (`resnet.*`; its component switches read off the keys).
+  `fc6.*`), and Inf-Net (`resnet.*`; its encoder and component switches read off the keys).
 `expect` ("binary": one infection map; "multiclass": the three classes) says what the caller can
 use: a file of another kind, or one recognised as neither, is a CheckpointError naming it.
 `overrides` (e.g. `backbone=`) replace recorded values; None values are ignored.
 """
+import functools
 import itertools
 from typing import NamedTuple
 
 import torch
 
 from .checkpoint import extract_state_dict, load_checkpoint
-from .configs import INF_NET_COMPONENTS, MULTICLASS_ARCHS
+from .configs import INF_NET_COMPONENTS, MULTICLASS_ARCHS, TrainConfig
 from .errors import CheckpointError
-from .registry import create_model
+from .registry import ENCODERS, create_model
 
 KINDS = {"binary": "an infection-segmentation network (one map)",
          "multiclass": "a multi-class network (background, GGO, consolidation)"}
@@ -42,8 +43,27 @@ def _release_fcn8s(state):
             "num_classes": int(state["score_fr.weight"].shape[0]), "fc_width": int(state["fc6.weight"].shape[0])}
 
 
+@functools.lru_cache(maxsize=None)
+def _encoder_shapes(backbone):
+    """{key: shape} of an Inf-Net's encoder (`resnet.*`) with this backbone, built on the meta device (no weights)."""
+    with torch.device("meta"):
+        model = create_model("inf_net", backbone=backbone)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("resnet.")}
+
+
+def inf_net_backbone(state):
+    """The registered encoder whose keys and shapes are the file's `resnet.*` ones: a snapshot of a run with
+    another --backbone tests without repeating it. The default first; None when none fits (the default is built
+    and the key report names what does not fit)."""
+    found = {k: tuple(v.shape) for k, v in state.items() if k.startswith("resnet.")}
+    default = TrainConfig.backbone
+    return next((name for name in (default, *(n for n in ENCODERS.names() if n != default))
+                 if _encoder_shapes(name) == found), None)
+
+
 def _release_inf_net(state):
-    return {"name": "inf_net", "in_channels": 3, "num_classes": 1, **inf_net_components(state)}
+    return {"name": "inf_net", "in_channels": 3, "num_classes": 1, "backbone": inf_net_backbone(state),
+            **inf_net_components(state)}
 
 
 # (kind, recognised by, architecture): release-format files, tried in order

@@ -17,6 +17,7 @@ from pathlib import Path
 from EvaluationTool.record import RECORD_NAME, RecordError, digest, is_temporary, read_record
 
 from .atomic import atomic_write
+from .configs import is_path_component
 from .errors import OptionError, UserError
 
 MAP_SUFFIX = ".png"
@@ -39,7 +40,14 @@ def _record(folder):
 
 def _source(folder):
     record = _record(folder)
-    return f" (maps of {record.get('weights', {}).get('path', '?')})" if record else ""
+    if not record:
+        return ""
+    weights = record.get("weights", {}).get("path", "?")
+    if not record.get("complete"):  # stopped by an error or Ctrl-C: --overwrite is the way on, say so
+        expected = record.get("expected", [])
+        written = sum((Path(folder) / name).is_file() for name in expected)
+        return f" (an unfinished run of {weights}: {written} of {len(expected)} maps)"
+    return f" (maps of {weights})"
 
 
 def _recorded(folder):
@@ -165,7 +173,7 @@ def safe_component(name, option):
     """`name` if it is one safe path component (a folder or file name that stays where it is put), else an
     OptionError naming the option: no separators, not '.' or '..', not empty, no NUL."""
     name = str(name)
-    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+    if not is_path_component(name):
         raise OptionError(f"{option} {name!r}: must be one folder name (no '/', '\\', '..' or absolute path), "
                           f"as it names a folder under the output root")
     return name

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import augment_batch, batch_generator
-from .checkpoint import load_checkpoint
+from .checkpoint import extract_state_dict, load_checkpoint
 from .configs import (  # noqa: F401 -- the recipe's options, defined with every config
     DOCTOR_LABEL,
     PSEUDO_LABEL,
@@ -31,10 +31,12 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     scaled_size,
     stage_config,
 )
-from .data import DataError, InfectionTrainSet
+from .data import DataError, InfectionTrainSet, data_option
 from .encoders import check_encoder
 from .engine import Engine, PretrainSampler, check_run_folder
+from .errors import OptionError
 from .losses import segmentation_loss
+from .models import inf_net_backbone
 from .registry import create_model
 from .runtime import Distributed, seed_everything
 from .validation import Validator, split_validation
@@ -103,17 +105,30 @@ def build_scheduler(cfg, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(cfg, k))
 
 
+def load_init(model, cfg):
+    """--init: the Inf-Net weights to fine-tune. Weights of another encoder are said with the --backbone they
+    need, instead of a report of hundreds of keys."""
+    state, name, config = extract_state_dict(cfg.init, mmap=True)
+    trained = ((config.get("architecture") or {}).get("backbone") or config.get("backbone")
+               or inf_net_backbone(state))
+    if cfg.model == "inf_net" and trained and trained != cfg.backbone:
+        raise OptionError(f"--init {name} holds Inf-Net weights with the {trained} encoder, and this run builds "
+                          f"{cfg.backbone}: add --backbone {trained}")
+    load_checkpoint(model, state)
+
+
 def train(cfg: TrainConfig, model=None, dataset=None):
     """Train Inf-Net; returns the bare model. Snapshots and the resumable checkpoint go to cfg.run_dir.
 
     `dataset` (default: InfectionTrainSet(cfg.train_path)) lets a caller train on a chosen subset.
     """
-    check_run_folder(cfg)  # before reading data or building the model
+    check_run_folder(cfg, clear=False)  # before reading data or building the model
     if cfg.model == "inf_net":
         check_encoder(cfg.backbone)
     seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights
     if dataset is None:
-        dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
+        with data_option("--train_path", "Imgs/ and GT/"):
+            dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
     validate = None
     if cfg.val_split:
         dataset, validate = split_validation(
@@ -122,7 +137,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     if model is None:
         model = build_model(cfg)
     if cfg.init and not cfg.resume:  # a resumed run takes its weights from checkpoint.pth
-        load_checkpoint(model, cfg.init)
+        load_init(model, cfg)
     engine = Engine(cfg, model)
     optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
     scheduler = build_scheduler(cfg, optimizer)

@@ -10,8 +10,18 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT
-from ..data import DataError, _natural_key, check_pairs, find_test_images, list_images, raise_problems, read_rgb, resize
-from ..errors import CheckpointError
+from ..data import (
+    DataError,
+    _natural_key,
+    check_pairs,
+    data_option,
+    find_test_images,
+    list_images,
+    raise_problems,
+    read_rgb,
+    resize,
+)
+from ..errors import CheckpointError, OptionError
 from ..infer import (
     default_model_name,
     default_workers,
@@ -145,7 +155,8 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
     """
     model_name = safe_component(model_name or default_model_name(pth_path), "--model_name")
     device = resolve_device(device)
-    slices = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))
+    with data_option("--data_path", "the slices, or Imgs/ with them"):
+        slices = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))
     save_root = Path(save_root)
     dirs = {c: save_root / folder / model_name for c, folder in CLASS_FOLDERS.items()}
     dirs["overlay"] = save_root / OVERLAY_FOLDER / model_name
@@ -154,7 +165,8 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
     model, info = load_multiclass(pth_path, device)
     testsize = testsize or info["trainsize"] or 352
     if info["arch"] != "unet" and testsize % 32:
-        raise ValueError(f"{info['arch']} needs a testsize that is a multiple of 32, got {testsize}")
+        raise OptionError(f"--testsize {testsize}: {info['arch']} needs a multiple of 32 "
+                          f"(e.g. {max(32, testsize // 32 * 32)})")
 
     priors = None
     if info["n_channels"] == 6:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs import ARCHS, INITS, RECIPES, MultiClassConfig, run_name  # noqa: F401 -- the recipes
+from ..data import data_option
 from ..engine import Engine, check_run_folder
 from ..registry import create_model
 from ..runtime import seed_everything
@@ -44,9 +45,10 @@ def train(cfg: MultiClassConfig, model=None):
     """Train the multi-class network; returns the bare model. Snapshots
     (`<snapshot_root>/save_weights/<train_save>/<prefix>-<epoch>.pth`, release format), the resumable
     checkpoint and TensorBoard logs are written by engine.Engine."""
-    check_run_folder(cfg)  # an existing run or a missing checkpoint: said before reading any data
+    check_run_folder(cfg, clear=False)  # an existing run or a missing checkpoint: said before reading any data
     seed_everything(cfg.seed)  # same seed on every DDP rank: identical initial weights
-    dataset = MultiClassTrainSet(cfg.train_path, cfg.trainsize, cfg.prior, cfg.binarize_prior)
+    with data_option("--train_path", "Imgs/, GT/ and Prior/"):
+        dataset = MultiClassTrainSet(cfg.train_path, cfg.trainsize, cfg.prior, cfg.binarize_prior)
     validate, held = None, ""
     if cfg.val_split:
         dataset, validate = split_validation(cfg, dataset, lambda samples: MultiClassValidator(
