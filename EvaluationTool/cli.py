@@ -94,7 +94,8 @@ def parse_args(argv=None):
                    help="folder with one sub-folder of PNG maps per model (multiclass: "
                         "'Ground-glass opacities/<model>' and 'Consolidation/<model>')")
     p.add_argument("--models", nargs="+", required=True, help="model sub-folder names")
-    p.add_argument("--dataset", help="name in the report (default: taken from --gt_root)")
+    p.add_argument("--dataset", type=_file_name,
+                   help="name in the report and of its files (default: taken from --gt_root)")
     p.add_argument("--task", choices=("binary", "multiclass"), default="binary")
     p.add_argument("--save_dir", default="EvaluateResults", help="where reports are written")
     p.add_argument("--em_strict", action="store_true",
@@ -102,6 +103,14 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=_at_least_one, default=None, help="threads (default: up to 4)")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     return p.parse_args(argv)
+
+
+def _file_name(value):
+    """--dataset names the report files: one file name, refused otherwise (never rewritten silently)."""
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0") or Path(value).is_absolute():
+        raise argparse.ArgumentTypeError(f"{value!r} must be one file name (no '/', '\\', '..' or absolute path): "
+                                         f"it names the report files in --save_dir")
+    return value
 
 
 def check_roots(gt_root, pred_root, task):

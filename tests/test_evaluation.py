@@ -432,6 +432,17 @@ def test_workers_below_one_is_one_line(toy_folders, tmp_path, capsys, workers):
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and "--workers" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("dataset", ["../elsewhere", "a/b", ".."])
+def test_a_dataset_name_that_is_not_one_file_name_is_refused(toy_folders, tmp_path, capsys, dataset):
+    gt_dir, pred_dir = toy_folders
+    with pytest.raises(SystemExit) as stop:
+        main(["--gt_root", str(gt_dir), "--pred_root", str(pred_dir.parent), "--models", "pred",
+              "--save_dir", str(tmp_path / "reports"), "--dataset", dataset])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "--dataset" in err, err
+    assert not (tmp_path / "reports").exists()  # nothing written under a rewritten name
+
+
 def test_gt_stored_as_0_1_warns_once_and_keeps_the_toolbox_figures(toy_folders, tmp_path, capsys):
     gt_dir, pred_dir = toy_folders
     for p in gt_dir.iterdir():
