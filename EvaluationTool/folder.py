@@ -2,7 +2,6 @@
 import csv
 import io
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,8 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from Code.model_lung_infection.atomic import atomic_write, is_temporary  # plain Python: no PyTorch here
+
 from .metrics import CURVE_KEYS, FIXED_KEYS, FIXED_THRESHOLD, THRESHOLDS, evaluate_pair
-from .record import RecordError, check_maps, is_temporary
+from .record import RecordError, check_maps
 
 # Order of the scalars in reports: the release line's six, then precision and the maxima, then Dice, Sen and
 # Spe at the fixed threshold 0.5 of the map as stored (metrics.fixed_threshold).
@@ -189,24 +190,9 @@ def safe_name(name):
 
 
 def write_atomically(path, text):
-    """Write a text file through a temporary file and a rename: never half a report (a full disk leaves the
-    old file, or none)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the reports from colleagues
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a text report through a temporary file and a rename (atomic.atomic_write): a full disk or a kill
+    leaves the old file, or none, never half a report; permissions follow the umask."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, newline=""))
 
 
 def write_per_image_csv(summary, path):

@@ -9,21 +9,13 @@ evaluated as they are. No PyTorch here: the evaluation tool runs without it.
 """
 import hashlib
 import json
-import re
 from pathlib import Path
 
 RECORD_NAME = "test_run.json"
-# atomic.py's temporary files (".tmp-" + 16 hex digits + the target's suffix): a killed run's leftovers
-TEMPORARY = re.compile(r"^\.tmp-[0-9a-f]{16}(\.[A-Za-z0-9]+)?$")
 
 
 class RecordError(Exception):
     """A folder whose maps do not match its test run's record (or an unreadable record)."""
-
-
-def is_temporary(name):
-    """True for the temporary files of our atomic writes (never a map)."""
-    return bool(TEMPORARY.match(Path(name).name))
 
 
 def digest(path):

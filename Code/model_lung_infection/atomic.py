@@ -9,13 +9,25 @@ import secrets
 from pathlib import Path
 
 # Our temporaries: `.tmp-<16 hex digits><suffix>` (a name no other program is likely to use, so that a
-# killed run's leftovers can be told apart and removed: run_folder.remove_stale_temporaries).
+# killed run's leftovers can be told apart and removed: remove_temporaries).
 _TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{16}(\.[A-Za-z0-9.]*)?")
 
 
 def is_temporary(name):
     """Whether a file name is one of our atomic writes' temporaries."""
     return _TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_temporaries(folder):
+    """Delete the temporaries our atomic writes left in `folder` when a run was killed (not recursive; nothing
+    else is touched); returns the removed paths with their sizes in bytes."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.iterdir() if p.is_file() and is_temporary(p.name)) if folder.is_dir() else []
+    removed = []
+    for p in stale:
+        removed.append((p, p.stat().st_size))
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def _create_temp(folder, suffix):

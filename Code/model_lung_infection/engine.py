@@ -403,11 +403,12 @@ class Engine:
             meter = _Meter()
             bar = _progress(loader, cfg.progress and ddp.is_main, f"epoch {epoch}/{cfg.epoch}")
             for self.batch_index, batch in enumerate(bar):
-                terms = step(self, batch)
+                # each loss read once (on CUDA every float() waits for the GPU): checked, logged, shown
+                terms = {k: float(v) for k, v in step(self, batch).items()}
                 self._check_finite(terms, len(loader))
                 meter.update(terms, len(batch[0]))
                 if bar is not loader:
-                    bar.set_postfix(loss=f"{float(next(iter(terms.values()))):.4f}")
+                    bar.set_postfix(loss=f"{next(iter(terms.values())):.4f}")
                 steps += 1
                 if cfg.max_steps and steps >= cfg.max_steps:
                     break
@@ -475,7 +476,7 @@ class Engine:
 
     def _check_finite(self, terms, batches):
         """A loss that turned nan/inf stops the run before its NaN weights are saved: where, what is kept."""
-        bad = ", ".join(f"{k} {float(v)}" for k, v in terms.items() if not math.isfinite(float(v)))
+        bad = ", ".join(f"{k} {v}" for k, v in terms.items() if not math.isfinite(v))
         if not bad:
             return
         cfg = self.cfg
@@ -682,7 +683,7 @@ class _Meter:
 
     def update(self, terms, n):
         for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
         self.samples += n
 

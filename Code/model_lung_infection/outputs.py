@@ -14,9 +14,9 @@ import os
 import time
 from pathlib import Path
 
-from EvaluationTool.record import RECORD_NAME, RecordError, digest, is_temporary, read_record
+from EvaluationTool.record import RECORD_NAME, RecordError, digest, read_record
 
-from .atomic import atomic_write
+from .atomic import atomic_write, is_temporary, remove_temporaries
 from .configs import is_path_component
 from .errors import OptionError, UserError
 
@@ -89,14 +89,6 @@ def check_output_folder(folder, overwrite=False, inputs=(), option="--save_path"
             raise OptionError(f"{option} {folder}: --overwrite deletes only the maps a test run recorded in its "
                               f"{RECORD_NAME}, and {len(foreign)} PNG file(s) there are not: {shown}; move them "
                               f"or choose another folder")
-
-
-def remove_temporaries(folder):
-    """Delete the temporary files a killed run left in `folder` (our `.tmp-*` naming only); returns them."""
-    stale = [p for p in Path(folder).iterdir() if is_temporary(p.name) and p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 @contextlib.contextmanager

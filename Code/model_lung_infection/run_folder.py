@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import is_temporary
+from .atomic import remove_temporaries
 from .errors import UserError
 
 try:
@@ -147,16 +147,13 @@ def _release_all():
 
 
 def remove_stale_temporaries(folder, log=print):
-    """Delete the temporaries of atomic writes that a killed run left in `folder` (not recursive); the
-    caller holds the folder's lock. Returns the names removed."""
-    folder = Path(folder)
-    stale = sorted(p for p in folder.iterdir() if p.is_file() and is_temporary(p.name)) if folder.is_dir() else []
-    for p in stale:
-        size = p.stat().st_size
-        p.unlink(missing_ok=True)
+    """Delete the temporaries of atomic writes that a killed run left in `folder` (not recursive), saying
+    each; the caller holds the folder's lock. Returns the names removed."""
+    removed = remove_temporaries(folder)
+    for p, size in removed:
         log(f"[cleanup] removed {p} ({size / 2 ** 20:.1f} MB), a half-written file of a run that was killed",
             flush=True)
-    return [p.name for p in stale]
+    return [p.name for p, _ in removed]
 
 
 def check_free_space(folder, needed, what):

@@ -14,9 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from EvaluationTool.record import is_temporary
-
-from ..atomic import atomic_write
+from ..atomic import atomic_write, is_temporary, remove_temporaries
 from ..errors import OptionError
 from ..outputs import file_identity, writing
 
@@ -144,9 +142,7 @@ class OutputRoot:
     def start(self):
         with writing(self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
-            for p in self.folder.iterdir():
-                if is_temporary(p.name) and p.is_file():
-                    p.unlink()
+            remove_temporaries(self.folder)
         self.record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._save()
         return self
