@@ -138,6 +138,8 @@ CAP_FROM = 0.55                     # consolidated: posterior of centre - CAP_FR
 GGO_BLOB = ((RIGHT_X * 60.0, 20.0, 20.0), 18.0)
 PLEURAL_NODULE = ((-RIGHT_X * 110.0, 0.0, 0.0), 20.0)   # centred on the left lung's lateral border
 HU_CONSOLIDATION = 30
+HU_FAT = -100
+MEDIASTINUM_MM = 15.0         # half width of the soft-tissue mediastinum between the lungs
 RIBS = (140.0, 100.0, 6.0)           # the rib cage: an elliptic ring (semi-axes, thickness mm), in arcs
 HU_BONE = 700
 
@@ -151,6 +153,9 @@ def dense_phantom(seed=0):
     hu = np.full(DENSE_SHAPE, HU_AIR, np.float64)
     hu[(x / DENSE_BODY[0]) ** 2 + (y / DENSE_BODY[1]) ** 2 <= 1] = HU_BODY
     radius = np.sqrt((x / RIBS[0]) ** 2 + (y / RIBS[1]) ** 2)
+    # inside the ribs, around the lungs: fat (the extrapleural fat and the fat of the mediastinum's edges),
+    # the mediastinum in the middle soft tissue
+    hu[(radius * RIBS[1] < RIBS[1] - RIBS[2] / 2) & (np.abs(x) > MEDIASTINUM_MM)] = HU_FAT
     arcs = np.sin(9 * np.arctan2(y, x) + z / 10.0) > -0.3   # ribs with intercostal gaps, oblique along z
     hu[(np.abs(radius - 1) * RIBS[1] <= RIBS[2] / 2) & arcs] = HU_BONE
     truth = {side: ellipsoid(x, y, z, c, a) for side, (c, a) in DENSE_LUNGS.items()}

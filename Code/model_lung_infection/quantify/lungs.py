@@ -26,7 +26,12 @@ columns towards posterior, slices towards superior), so "right" and "left" come 
                touch it, lie on its side of the midline, in the body's outer half, are thicker than
                DENSE_MIN_MM and lie mostly further out than the lung along the rays from the body's
                centre (consolidation or effusion at the pleura -- not the heart, the liver dome or the
-               mediastinum, which lie inwards of the lung) are lung; `Lungs.dense` holds what this added.
+               mediastinum, which lie inwards of the lung) are lung;
+  8. wall      per slice, dense regions (above WALL_MIN_HU: not fat) touching a lung that lie between it and
+               its ribs -- along the ray from the body's centre further out than any of the lung and nearer
+               than the first bone beyond it, bone within RIB_Z_MM along z included -- are lung (dependent
+               consolidation with a flat or convex front against the chest wall, outside the hull);
+               `Lungs.dense` holds what steps 7 and 8 added.
   After the network, `attach_infection` gives each lung the infection that touches it or lies in its
   hull, within ATTACH_MM, inside the rib cage (convex hull of bone above BONE_HU) and not inwards of it.
 
@@ -34,9 +39,8 @@ Thresholds: -500 HU separates air-filled from soft tissue (midway between lung, 
 -320 HU is the lung threshold of Hu et al. (IEEE TMI 2001) and lungmask's preprocessing; -950 HU is
 close to pure air (the trachea and bowel gas are -1000; emphysema's lungs, in COPDGene, have a fifth of
 their voxels below it, bowel gas more than half). Limits (docs/volumes.md): a lung that is almost entirely
-consolidated is not air-filled and is missed; consolidation along a convex front with no aerated lung
-between it and the chest wall is not in the hull (only the network's infection, or --mask, adds it);
-oblique scans are handled at the nearest axis.
+consolidated is not air-filled and is missed; consolidation with no rib beyond it (under the costal
+cartilages) is added by the network's infection (or --mask) only; oblique scans are handled at the nearest axis.
 """
 from dataclasses import dataclass
 
@@ -66,6 +70,8 @@ JUNCTION_BAND = 0.1     # touching lungs are cut within this share of the body's
 ATTACH_MM = 40.0        # infection adds to a lung at most this far from it (a consolidated base)
 BONE_HU = 300.0         # cortical and trabecular bone; muscle and consolidation are below 100
 CAGE_MIN_PIXELS = 20
+WALL_MIN_HU = -50.0     # fat (about -100 HU) between a lung and its ribs is not consolidation
+RIB_Z_MM = 15.0          # bone this close along z bridges the intercostal gaps (ribs run obliquely, ~25 mm apart)
 RIGHT, LEFT = 1, 2
 
 
@@ -259,7 +265,7 @@ def _rays(lung, frame, r0=0, c0=0):
 
 
 def _dense_lung(labels, hu, inner, spacing):
-    """Step 6: uint8 side labels of the dense regions in each lung's hull that lie between it and the
+    """Step 7: uint8 side labels of the dense regions in each lung's hull that lie between it and the
     chest wall: along the ray from the body's centre, further out than any of the lung."""
     dense = np.zeros(labels.shape, np.uint8)
     thin, _ = _disk(DENSE_MIN_MM, spacing)
@@ -296,6 +302,60 @@ def _dense_lung(labels, hu, inner, spacing):
     return dense
 
 
+def _ribs_near(hu, inner, spacing):
+    """Bone (above BONE_HU) inside the body, spread over RIB_Z_MM along z: a slice between two ribs sees them."""
+    bone = ((hu > BONE_HU) & inner).view(np.uint8)
+    k = int(round(RIB_Z_MM / spacing[2]))
+    return (ndimage.maximum_filter1d(bone, 2 * k + 1, axis=2) if k else bone).view(bool)
+
+
+def _wall_lung(labels, hu, inner, spacing):
+    """Step 8: uint8 side labels of the dense regions between a lung and its ribs: along the ray from the body's
+    centre, further out than any of the lung and nearer than the first bone beyond it. This is dependent
+    consolidation whose front against the chest wall is flat or convex (no aerated lung outwards of it, so
+    outside the lung's hull); a ray with no bone beyond the lung (cartilage, a gap in the scan) adds nothing."""
+    dense = np.zeros(labels.shape, np.uint8)
+    thin, _ = _disk(DENSE_MIN_MM, spacing)
+    ribs = _ribs_near(hu, inner, spacing)
+    for z in np.flatnonzero(labels.any(axis=(0, 1))):
+        frame = _slice_frame(inner[..., z])
+        if frame is None:
+            continue
+        rows, cols = np.flatnonzero(inner[..., z].any(1)), np.flatnonzero(inner[..., z].any(0))
+        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1, z]
+        out = _outwardness(labels[box].shape, frame, rows[0], cols[0])
+        bins = _angle_bins(labels[box].shape, frame, rows[0], cols[0])
+        free = (labels[box] == 0) & (hu[box] > WALL_MIN_HU) & (hu[box] < DENSE_MAX_HU) & inner[box]
+        for side in (RIGHT, LEFT):
+            lung = labels[box] == side
+            if lung.sum() < 3:
+                continue
+            furthest = np.zeros(ANGLE_BINS)
+            np.maximum.at(furthest, bins[lung], out[lung])
+            beyond = out > furthest[bins]
+            bone = ribs[box] & beyond & (furthest[bins] > 0)
+            first_bone = np.full(ANGLE_BINS, np.inf)
+            np.minimum.at(first_bone, bins[bone], out[bone])
+            first_bone[np.isinf(first_bone)] = 0  # a ray with no bone beyond the lung: nothing
+            band = (free & beyond & (out < first_bone[bins])
+                    & _own_side(lung.shape, frame, side, rows[0]))
+            band = cv2.morphologyEx(band.view(np.uint8), cv2.MORPH_OPEN, thin).view(bool)
+            if not band.any():
+                continue
+            n, lab = _regions(band)
+            touch = cv2.dilate(lung.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+            flat = lab.ravel()
+            count = np.bincount(flat, minlength=n)
+            touching = np.bincount(flat, weights=touch.ravel(), minlength=n) > 0
+            small = count <= DENSE_MAX_SHARE * lung.sum()
+            peripheral = np.bincount(flat, weights=out.ravel(), minlength=n) / np.maximum(count, 1) > DENSE_MIN_OUT
+            fill = np.flatnonzero(touching & small & peripheral)
+            fill = fill[fill > 0]
+            if fill.size:
+                dense[box][np.isin(lab, fill)] = side
+    return dense
+
+
 def _fill(labels, spacing):
     disk, r = _disk(CLOSE_MM, spacing)
     out = labels.copy()
@@ -322,6 +382,8 @@ def find_lungs(hu, spacing):
     labels = _split(lab, ids, ml, body)
     labels = _fill(labels, spacing)
     dense = _dense_lung(labels, hu, inner, spacing)
+    wall = _wall_lung(labels, hu, inner, spacing)
+    dense = np.where(dense > 0, dense, wall)
     labels = np.where(labels > 0, labels, dense)
     return Lungs(labels, dense > 0, inner)
 
@@ -349,8 +411,9 @@ def _reach(lungs, hu, z, side, spacing, frame, cage):
         return np.full(lung.shape, np.inf), lung, lung
     d = cv2.distanceTransform((~lung).view(np.uint8), cv2.DIST_L2, 5) * float(min(spacing[:2]))
     out, furthest = _rays(lung, frame)
+    adjacent = d <= 1.5 * float(min(spacing[:2]))  # touching it in the slice, whatever the ray says
     near = ((d <= ATTACH_MM) & cage & _own_side(lung.shape, frame, side)
-            & (hu[..., z] < DENSE_MAX_HU) & (out >= furthest))
+            & (hu[..., z] < DENSE_MAX_HU) & ((out >= furthest) | adjacent))
     return d, _hull(lung), near
 
 
@@ -383,7 +446,7 @@ def attach_infection(lungs, infection, hu, spacing):
 
 
 def fill_summary(labels, dense, added, voxel_ml):
-    """The report's keys for what was added to the lungs: dense lung (step 6) and attached infection, mL."""
+    """The report's keys for what was added to the lungs: dense lung (steps 7 and 8) and attached infection, mL."""
     s = {}
     for key, mask in (("dense_fill_ml", dense), ("infection_fill_ml", added)):
         right, left = int((mask & (labels == RIGHT)).sum()), int((mask & (labels == LEFT)).sum())
