@@ -7,7 +7,12 @@ Markdown table, and writes it with --out. Only for final recipes and baselines: 
 validation (val.csv, bench/cpu_hour_sweep.py), never on this table.
 
     python bench/test_curve.py Snapshots/save_weights/hour-paper-s1 Snapshots/save_weights/hour-cpu-s1 \
-        --data_path ../shared/COVID-SemiSeg/TestingSet/LungInfection-Test --epochs 20 40 60 last
+        --data_path ../shared/COVID-SemiSeg/TestingSet/LungInfection-Test --epochs 20 40 60 last \
+        --normal_scan ../shared/realct/chest-normal-dicom
+
+--normal_scan adds what each snapshot calls infected in a scan with no infection (the volume stage's
+infection_percent and mL, lungs from HU): every doctor-labelled slice is infected, so a model may learn to
+find infection everywhere; at equal Dice, prefer the one that calls less of a normal lung infected.
 """
 import argparse
 import re
@@ -49,13 +54,26 @@ def chosen(epochs, wanted):
     return sorted(picks)
 
 
-def table(rows):
-    head = "| run | epoch | minutes | " + " | ".join(label for _, label in FIGURES) + " |"
-    lines = [head, "|" + "---|" * (3 + len(FIGURES))]
-    for run, epoch, minutes, scores in rows:
+def table(rows, normal=False):
+    extra = ["normal scan infected"] if normal else []
+    head = "| run | epoch | minutes | " + " | ".join([label for _, label in FIGURES] + extra) + " |"
+    lines = [head, "|" + "---|" * (3 + len(FIGURES) + len(extra))]
+    for run, epoch, minutes, scores, false_inf in rows:
         m = f"{minutes:.1f}" if minutes is not None else "-"
-        lines.append(f"| {run} | {epoch} | {m} | " + " | ".join(f"{scores[k]:.4f}" for k, _ in FIGURES) + " |")
+        cells = [f"{scores[k]:.4f}" for k, _ in FIGURES]
+        if normal:
+            cells.append(f"{false_inf[0]:.2f}% ({false_inf[1]:.0f} mL)")
+        lines.append(f"| {run} | {epoch} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def false_infection(weights, scan):
+    """(infection_percent, infection_ml) the volume stage reports for `scan` with these weights."""
+    from Code.model_lung_infection.volume.predict import run_volumes
+    with tempfile.TemporaryDirectory() as out:
+        summaries = run_volumes(dict(data_path=str(scan), pth_path=str(weights), save_path=str(Path(out) / "v")))
+    (summary,) = summaries.values()
+    return summary["infection_percent"], summary["infection_ml"]
 
 
 def main(argv=None):
@@ -65,6 +83,8 @@ def main(argv=None):
     p.add_argument("--epochs", nargs="+", default=None, help="snapshot epochs to score, or 'last' (default: all)")
     p.add_argument("--testsize", type=int, default=352)
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    p.add_argument("--normal_scan", default=None,
+                   help="a CT scan without infection (NIfTI or DICOM folder): add each snapshot's false infection")
     a = p.parse_args(argv)
 
     from Code.model_lung_infection.infer import default_amp, load_inf_net, predict_folder
@@ -81,10 +101,12 @@ def main(argv=None):
                 predict_folder(load_inf_net(snaps[epoch], device="cpu"), data, Path(out), a.testsize, progress=False,
                                amp=default_amp("cpu"))  # MyTest_LungInf.py's default precision
                 scores = evaluate_folder(data / "GT", Path(out), dataset=data.name, model=run.name)
-            rows.append((run.name, epoch, minutes.get(epoch), scores))
-            print(f"{run.name} epoch {epoch}: " + " ".join(f"{label} {scores[k]:.4f}" for k, label in FIGURES),
+            false_inf = false_infection(snaps[epoch], a.normal_scan) if a.normal_scan else None
+            rows.append((run.name, epoch, minutes.get(epoch), scores, false_inf))
+            print(f"{run.name} epoch {epoch}: " + " ".join(f"{label} {scores[k]:.4f}" for k, label in FIGURES)
+                  + (f" normal-scan infected {false_inf[0]:.2f}% ({false_inf[1]:.0f} mL)" if false_inf else ""),
                   flush=True)
-    text = table(rows)
+    text = table(rows, normal=bool(a.normal_scan))
     print("\n" + text)
     if a.out:
         Path(a.out).write_text(text + "\n")

@@ -420,8 +420,11 @@ def test_test_curve_scores_release_snapshots_at_the_minutes_of_val_csv(tmp_path)
         curve.chosen(snaps, ["30"])
     minutes = curve.minutes_by_epoch(tmp_path)
     scores = {k: 0.5 for k, _ in curve.FIGURES}
-    lines = curve.table([("run", 20, minutes[20], scores), ("run", 25, minutes.get(25), scores)]).splitlines()
+    lines = curve.table([("run", 20, minutes[20], scores, None),
+                         ("run", 25, minutes.get(25), scores, None)]).splitlines()
     assert lines[2].startswith("| run | 20 | 13.2 | 0.5000") and lines[3].startswith("| run | 25 | - |")
+    lines = curve.table([("run", 20, minutes[20], scores, (2.254, 125.4))], normal=True).splitlines()
+    assert lines[0].endswith("| normal scan infected |") and lines[2].endswith("| 2.25% (125 mL) |")
 
 
 def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path):

@@ -264,6 +264,24 @@ def _rays(lung, frame, r0=0, c0=0):
     return out, furthest[bins]
 
 
+def _pleural_regions(candidates, lung, out, outer=None):
+    """The regions of `candidates` (one slice) that touch `lung`, are no bigger than it (DENSE_MAX_SHARE), lie in
+    the body's outer part (mean outwardness `out` above DENSE_MIN_OUT) and, where `outer` is given, lie mostly
+    in it (OUTER_SHARE)."""
+    n, lab = _regions(candidates)
+    touch = cv2.dilate(lung.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+    flat = lab.ravel()
+    count = np.bincount(flat, minlength=n)
+
+    def share(mask):  # per region, the share of its pixels in `mask` (or its mean, for a float map)
+        return np.bincount(flat, weights=mask.ravel(), minlength=n) / np.maximum(count, 1)
+    keep = (share(touch) > 0) & (count <= DENSE_MAX_SHARE * lung.sum()) & (share(out) > DENSE_MIN_OUT)
+    if outer is not None:
+        keep &= share(outer) >= OUTER_SHARE
+    keep[0] = False
+    return keep[lab]
+
+
 def _dense_lung(labels, hu, inner, spacing):
     """Step 7: uint8 side labels of the dense regions in each lung's hull that lie between it and the
     chest wall: along the ray from the body's centre, further out than any of the lung."""
@@ -287,18 +305,7 @@ def _dense_lung(labels, hu, inner, spacing):
                 continue
             out, furthest = _rays(lung, frame, rows[0], cols[0])
             outer = gap & (furthest > 0) & (out > furthest)  # lung inwards along the ray, none outwards
-            n, lab = _regions(gap)
-            touch = cv2.dilate(lung.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
-            flat = lab.ravel()
-            count = np.bincount(flat, minlength=n)
-            outer_share = np.bincount(flat, weights=outer.ravel(), minlength=n) / np.maximum(count, 1)
-            touching = np.bincount(flat, weights=touch.ravel(), minlength=n) > 0
-            small = count <= DENSE_MAX_SHARE * lung.sum()
-            peripheral = np.bincount(flat, weights=out.ravel(), minlength=n) / np.maximum(count, 1) > DENSE_MIN_OUT
-            fill = np.flatnonzero(touching & small & peripheral & (outer_share >= OUTER_SHARE))
-            fill = fill[fill > 0]
-            if fill.size:
-                dense[..., z][box][np.isin(lab, fill)] = side
+            dense[..., z][box][_pleural_regions(gap, lung, out, outer)] = side
     return dense
 
 
@@ -342,17 +349,7 @@ def _wall_lung(labels, hu, inner, spacing):
             band = cv2.morphologyEx(band.view(np.uint8), cv2.MORPH_OPEN, thin).view(bool)
             if not band.any():
                 continue
-            n, lab = _regions(band)
-            touch = cv2.dilate(lung.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
-            flat = lab.ravel()
-            count = np.bincount(flat, minlength=n)
-            touching = np.bincount(flat, weights=touch.ravel(), minlength=n) > 0
-            small = count <= DENSE_MAX_SHARE * lung.sum()
-            peripheral = np.bincount(flat, weights=out.ravel(), minlength=n) / np.maximum(count, 1) > DENSE_MIN_OUT
-            fill = np.flatnonzero(touching & small & peripheral)
-            fill = fill[fill > 0]
-            if fill.size:
-                dense[box][np.isin(lab, fill)] = side
+            dense[box][_pleural_regions(band, lung, out)] = side
     return dense
 
 
