@@ -359,11 +359,19 @@ def test_cpu_hour_recipe_is_pretraining_on_pseudo_labels_in_an_hour_and_options_
     cfg = script.config_from_args(script.parse_args(
         ["--recipe", "cpu-hour", "--pretrain_path", "/data/pseudo", "--pretrain_epochs", "30", "--no-amp"]))
     assert (cfg.pretrain_path, cfg.pretrain_epochs, cfg.amp, cfg.time_budget) == (["/data/pseudo"], 30, False, 60.0)
-    # the options --help shows for the preset give the same run
+    # the options --help shows for each preset give the same run
     from Code.model_lung_infection.cli import _as_options
-    spelled = script.config_from_args(script.parse_args(_as_options(configs_module.TRAIN_RECIPES["cpu-hour"])))
-    preset = script.config_from_args(script.parse_args(["--recipe", "cpu-hour"]))
-    assert {**spelled.as_dict(), "recipe": "cpu-hour"} == preset.as_dict()
+    for recipe in ("cpu-hour", "cpu-hour-imagenet"):
+        spelled = script.config_from_args(script.parse_args(_as_options(configs_module.TRAIN_RECIPES[recipe])))
+        preset = script.config_from_args(script.parse_args(["--recipe", recipe]))
+        assert {**spelled.as_dict(), "recipe": recipe} == preset.as_dict()
+    # cpu-hour on MobileNetV2 with ImageNet weights; the encoder given explicitly wins, weights and all
+    cfg = script.config_from_args(script.parse_args(["--recipe", "cpu-hour-imagenet"]))
+    assert (cfg.backbone, cfg.pretrained, cfg.pretrain_path, cfg.pretrain_epochs, cfg.epoch, cfg.schedule,
+            cfg.time_budget) == ("mobilenetv2", "imagenet", [configs_module.PSEUDO_LABEL], 81, 162, "cosine", 60.0)
+    cfg = script.config_from_args(script.parse_args(["--recipe", "cpu-hour-imagenet", "--backbone",
+                                                     "efficientnet_lite2"]))
+    assert (cfg.backbone, cfg.pretrained) == ("efficientnet_lite2", "imagenet")
     # the paper recipe stays the default: none of it
     cfg = script.config_from_args(script.parse_args([]))
     assert (cfg.pretrain_path, cfg.pretrain_epochs, cfg.time_budget, cfg.amp) == (None, 0, None, None)
