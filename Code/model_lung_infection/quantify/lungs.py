@@ -218,8 +218,10 @@ def _split(lab, ids, ml, body):
 def _slice_frame(body2d):
     """(centre row, centre col, half height, half width) of the body in one slice, or None."""
     rows, cols = np.flatnonzero(body2d.any(1)), np.flatnonzero(body2d.any(0))
-    if not rows.size:
-        return None
+    return _frame(rows, cols) if rows.size else None
+
+
+def _frame(rows, cols):
     return ((rows[0] + rows[-1]) / 2.0, (cols[0] + cols[-1]) / 2.0,
             max(1.0, (rows[-1] - rows[0]) / 2.0), max(1.0, (cols[-1] - cols[0]) / 2.0))
 
@@ -324,23 +326,26 @@ def _wall_lung(labels, hu, inner, spacing):
     dense = np.zeros(labels.shape, np.uint8)
     thin, _ = _disk(DENSE_MIN_MM, spacing)
     ribs = _ribs_near(hu, inner, spacing)
+    body_rows, body_cols = inner.any(axis=1), inner.any(axis=0)  # (row, z), (col, z): one pass, not one per slice
     for z in np.flatnonzero(labels.any(axis=(0, 1))):
-        frame = _slice_frame(inner[..., z])
-        if frame is None:
+        rows, cols = np.flatnonzero(body_rows[:, z]), np.flatnonzero(body_cols[:, z])
+        if not rows.size:
             continue
-        rows, cols = np.flatnonzero(inner[..., z].any(1)), np.flatnonzero(inner[..., z].any(0))
+        frame = _frame(rows, cols)
         box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1, z]
-        out = _outwardness(labels[box].shape, frame, rows[0], cols[0])
-        bins = _angle_bins(labels[box].shape, frame, rows[0], cols[0])
-        free = (labels[box] == 0) & (hu[box] > WALL_MIN_HU) & (hu[box] < DENSE_MAX_HU) & inner[box]
+        # z is the last axis: one contiguous copy of each slice, not a strided read per use
+        slab, shu, sribs = (np.ascontiguousarray(a[box]) for a in (labels, hu, ribs))
+        out = _outwardness(slab.shape, frame, rows[0], cols[0])
+        bins = _angle_bins(slab.shape, frame, rows[0], cols[0])
+        free = (slab == 0) & (shu > WALL_MIN_HU) & (shu < DENSE_MAX_HU) & inner[box]
         for side in (RIGHT, LEFT):
-            lung = labels[box] == side
+            lung = slab == side
             if lung.sum() < 3:
                 continue
             furthest = np.zeros(ANGLE_BINS)
             np.maximum.at(furthest, bins[lung], out[lung])
             beyond = out > furthest[bins]
-            bone = ribs[box] & beyond & (furthest[bins] > 0)
+            bone = sribs & beyond & (furthest[bins] > 0)
             first_bone = np.full(ANGLE_BINS, np.inf)
             np.minimum.at(first_bone, bins[bone], out[bone])
             first_bone[np.isinf(first_bone)] = 0  # a ray with no bone beyond the lung: nothing
