@@ -18,9 +18,14 @@ import argparse
 import os
 
 from Code.model_lung_infection.cli import ArgumentParser, add_bool, add_debug, add_runtime_args, positive_int, run_main
-from Code.model_lung_infection.configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, TEST_SIZE_RANGE, backbone_problems
+from Code.model_lung_infection.configs import (
+    DEFAULT_PRIOR_PATH,
+    DEFAULT_SAVE_ROOT,
+    TEST_SIZE_RANGE,
+    backbone_problems,
+    one_path_component,
+)
 from Code.model_lung_infection.errors import CheckpointError, OptionError
-from Code.model_lung_infection.outputs import safe_component
 
 # Where each weights option comes from, said when the file is not there.
 WEIGHT_HINTS = {
@@ -69,7 +74,7 @@ def check_weights(option, path):
 def main(argv=None):
     a = parse_args(argv)
     if a.model_name is not None:
-        safe_component(a.model_name, "--model_name")
+        one_path_component(a.model_name, "--model_name")
     low, high = TEST_SIZE_RANGE
     for option, size in (("--testsize", a.testsize), ("--infnet_testsize", a.infnet_testsize)):
         if size is not None and not low <= size <= high:

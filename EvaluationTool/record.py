@@ -7,9 +7,10 @@ refuses a folder whose maps are not exactly the recorded ones (maps of two runs 
 missing since, a run that never finished); folders without a record (the release's, other tools') are
 evaluated as they are. No PyTorch here: the evaluation tool runs without it.
 """
-import hashlib
 import json
 from pathlib import Path
+
+from Code.model_lung_infection.atomic import file_sha256  # plain Python: no PyTorch here
 
 RECORD_NAME = "test_run.json"
 
@@ -20,7 +21,7 @@ class RecordError(Exception):
 
 def digest(path):
     """A short content digest of a file (sha256, 16 hex digits): maps are small, this is cheap."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def read_record(folder):

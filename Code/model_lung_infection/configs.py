@@ -92,9 +92,20 @@ MAX_SEED = 2 ** 63 - 1
 
 def is_path_component(name):
     """Whether a user-given name that becomes a path (a run, a file prefix, an output folder) is one safe path
-    component: it stays under the folder it is put in. No separators, not '', '.' or '..', no NUL."""
+    component: it stays under the folder it is put in. No separators, not '', '.' or '..', no control
+    characters, no leading or trailing blanks."""
     name = str(name)
-    return not (name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute())
+    return not (name in ("", ".", "..") or name != name.strip() or Path(name).is_absolute()
+                or any(c in "/\\" or ord(c) < 32 for c in name))
+
+
+def one_path_component(name, what):
+    """`name` if it is one safe path component (is_path_component), else an OptionError naming `what`."""
+    text = str(name)
+    if not is_path_component(text):
+        raise OptionError(f"{what} {text!r} cannot name a folder: give a single name without '/', '\\', "
+                          f"'..' or control characters")
+    return text
 
 
 def run_option_problems(cfg):

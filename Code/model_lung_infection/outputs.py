@@ -17,7 +17,6 @@ from pathlib import Path
 from EvaluationTool.record import RECORD_NAME, RecordError, digest, read_record
 
 from .atomic import atomic_write, is_temporary, remove_temporaries
-from .configs import is_path_component
 from .errors import OptionError, UserError
 
 MAP_SUFFIX = ".png"
@@ -159,13 +158,3 @@ def file_identity(path):
     path = Path(path)
     st = os.stat(path)
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def safe_component(name, option):
-    """`name` if it is one safe path component (a folder or file name that stays where it is put), else an
-    OptionError naming the option: no separators, not '.' or '..', not empty, no NUL."""
-    name = str(name)
-    if not is_path_component(name):
-        raise OptionError(f"{option} {name!r}: must be one folder name (no '/', '\\', '..' or absolute path), "
-                          f"as it names a folder under the output root")
-    return name

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .atomic import file_sha256
-from .errors import DataError, OptionError
+from .errors import DataError
 
 # Bump when a change of code changes what a row measures (its training, test or evaluation): every row
 # is then trained and scored again, in new folders, and the old ones are left as they are.
@@ -69,15 +69,3 @@ def key_changes(old, new):
         else:
             changed.append(field)
     return ", ".join(changed)
-
-
-def one_path_component(name, what):
-    """`name` if it is one safe path component (no separator, not '.', '..' or empty, no control
-    character); else an OptionError naming `what`."""
-    text = str(name)
-    bad = (text in ("", ".", "..") or "/" in text or "\\" in text or text != text.strip()
-           or any(ord(c) < 32 for c in text))
-    if bad:
-        raise OptionError(f"{what} {text!r} cannot name a folder: give a single name without '/', '\\', "
-                          f"'..' or control characters")
-    return text

@@ -41,6 +41,7 @@ from . import multiclass
 from .atomic import atomic_write
 from .checkpoint import read_checkpoint
 from .complexity import count_complexity
+from .configs import one_path_component
 from .engine import training_seconds
 from .infer import run_test
 from .models import load_model
@@ -53,7 +54,6 @@ from .table_keys import (
     file_fingerprint,
     folder_fingerprint,
     key_changes,
-    one_path_component,
 )
 from .table_plan import (  # noqa: F401 -- the plan's names, for reproduce.py and callers of this module
     BUDGETS,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT
+from ..configs import DEFAULT_PRIOR_PATH, DEFAULT_SAVE_ROOT, one_path_component
 from ..data import (
     DataError,
     _natural_key,
@@ -34,7 +34,7 @@ from ..infer import (
 )
 from ..models import MULTICLASS_ARCHS as ARCHS
 from ..models import read_model
-from ..outputs import OutputFolder, check_output_folder, file_identity, safe_component
+from ..outputs import OutputFolder, check_output_folder, file_identity
 from .data import N_CLASSES, MultiClassSliceSet, network_input, prepare_prior
 
 CLASS_FOLDERS = {1: "Ground-glass opacities", 2: "Consolidation"}
@@ -153,7 +153,7 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
       <save_root>/Overlay/<model>/<stem>.png                  RGB: red GGO, green consolidation
     `model_name` (default: from the weights' path) must be one folder name.
     """
-    model_name = safe_component(model_name or default_model_name(pth_path), "--model_name")
+    model_name = one_path_component(model_name or default_model_name(pth_path), "--model_name")
     device = resolve_device(device)
     with data_option("--data_path", "the slices, or Imgs/ with them"):
         slices = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))

@@ -261,9 +261,14 @@ def _rays(lung, frame, r0=0, c0=0):
     body's centre, 0 where the ray meets no lung) for one lung in one slice, on the (r0, c0) box."""
     out = _outwardness(lung.shape, frame, r0, c0)
     bins = _angle_bins(lung.shape, frame, r0, c0)
+    return out, _furthest(lung, out, bins)[bins]
+
+
+def _furthest(lung, out, bins):
+    """Per angle bin, the outwardness of the lung's furthest pixel on that ray (0 where it meets no lung)."""
     furthest = np.zeros(ANGLE_BINS)
     np.maximum.at(furthest, bins[lung], out[lung])
-    return out, furthest[bins]
+    return furthest
 
 
 def _pleural_regions(candidates, lung, out, outer=None):
@@ -342,10 +347,9 @@ def _wall_lung(labels, hu, inner, spacing):
             lung = slab == side
             if lung.sum() < 3:
                 continue
-            furthest = np.zeros(ANGLE_BINS)
-            np.maximum.at(furthest, bins[lung], out[lung])
-            beyond = out > furthest[bins]
-            bone = sribs & beyond & (furthest[bins] > 0)
+            furthest = _furthest(lung, out, bins)[bins]
+            beyond = out > furthest
+            bone = sribs & beyond & (furthest > 0)
             first_bone = np.full(ANGLE_BINS, np.inf)
             np.minimum.at(first_bone, bins[bone], out[bone])
             first_bone[np.isinf(first_bone)] = 0  # a ray with no bone beyond the lung: nothing
