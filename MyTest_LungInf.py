@@ -32,7 +32,6 @@ from Code.model_lung_infection.cli import (
 from Code.model_lung_infection.configs import TestConfig
 from Code.model_lung_infection.maps import NORMALIZATIONS
 from Code.model_lung_infection.volume import add_volume_args, is_volume_input
-from Code.model_lung_infection.volume.options import check_slice_options
 
 DEFAULTS = TestConfig()
 DEFAULT_PTH = DEFAULTS.pth_path
@@ -90,7 +89,7 @@ def check_weights(pth_path):
 
 def main(argv=None):
     a = parse_args(argv)
-    config = config_from_args(TestConfig, a)  # checks the options (--testsize, --num_workers ...) in one line
+    config = config_from_args(TestConfig, a)  # every option, checked (--testsize, --threshold ...) in one line
     if not a.mask:  # --mask quantifies a given mask: no network
         check_weights(a.pth_path)
     if not Path(a.data_path).exists():
@@ -102,8 +101,7 @@ def main(argv=None):
         resolve_device(a.device)  # --device banana / cuda:7: one line, for slices and volumes alike
     if is_volume_input(a.data_path):
         from Code.model_lung_infection.volume.predict import run_volumes
-        return run_volumes(a)
-    check_slice_options(a)  # --mask, --window ... on slices would be silently ignored
+        return run_volumes(config)
     from Code.model_lung_infection.infer import run_test
     return run_test(config)
 

@@ -76,12 +76,14 @@ def main(argv=None):
             atomic_save({"model": Inf_Net(backbone=backbone).eval().state_dict(),
                          "config": {"model": "inf_net", "backbone": backbone}}, pth)
         start = time.perf_counter()
-        summaries = run_volumes(dict(data_path=str(scan), pth_path=str(pth), save_path=str(tmp / "out"),
-                                     testsize=a.testsize, batchsize=a.batchsize, device="cpu",
-                                     progress=not a.scan))
+        done = run_volumes(dict(data_path=str(scan), pth_path=str(pth), save_path=str(tmp / "out"),
+                                testsize=a.testsize, batchsize=a.batchsize, device="cpu", progress=not a.scan))
         total = time.perf_counter() - start
+        # --compare may run a checkout from before run_volumes returned a VolumeRun
+        summaries, timings = (done.summaries, done.timings) if hasattr(done, "timings") else \
+            (done, run_volumes.last_timings)
         case, summary = next(iter(summaries.items()))
-        t = run_volumes.last_timings[case]
+        t = timings[case]
     print(f"code {ROOT}: torch threads {torch.get_num_threads()}, bf16 autocast {default_amp('cpu')}, "
           f"load average {os.getloadavg()[0]:.2f} (1 min, after the run)")
     print(f"lungs {summary['lung_ml']:.0f} mL (right {summary['right_lung_ml']:.0f}, left "

@@ -73,8 +73,8 @@ def false_infection(weights, scan):
     """(infection_percent, infection_ml) the volume stage reports for `scan` with these weights."""
     from Code.model_lung_infection.volume.predict import run_volumes
     with tempfile.TemporaryDirectory() as out:
-        summaries = run_volumes(dict(data_path=str(scan), pth_path=str(weights), save_path=str(Path(out) / "v")))
-    (summary,) = summaries.values()
+        done = run_volumes(dict(data_path=str(scan), pth_path=str(weights), save_path=str(Path(out) / "v")))
+    (summary,) = done.summaries.values()
     return summary["infection_percent"], summary["infection_ml"]
 
 

@@ -175,14 +175,15 @@ def test_implausible_spacing_and_lung_volume_are_warned(copd, tmp_path):
     scan = _copd_with(tmp_path, copd, "thick.nii.gz", affine=affine)
     mask = _copd_with(tmp_path, copd, "none.nii.gz", np.zeros((64, 64, 79), np.uint8), affine)
     with pytest.warns(UserWarning) as caught:
-        summary = run_volumes(dict(data_path=str(scan), mask=str(mask), save_path=str(tmp_path / "out")))["thick"]
+        summary = run_volumes(dict(data_path=str(scan), mask=str(mask),
+                                   save_path=str(tmp_path / "out"))).summaries["thick"]
     text = " ".join(str(w.message) for w in caught)
     assert "voxel size 4.17187 x 4.17187 x 500 mm is outside 0.1..20 mm" in text
     assert f"{summary['lung_ml']:.0f} mL of lung, more than any human's" in text
 
 
 def _mask_run(scan, mask, out, **options):
-    return run_volumes(dict(data_path=str(scan), mask=str(mask), save_path=str(out), **options))["ct-64"]
+    return run_volumes(dict(data_path=str(scan), mask=str(mask), save_path=str(out), **options)).summaries["ct-64"]
 
 
 def test_mask_probability_and_gray_maps_are_thresholded_and_a_scan_is_refused(copd, tmp_path):
@@ -285,14 +286,14 @@ def test_lungs_cut_by_the_field_of_view_are_flagged(copd, tmp_path, recwarn):
         path = _copd_with(tmp_path, copd, f"{name}.nii.gz", scan, affine=aff)
         mask = _copd_with(tmp_path, copd, f"{name}_mask.nii.gz", np.zeros(scan.shape, np.uint8), affine=aff)
         found[name] = run_volumes(dict(data_path=str(path), mask=str(mask),
-                                       save_path=str(tmp_path / name)))[name]["lungs_cut_by_scan"]
+                                       save_path=str(tmp_path / name))).summaries[name]["lungs_cut_by_scan"]
     cut = {"inferior": data[:, :, 30:], "superior": data[:, :, :40], "inferior superior": data[:, :, 30:50]}
     for name, scan in cut.items():
         aff = cropped if name.startswith("inferior") else affine
         path = _copd_with(tmp_path, copd, f"{name}.nii.gz", scan, affine=aff)
         mask = _copd_with(tmp_path, copd, f"{name}_mask.nii.gz", np.zeros(scan.shape, np.uint8), affine=aff)
         found[name] = run_volumes(dict(data_path=str(path), mask=str(mask), save_path=str(tmp_path / name)))
-        found[name] = found[name][name.replace(" ", "_")]["lungs_cut_by_scan"]
+        found[name] = found[name].summaries[name.replace(" ", "_")]["lungs_cut_by_scan"]
     # the whole scan's top slice holds 0.7% of the largest slice's lung: a tapering apex, not a cut
     assert found == {"padded": [], "cropped": ["inferior"], "inferior": ["inferior"], "superior": ["superior"],
                      "inferior superior": ["inferior", "superior"]}
@@ -329,7 +330,7 @@ def test_rerun_of_the_same_inputs_keeps_finished_cases_and_redoes_the_rest(copd,
     done = (out / "ct-64" / "summary.json").stat().st_mtime_ns
     again = run_volumes(dict(options, batchsize=3))  # the batch size changes no output
     assert (out / "ct-64" / "summary.json").stat().st_mtime_ns == done  # kept, not recomputed
-    assert again["ct-64"]["lung_ml"] > 4000
+    assert again.summaries["ct-64"]["lung_ml"] > 4000
     (out / "ct-64" / "summary.json").unlink()  # an interrupted case is run again
     run_volumes(options)
     assert (out / "ct-64" / "summary.json").is_file()
@@ -344,15 +345,15 @@ def _script_args(argv):
     return p.parse_args(argv)
 
 
-def test_options_that_would_be_ignored_are_refused(checkpoint, test_slices, tmp_path, capsys):
+def test_options_that_would_be_ignored_are_refused(checkpoint, test_slices, copd, tmp_path, capsys):
     import MyTest_LungInf
-    from Code.model_lung_infection.volume.options import VolumeConfig, check_config
+    from Code.model_lung_infection.configs import TestConfig
     with pytest.raises(SystemExit):
         _script_args(["--threshold", "1.5"])
     assert "0 < t <= 1" in capsys.readouterr().err
     for bad in (1.5, 0, float("nan")):
         with pytest.raises(OptionError, match="--threshold"):
-            check_config(VolumeConfig("x", threshold=bad))
+            TestConfig(data_path="x", threshold=bad)
     for extra in (dict(multiclass_pth="m.pth"), dict(save_probabilities=True)):
         with pytest.raises(OptionError, match="need the network, and --mask"):
             run_volumes(dict(data_path="x", mask="m.nii.gz", **extra))
@@ -363,6 +364,11 @@ def test_options_that_would_be_ignored_are_refused(checkpoint, test_slices, tmp_
             MyTest_LungInf.main(["--pth_path", str(checkpoint), "--data_path", str(slices),
                                  "--save_path", str(tmp_path / "maps")] + argv)
     assert not (tmp_path / "maps").exists()
+    for argv in (["--normalize", "minmax"], ["--num_workers", "2"]):  # and slice options on a scan
+        with pytest.raises(OptionError, match=r"option\(s\) of folders of 2D slices.*is a CT volume"):
+            MyTest_LungInf.main(["--pth_path", str(checkpoint), "--data_path", str(copd["nifti"]),
+                                 "--save_path", str(tmp_path / "volumes")] + argv)
+    assert not (tmp_path / "volumes").exists()
 
 
 def test_a_series_split_over_folders_is_one_case_and_dicomdir_is_no_scan(copd, tmp_path):

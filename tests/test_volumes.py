@@ -88,7 +88,7 @@ def _world_x(mask, affine):
 def test_phantom_mask_quantified_exactly_lungs_analytic_and_sided(phantom, tmp_path):
     out = tmp_path / "out"
     summary = run_volumes(_script_args(["--data_path", str(phantom["scan"]), "--mask", str(phantom["mask"]),
-                                        "--save_path", str(out)]))["chest"]
+                                        "--save_path", str(out)])).summaries["chest"]
     assert set(summary) >= SUMMARY_KEYS
     on_disk = json.loads((out / "chest/summary.json").read_text())
     assert on_disk == summary
@@ -121,7 +121,10 @@ def test_network_outputs_aligned_with_the_input(phantom, checkpoint, tmp_path):
     args = _script_args(["--pth_path", str(checkpoint), "--data_path", str(phantom["scan"]), "--save_path", str(out),
                          "--testsize", str(SIZE), "--batchsize", "8", "--threshold", "0.5", "--save_probabilities",
                          "--window=-1150,250"])  # '=': argparse reads a leading '-' as an option
-    summary = run_volumes(args)["chest"]
+    done = run_volumes(args)
+    summary = done.summaries["chest"]
+    assert set(done.timings["chest"]) == {"read", "lungs", "network", "write", "report"}  # returned, per step
+    assert all(t > 0 for t in done.timings["chest"].values()) and done.save_path == out
     for name, dtype in (("infection", np.uint8), ("lungs", np.uint8), ("probability", np.float32)):
         data, affine = _load(out / f"chest/{name}.nii.gz")
         assert data.shape == phantom["shape"] and data.dtype == dtype and np.allclose(affine, phantom["file_affine"])
@@ -145,9 +148,9 @@ def test_dicom_series_same_report_as_nifti_and_series_choice(phantom, tmp_path):
     with pytest.raises(UserError, match="not a folder of 2"):  # two series: two cases, and --mask fits one
         run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"), mask=str(phantom["mask"])))
     from_dicom = run_volumes(dict(data_path=str(folder), save_path=str(tmp_path / "d"), series=main,
-                                  mask=str(_dicom_mask(phantom, tmp_path))))["series__phantom"]
+                                  mask=str(_dicom_mask(phantom, tmp_path)))).summaries["series__phantom"]
     from_nifti = run_volumes(dict(data_path=str(phantom["scan"]), mask=str(phantom["mask"]),
-                                  save_path=str(tmp_path / "n")))["chest"]
+                                  save_path=str(tmp_path / "n"))).summaries["chest"]
     for key in SUMMARY_KEYS - {"spacing_mm", "shape"}:
         assert from_dicom[key] == from_nifti[key], key
     assert (tmp_path / "d/series__phantom/slices.csv").read_text() != ""
@@ -210,6 +213,26 @@ def test_dispatcher_and_window_option(phantom, test_slices):
     assert DEFAULT_WINDOW == (-1150.0, 250.0)
 
 
+def test_the_script_gives_slices_and_volumes_one_config(phantom, checkpoint, test_slices, monkeypatch, tmp_path):
+    """MyTest_LungInf.py builds one configs.TestConfig from its arguments, for either kind of input."""
+    import MyTest_LungInf
+    from Code.model_lung_infection import infer
+    from Code.model_lung_infection.configs import TestConfig
+    from Code.model_lung_infection.volume import predict
+    seen = []
+    monkeypatch.setattr(predict, "run_volumes", seen.append)
+    monkeypatch.setattr(infer, "run_test", seen.append)
+    MyTest_LungInf.main(["--pth_path", str(checkpoint), "--data_path", str(phantom["scan"]), "--threshold", "0.3",
+                         "--batchsize", "3", "--window=-1000,300", "--compile", "--save_path", str(tmp_path / "v")])
+    MyTest_LungInf.main(["--pth_path", str(checkpoint), "--data_path", str(test_slices(1)[0]), "--normalize",
+                         "minmax", "--num_workers", "0"])  # slices: the slice stage gets the same class
+    volume, slices = seen
+    assert type(volume) is type(slices) is TestConfig
+    assert (volume.threshold, volume.batchsize, volume.window, volume.compile) == (0.3, 3, (-1000.0, 300.0), True)
+    assert (slices.normalize, slices.num_workers) == ("minmax", 0)
+    assert volume.options_only_for("volumes") == ["window", "threshold"] and slices.options_only_for("volumes") == []
+
+
 # ------------------------------------------------------------------------- volume path = slice path
 
 def test_volume_path_equals_slice_path(checkpoint, test_slices, tmp_path):
@@ -257,7 +280,7 @@ def test_multiclass_adds_classes_volume_and_columns(phantom, checkpoint, tmp_pat
     out = tmp_path / "out"
     summary = run_volumes(_script_args(["--pth_path", str(checkpoint), "--data_path", str(phantom["scan"]),
                                         "--save_path", str(out), "--testsize", str(SIZE), "--batchsize", "16",
-                                        "--multiclass_pth", str(mc)]))["chest"]
+                                        "--multiclass_pth", str(mc)])).summaries["chest"]
     classes, affine = _load(out / "chest/classes.nii.gz")
     assert classes.shape == phantom["shape"] and np.allclose(affine, phantom["file_affine"])
     assert set(np.unique(classes)) <= {0, 1, 2}
@@ -288,7 +311,7 @@ def test_dependent_consolidation_counts_in_its_lung(dense_chest, tmp_path):
     --mask: the consolidation is that lung's, so its volume and infected percent are the truth's."""
     ml = dense_chest["ml"]
     summary = run_volumes(dict(data_path=str(dense_chest["scan"]), mask=str(dense_chest["mask"]),
-                               save_path=str(tmp_path / "out")))["dense"]
+                               save_path=str(tmp_path / "out"))).summaries["dense"]
     assert summary["right_lung_ml"] == pytest.approx(ml["right"], rel=0.03)
     infected = ml["consolidation"] + ml["ggo"]
     assert summary["right_infection_percent"] == pytest.approx(100 * infected / ml["right"], rel=0.05)
@@ -386,7 +409,8 @@ def test_zones_thirds_by_height_and_ventral_dorsal_halves():
 
 def test_phantom_report_has_zones_in_summary_csv_and_overview(phantom, tmp_path):
     out = tmp_path / "out"
-    summary = run_volumes(dict(data_path=str(phantom["scan"]), mask=str(phantom["mask"]), save_path=str(out)))["chest"]
+    summary = run_volumes(dict(data_path=str(phantom["scan"]), mask=str(phantom["mask"]),
+                               save_path=str(out))).summaries["chest"]
     right = summary["zones"]["right"]
     thirds = sum(right[z]["infection_ml"] for z in ("upper", "middle", "lower"))
     halves = sum(right[z]["infection_ml"] for z in ("ventral", "dorsal"))

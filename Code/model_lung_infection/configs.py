@@ -5,7 +5,7 @@ from these without importing it, so `--help` is fast).
   TrainConfig        the Inf-Net recipe (train.py); STAGES: the paper's runs as presets (stage_config)
   MultiClassConfig   the multi-class recipes (multiclass/train.py)
   PseudoConfig       Algorithm 1 (pseudo.py); it holds the rounds' TrainConfig
-  TestConfig         the slice test stage (infer.run_test)
+  TestConfig         the test stage, slices (infer.run_test) and CT volumes (volume.predict.run_volumes)
 Each training config says which network it builds (`architecture()`: registry.create_model's arguments),
 which its checkpoint.pth records for models.load_model.
 """
@@ -376,18 +376,27 @@ class MultiClassConfig(RunConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# The test stage (slices; volume/options.py's VolumeConfig uses the same names for what it shares)
+# The test stage: one config for slices (infer.run_test) and CT volumes (volume.predict.run_volumes)
 # ---------------------------------------------------------------------------------------------
 
 TEST_SIZE_RANGE = (32, 4096)  # below 32 px Inf-Net's deepest maps vanish; above 4096 one slice needs > 10 GB
+SLICES, VOLUMES = "slices", "volumes"
+THRESHOLD = 0.5  # volumes: infection where the probability >= this
+
+
+def only_for(kind, default):
+    """A TestConfig field that only one kind of input reads: given on the other it would do nothing, so the
+    run refuses it (TestConfig.refuse_options_of)."""
+    return field(default=default, metadata={"only": kind})
 
 
 @dataclass
 class TestConfig:
-    """Options of the slice test stage (infer.run_test; MyTest_LungInf.py builds it from its arguments)."""
-    pth_path: str = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
+    """Options of the test stage, for a folder of slices and for CT volumes alike (MyTest_LungInf.py builds it
+    from its arguments; the volume-only ones are volume/options.py's argument group)."""
+    pth_path: Optional[str] = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
     data_path: str = "Dataset/TestingSet/LungInfection-Test"
-    save_path: Optional[str] = None       # default: Results/Lung infection segmentation/<model>
+    save_path: Optional[str] = None  # slices: Results/Lung infection segmentation/<model>; volumes: Results/Volumes
     testsize: int = 352
     batchsize: int = 8                    # slices per forward pass (all are resized to testsize)
     backbone: Optional[str] = None        # encoder of release-format weights
@@ -396,15 +405,52 @@ class TestConfig:
     channels_last: bool = True
     fuse_bn: bool = True
     compile: bool = False
-    normalize: str = "none"               # maps.NORMALIZATIONS
-    num_workers: Optional[int] = None     # decoding processes; None: infer.default_workers
     progress: bool = True
-    overwrite: bool = False               # replace the maps of an earlier run in save_path
+    overwrite: bool = False               # replace the outputs of an earlier run in save_path
+    # a folder of slices only
+    normalize: str = only_for(SLICES, "none")                # maps.NORMALIZATIONS
+    num_workers: Optional[int] = only_for(SLICES, None)      # decoding processes; None: infer.default_workers
+    # CT volumes only (docs/volumes.md)
+    mask: Optional[str] = only_for(VOLUMES, None)            # quantify this infection mask: no network
+    multiclass_pth: Optional[str] = only_for(VOLUMES, None)  # adds GGO and consolidation
+    window: Optional[tuple] = only_for(VOLUMES, None)        # (low, high) HU, or "LOW,HIGH"; None: DEFAULT_WINDOW
+    threshold: float = only_for(VOLUMES, THRESHOLD)
+    series: Optional[str] = only_for(VOLUMES, None)          # DICOM SeriesInstanceUID
+    save_probabilities: bool = only_for(VOLUMES, False)
+    crop: bool = only_for(VOLUMES, True)                     # False: whole slices, every slice
 
     __test__: ClassVar[bool] = False      # not a pytest test class
 
     def __post_init__(self):
+        if isinstance(self.window, (str, list)):
+            from .volume.window import parse_window  # light (numpy)
+            self.window = parse_window(",".join(map(str, self.window)) if isinstance(self.window, list)
+                                       else self.window)
         check_test_options(self)
+
+    def options_only_for(self, kind):
+        """The options given (not at their default) that only `kind` ("slices"/"volumes") reads."""
+        return [f.name for f in dataclasses.fields(self)
+                if f.metadata.get("only") == kind and getattr(self, f.name) != f.default]
+
+    def refuse_options_of(self, kind, data_path_is):
+        """OptionError when options that only `kind` reads are given for the other kind of input."""
+        given = self.options_only_for(kind)
+        if given:
+            names = ", ".join(f"--{n}" for n in given)
+            raise OptionError(f"{names}: option(s) of {'CT volumes' if kind == VOLUMES else 'folders of 2D slices'}, "
+                              f"and --data_path {self.data_path} is {data_path_is}; drop them, or give "
+                              f"{'a CT volume' if kind == VOLUMES else 'a folder of slices'}")
+
+    @classmethod
+    def from_any(cls, source=None, **overrides):
+        """From a TestConfig (`overrides` replace its fields), an argparse Namespace, a dict or keywords; names
+        that are not options are ignored, and None means the default."""
+        if isinstance(source, cls):
+            return dataclasses.replace(source, **overrides)
+        values = dict(vars(source) if hasattr(source, "__dict__") else source or {}, **overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
 def check_test_options(cfg):
@@ -421,6 +467,19 @@ def check_test_options(cfg):
     from .maps import NORMALIZATIONS  # light
     if cfg.normalize not in NORMALIZATIONS:
         problems.append(f"--normalize {cfg.normalize}: choose one of {', '.join(NORMALIZATIONS)}")
+    try:
+        threshold = float(cfg.threshold)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0 < threshold <= 1:
+        problems.append(f"--threshold {cfg.threshold}: expected a probability 0 < t <= 1 (masks are probabilities "
+                        f">= t; an 8-bit --mask is divided by 255 first)")
+    if cfg.mask:
+        needs_network = [f"--{o}" for o in ("multiclass_pth", "save_probabilities") if getattr(cfg, o)]
+        if needs_network:
+            names = " and ".join(needs_network)
+            problems.append(f"{names} need the network, and --mask quantifies a given mask without it: drop "
+                            f"{names}, or --mask to run the network")
     if problems:
         raise OptionError("; ".join(problems))
 

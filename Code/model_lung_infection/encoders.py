@@ -5,6 +5,8 @@ high-level f3, f4, f5 (strides 8, 16, 32; RFB, decoder and reverse attention).
 An encoder is a plain timm model (kept whole, so its state-dict keys stay those of
 the released checkpoints, e.g. `resnet.layer1.0.conv1.weight`) plus the indices of
 its feature taps; Inf-Net's RFB and decoder take whatever channels the taps have.
+The default, Res2Net-50, is timm's res2net50d rebuilt in res2net.py, so that the
+paper's network loads without importing timm (a second of every test run).
 
 ImageNet weights: `pretrained=PATH` loads a local file; `pretrained="imagenet"` finds them
 (`imagenet_weights`): timm's own file in its usual cache (downloaded only where the network allows),
@@ -77,11 +79,12 @@ def register(name, imagenet_file=None):
 
 @register("res2net50_v1b_26w_4s", "the official res2net50_v1b_26w_4s-3cf99910.pth")
 def res2net50_v1b_26w_4s(**kw):
-    # timm's res2net50d is the release's Res2Net-50 v1b 26w*4s: same keys, shapes and outputs.
-    # The release kept the unused ImageNet classifier (`resnet.fc.*`), so we do too (same 946 keys),
-    # frozen: it never gets a gradient, and DistributedDataParallel fails on trainable parameters
-    # that get none.
-    model = _timm("res2net50d", keep_classifier=True, **kw)
+    # The release's Res2Net-50 v1b 26w*4s, which is timm's res2net50d (same keys, shapes and outputs), built
+    # by res2net.py without importing timm. The release kept the unused ImageNet classifier (`resnet.fc.*`),
+    # so we do too (same 946 keys), frozen: it never gets a gradient, and DistributedDataParallel fails on
+    # trainable parameters that get none.
+    from .res2net import Res2Net
+    model = Res2Net(**kw)
     model.fc.requires_grad_(False)
     return model
 

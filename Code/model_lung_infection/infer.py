@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .atomic import atomic_write
-from .configs import TestConfig
+from .configs import VOLUMES, TestConfig
 from .data import SliceSet, check_slices, data_option
 from .errors import OptionError
 from .fast_inference import cpu_has_native_bf16, prepare_for_inference
@@ -35,6 +35,7 @@ from .outputs import OutputFolder, check_output_folder, file_identity
 from .runtime import autocast, pick_device
 
 DEFAULT_SAVE_ROOT = Path("Results") / "Lung infection segmentation"
+NOT_IN_RECORD = ("pth_path", "data_path", "save_path", "progress", "overwrite")  # test_run.json records them apart
 PREDICTION_INDEX = 3  # lateral_map_2, the output of the shallowest reverse-attention branch
 
 
@@ -228,6 +229,7 @@ def run_test(config=None, data_path=None, save_path=None, **options):
     normalize: "none" writes probabilities, "minmax" the release's stretched maps. Returns the paths written.
     """
     cfg = as_test_config(config, data_path, save_path, **options)
+    cfg.refuse_options_of(VOLUMES, "a folder of 2D slices (no NIfTI or DICOM)")  # --mask, --window ... do nothing here
     device = resolve_device(cfg.device)
     amp = default_amp(device) if cfg.amp is None else cfg.amp
     save_path = Path(cfg.save_path or DEFAULT_SAVE_ROOT / default_model_name(cfg.pth_path))
@@ -237,8 +239,8 @@ def run_test(config=None, data_path=None, save_path=None, **options):
     check_output_folder(save_path, cfg.overwrite, [path for _, path in slices.items])
     model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile)
     record = {"weights": file_identity(cfg.pth_path), "data_path": str(Path(cfg.data_path).resolve()),
-              "options": {k: v for k, v in dataclasses.asdict(cfg).items()
-                          if k not in ("pth_path", "data_path", "save_path", "progress", "overwrite")},
+              "options": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                          if f.metadata.get("only") != VOLUMES and f.name not in NOT_IN_RECORD},
               "amp": bool(amp), "device": str(device)}
     written = predict_folder(model, slices, save_path, cfg.testsize, cfg.batchsize, device, amp, cfg.channels_last,
                              cfg.progress, prepare=False, normalize=cfg.normalize,

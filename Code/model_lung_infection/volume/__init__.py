@@ -5,7 +5,7 @@
 `run_volumes` (and with it PyTorch, nibabel and scipy) is imported on first use.
 """
 from .io import find_cases, is_volume_input, read_dicom, read_nifti  # noqa: F401
-from .options import VolumeConfig, add_volume_args  # noqa: F401
+from .options import add_volume_args  # noqa: F401
 
 
 def __getattr__(name):

@@ -14,11 +14,13 @@ so a case folder without it is unfinished.
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..configs import SLICES, THRESHOLD, TestConfig
 from ..data import normalize_image, resize
 from ..errors import DataError, OptionError, UserError
 from ..fast_inference import prepare_for_inference
@@ -30,7 +32,7 @@ from ..quantify.lungs import attach_infection, fill_summary, find_lungs
 from ..runtime import pick_device
 from . import geometry
 from .io import find_cases, read_case, read_nifti, save_nifti
-from .options import THRESHOLD, VolumeConfig, add_volume_args, check_config, check_mask_file  # noqa: F401
+from .options import check_mask_file
 from .output_folder import OUTPUTS, TABLE_NAME, OutputRoot, run_key
 from .window import DEFAULT_WINDOW, gray_volume, is_already_gray
 
@@ -45,7 +47,8 @@ class Networks:
         self.cfg = cfg
         self.model = prepare_for_inference(load_model(cfg.pth_path, expect="binary", device=self.device,
                                                       backbone=cfg.backbone),
-                                           channels_last=cfg.channels_last, fuse_bn=cfg.fuse_bn, inplace=True)
+                                           channels_last=cfg.channels_last, fuse_bn=cfg.fuse_bn, compile=cfg.compile,
+                                           inplace=True)
         self.multiclass = None
         if cfg.multiclass_pth:
             self.multiclass, arch, config, _ = read_model(cfg.multiclass_pth, expect="multiclass", device=self.device)
@@ -226,22 +229,31 @@ def _check_save_path(save_path, data_path, cases):
                           f"outside it or inside a subfolder of it")
 
 
-def run_volumes(args_or_config=None, **overrides):
+@dataclass
+class VolumeRun:
+    """What run_volumes did: {case: summary} of every case finished (this run's and those kept from the run before),
+    and {case: {step: seconds}} of the cases this run processed (read, lungs, network, write, report)."""
+    summaries: dict
+    timings: dict
+    save_path: Path
+
+
+def run_volumes(config=None, **overrides):
     """The volume stage of MyTest_LungInf.py: every case of `data_path` into `save_path`/<case>/, then
-    `save_path`/summary.csv (every case with its status). Returns {case: summary} of the cases done;
-    when some could not be read, raises DataError naming them after the others are done. Takes the
-    script's parsed arguments, a VolumeConfig, a dict or keywords."""
-    cfg = args_or_config if isinstance(args_or_config, VolumeConfig) else VolumeConfig.from_any(args_or_config,
-                                                                                               **overrides)
-    check_config(cfg)
+    `save_path`/summary.csv (every case with its status). Returns a VolumeRun; when some cases could not be
+    read, raises DataError naming them after the others are done. `config`: a configs.TestConfig (the
+    script's), or a dict / keywords of its fields."""
+    cfg = TestConfig.from_any(config, **overrides)
+    cfg.refuse_options_of(SLICES, "a CT volume (or a folder of them)")
     save_path = Path(cfg.save_path or Path("Results") / "Volumes")
     cases = find_cases(cfg.data_path, cfg.series, skip=[save_path])
     _check_save_path(save_path, cfg.data_path, cases)
     if cfg.mask and len(cases) > 1:
         raise UserError(f"--mask {cfg.mask}: give one scan as --data_path, not a folder of {len(cases)}")
     check_mask_file(cfg.mask)
-    if not cfg.mask and not cfg.pth_path:
-        raise UserError("give --pth_path (the network) or --mask (a mask to quantify)")
+    if not cfg.mask and not (cfg.pth_path and Path(cfg.pth_path).is_file()):
+        raise UserError(f"--pth_path {cfg.pth_path}: no such weights file; give the network's weights (--pth_path) "
+                        f"or a mask to quantify (--mask)")
     root = OutputRoot(save_path, run_key(cfg), cfg.overwrite)
     kept = root.prepare(cases)  # before any work: another run's results are refused (or --overwrite)
     nets = None if cfg.mask or len(kept) == len(cases) else Networks(cfg)
@@ -271,8 +283,7 @@ def run_volumes(args_or_config=None, **overrides):
                   f"{summary['infection_percent']:.2f}%, zone score {summary['zone_score']}/30 -> {save_path / name}")
         report.write_summary_table(save_path / TABLE_NAME, table)  # after every case: a killed run keeps it
     root.finish()
-    run_volumes.last_timings = timings  # for bench/bench_volume.py
     if failed:
         raise DataError(f"{len(failed)} of {len(cases)} case(s) skipped ({', '.join(failed)}); the other "
                         f"{len(cases) - len(failed)} are in {save_path}; {save_path / 'summary.csv'} says why")
-    return summaries
+    return VolumeRun(summaries, timings, save_path)
