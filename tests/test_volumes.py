@@ -231,6 +231,8 @@ def test_the_script_gives_slices_and_volumes_one_config(phantom, checkpoint, tes
     assert (volume.threshold, volume.batchsize, volume.window, volume.compile) == (0.3, 3, (-1000.0, 300.0), True)
     assert (slices.normalize, slices.num_workers) == ("minmax", 0)
     assert volume.options_only_for("volumes") == ["window", "threshold"] and slices.options_only_for("volumes") == []
+    with pytest.raises(TypeError, match="windw"):  # a misspelt option is an error, not ignored
+        run_volumes(dict(data_path=str(phantom["scan"]), windw=(-1000, 300)))
 
 
 # ------------------------------------------------------------------------- volume path = slice path

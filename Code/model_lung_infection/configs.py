@@ -9,6 +9,7 @@ from these without importing it, so `--help` is fast).
 Each training config says which network it builds (`architecture()`: registry.create_model's arguments),
 which its checkpoint.pth records for models.load_model.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -444,13 +445,15 @@ class TestConfig:
 
     @classmethod
     def from_any(cls, source=None, **overrides):
-        """From a TestConfig (`overrides` replace its fields), an argparse Namespace, a dict or keywords; names
-        that are not options are ignored, and None means the default."""
+        """From a TestConfig (`overrides` replace its fields), a dict or keywords of its fields (None: the
+        default), or an argparse Namespace (whose other arguments, --debug..., are left out)."""
         if isinstance(source, cls):
             return dataclasses.replace(source, **overrides)
-        values = dict(vars(source) if hasattr(source, "__dict__") else source or {}, **overrides)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+        if isinstance(source, argparse.Namespace):
+            names = {f.name for f in dataclasses.fields(cls)}
+            source = {k: v for k, v in vars(source).items() if k in names}
+        values = dict(source or {}, **overrides)
+        return cls(**{k: v for k, v in values.items() if v is not None})  # an unknown name: TypeError
 
 
 def check_test_options(cfg):

@@ -216,8 +216,7 @@ def as_test_config(config=None, data_path=None, save_path=None, **options):
     """A TestConfig from a TestConfig (`options` replace its fields) or from the weights' path and options."""
     if isinstance(config, TestConfig):
         return dataclasses.replace(config, **options)
-    given = {"pth_path": config, "data_path": data_path, "save_path": save_path}
-    return TestConfig(**{k: v for k, v in given.items() if v is not None}, **options)
+    return TestConfig.from_any({"pth_path": config, "data_path": data_path, "save_path": save_path}, **options)
 
 
 def run_test(config=None, data_path=None, save_path=None, **options):
