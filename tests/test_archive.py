@@ -354,6 +354,9 @@ def test_options_that_would_be_ignored_are_refused(checkpoint, test_slices, copd
     for bad in (1.5, 0, float("nan")):
         with pytest.raises(OptionError, match="--threshold"):
             TestConfig(data_path="x", threshold=bad)
+    for bad in ((200, -1000), "200,-1000", "lung"):  # a window as text or as a pair, checked alike
+        with pytest.raises(OptionError, match="--window"):
+            TestConfig(data_path="x", window=bad)
     for extra in (dict(multiclass_pth="m.pth"), dict(save_probabilities=True)):
         with pytest.raises(OptionError, match="need the network, and --mask"):
             run_volumes(dict(data_path="x", mask="m.nii.gz", **extra))

@@ -423,11 +423,19 @@ class TestConfig:
     __test__: ClassVar[bool] = False      # not a pytest test class
 
     def __post_init__(self):
-        if isinstance(self.window, (str, list)):
+        if self.window is not None:  # "LOW,HIGH" or a pair, checked alike
             from .volume.window import parse_window  # light (numpy)
-            self.window = parse_window(",".join(map(str, self.window)) if isinstance(self.window, list)
-                                       else self.window)
+            text = self.window if isinstance(self.window, str) else ",".join(map(str, self.window))
+            try:
+                self.window = parse_window(text)
+            except argparse.ArgumentTypeError as e:
+                raise OptionError(f"--window {text}: {e}") from None
         check_test_options(self)
+
+    def options_read_by(self, kind, leave_out=()):
+        """{name: value} of the options a run on `kind` reads (those marked only for the other kind left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("only", kind) == kind and f.name not in leave_out}
 
     def options_only_for(self, kind):
         """The options given (not at their default) that only `kind` ("slices"/"volumes") reads."""

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .atomic import atomic_write
-from .configs import VOLUMES, TestConfig
+from .configs import SLICES, VOLUMES, TestConfig
 from .data import SliceSet, check_slices, data_option
 from .errors import OptionError
 from .fast_inference import cpu_has_native_bf16, prepare_for_inference
@@ -238,8 +238,7 @@ def run_test(config=None, data_path=None, save_path=None, **options):
     check_output_folder(save_path, cfg.overwrite, [path for _, path in slices.items])
     model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile)
     record = {"weights": file_identity(cfg.pth_path), "data_path": str(Path(cfg.data_path).resolve()),
-              "options": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                          if f.metadata.get("only") != VOLUMES and f.name not in NOT_IN_RECORD},
+              "options": cfg.options_read_by(SLICES, leave_out=NOT_IN_RECORD),
               "amp": bool(amp), "device": str(device)}
     written = predict_folder(model, slices, save_path, cfg.testsize, cfg.batchsize, device, amp, cfg.channels_last,
                              cfg.progress, prepare=False, normalize=cfg.normalize,

@@ -118,7 +118,3 @@ class Res2Net(nn.Module):
         from .encoders import _import_timm
         cfg = _import_timm().models.get_pretrained_cfg(TIMM_NAME).to_dict()
         return {**cfg, "architecture": TIMM_NAME}
-
-
-def res2net50_v1b_26w_4s():
-    return Res2Net()

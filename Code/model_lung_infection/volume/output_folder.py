@@ -9,14 +9,13 @@ finished with a fingerprint of its source files. Before any work (`OutputRoot.pr
   the files the volume stage writes (case outputs, summary.csv, the record), never a user's own files.
 As for the slice test stage (outputs.py), whose folder record is test_run.json.
 """
-import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 
 from ..atomic import atomic_write, is_temporary, remove_temporaries
-from ..configs import SLICES
+from ..configs import VOLUMES
 from ..errors import OptionError
 from ..outputs import file_identity, writing
 
@@ -35,8 +34,7 @@ def run_key(cfg):
     files = {name: file_identity(path) if path else None
              for name, path in (("weights", cfg.pth_path if not cfg.mask else None), ("mask", cfg.mask),
                                 ("multiclass", cfg.multiclass_pth))}
-    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-               if f.name not in NOT_IN_KEY and f.metadata.get("only") != SLICES}
+    options = cfg.options_read_by(VOLUMES, leave_out=NOT_IN_KEY)
     key = {"data_path": str(Path(cfg.data_path).resolve()), **files, "options": options}
     return json.loads(json.dumps(key))
 
