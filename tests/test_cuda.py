@@ -246,6 +246,7 @@ def _test_stage(argv, monkeypatch):
             logits.append((outputs[3].dtype, outputs[3].device.type, outputs[3].float().cpu()))
 
     monkeypatch.setattr(sys, "argv", ["MyTest_LungInf.py", *map(str, argv)])
+    monkeypatch.setattr("Code.model_lung_infection.cli.exit_now", lambda code=0: None)  # not this process's end
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
         runpy.run_path(str(ROOT / "MyTest_LungInf.py"), run_name="__main__")

@@ -320,6 +320,81 @@ def test_num_workers_and_pin_memory_reach_the_loader(test_slices, tmp_path, monk
     assert len(read_maps(tmp_path / "a")) == len(read_maps(tmp_path / "b")) == 3
 
 
+def test_batches_side_by_side_give_the_same_maps(test_slices, tmp_path, monkeypatch):
+    """On a CPU with two or more threads the test stage computes two batches at once, each on half the threads
+    (infer.default_streams): the maps are those of one batch at a time, and the thread count is restored."""
+    import Code.model_lung_infection.infer as infer
+    data, _ = test_slices(3)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    used, real = [], infer.side_by_side
+
+    def spy(fn, items, streams=1):
+        used.append(streams)
+        yield from real(fn, items, streams)
+    monkeypatch.setattr(infer, "side_by_side", spy)
+    torch.set_num_threads(2)  # (the one_thread fixture restores its count after the test)
+    argv = ["--pth_path", str(weights), "--data_path", str(data), "--batchsize", "1"]
+    run_script(argv + ["--save_path", str(tmp_path / "two")])
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(infer, "default_streams", lambda device, batches: 1)
+    run_script(argv + ["--save_path", str(tmp_path / "one")])
+    assert used == [2, 1]
+    two, one = read_maps(tmp_path / "two"), read_maps(tmp_path / "one")
+    assert len(two) == 3 and two.keys() == one.keys()
+    assert all(np.array_equal(two[k], one[k]) for k in one)
+
+
+def test_side_by_side_keeps_the_order_and_reads_few_items_ahead():
+    import time
+
+    from Code.model_lung_infection.infer import side_by_side
+    pulled = []
+
+    def items():
+        for i in range(10):
+            pulled.append(i)
+            yield i
+
+    def slow_first(i):
+        time.sleep(0.05 if i == 0 else 0)
+        return i * i
+
+    threads = torch.get_num_threads()
+    out = side_by_side(slow_first, items(), streams=2)
+    assert next(out) == 0 and len(pulled) <= 4  # at most 2 * streams items in flight
+    assert list(out) == [i * i for i in range(1, 10)]
+    assert torch.get_num_threads() == threads
+    started = []
+
+    def fails_at_3(i):
+        started.append(i)
+        if i == 3:
+            raise ValueError("slice 3")
+        return i
+    with pytest.raises(ValueError, match="slice 3"):
+        list(side_by_side(fails_at_3, range(100), streams=2))
+    assert torch.get_num_threads() == threads
+    assert len(started) <= 8  # the error stops the run: nothing queued behind it is started
+
+
+def test_the_script_ends_with_its_output_complete(test_slices, tmp_path):
+    """MyTest_LungInf.py leaves without Python's teardown (cli.exit_now): its stdout, even through a pipe,
+    and every file it wrote are complete."""
+    data, names = test_slices(2)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    r = subprocess.run([sys.executable, str(ROOT / "MyTest_LungInf.py"), "--pth_path", str(weights), "--data_path",
+                        str(data), "--save_path", str(tmp_path / "out"), "--backbone", SMALL, "--testsize",
+                        str(SIZE), "--no-progress"], capture_output=True, text=True,
+                       env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # block-buffered
+                            "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(f"wrote 2 maps to {tmp_path / 'out'}")
+    record = json.loads((tmp_path / "out" / "test_run.json").read_text())
+    assert record["complete"] and record["count"] == 2 and len(read_maps(tmp_path / "out")) == 2
+
+
 def test_run_test_takes_a_test_config(test_slices, tmp_path):
     """The options are declared once (configs.TestConfig): the script builds one from its arguments."""
     from Code.model_lung_infection.cli import config_from_args

@@ -28,18 +28,24 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
 
 
-def run_main(main, argv=None):
+def run_main(main, argv=None, exit_when_done=False):
     """Run a script's `main(argv)`: a user error prints `error: ...` on one line and exits 2, a warning
     `warning: ...` on one line; Ctrl-C prints
     what was saved and how to continue (if the stage says) and exits 130. `--debug` (or INFNET_DEBUG=1)
-    shows the traceback instead."""
+    shows the traceback instead.
+
+    exit_when_done: once `main` has returned, end the process at once (`exit_now`), for scripts whose
+    outputs are all written and closed when main returns (the test stage)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("INFNET_DEBUG", "") not in ("", "0")
     try:
         with warnings.catch_warnings():
             if not debug:  # each warning one line, as errors are (not Python's file:line and source line)
                 warnings.showwarning = _one_line_warning
-            return main(argv)
+            result = main(argv)
+        if exit_when_done:
+            exit_now()
+        return result
     except KeyboardInterrupt as e:
         if debug:
             raise
@@ -50,6 +56,15 @@ def run_main(main, argv=None):
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def exit_now(code=0):
+    """End the process with `code` once stdout and stderr are flushed, skipping the interpreter's teardown:
+    after `import torch` that teardown takes 0.3 s (freeing its thousands of modules), 8% of the test stage
+    on the 48 test slices. Only for a finished script: atexit handlers and open files' buffers are skipped."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def one_line(error):

@@ -10,13 +10,17 @@ so its figures do not depend on this choice beyond 8-bit rounding).
 One prediction loop (`iter_batches`, with `probabilities`: logits resized, then the sigmoid) serves
 the test script, the multi-class priors computed on the fly (`multiclass.infnet_priors`, the same
 8-bit maps), the multi-class test stage and the pseudo labels. It predicts batches of slices (all are
-resized to testsize) while worker processes decode the next ones (`default_workers`).
+resized to testsize), on a CPU two at a time (`side_by_side`), while worker processes decode the next ones
+(`default_workers`).
 
 The stage's options are one `configs.TestConfig` (`run_test(config)`); its output folder holds that run's
 maps only, with a record of what made them (outputs.OutputFolder; the evaluation checks it).
 """
+import collections
 import dataclasses
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -86,8 +90,8 @@ def default_workers(device, num_workers=None, slices=None, batchsize=1):
     """Decoding processes of the prediction loop: `num_workers` bounded by the CPU count (a larger number only
     exhausts memory; said when bounded). None: 4 on CUDA (decoding on the main thread starves the GPU); on CPU
     one when there is more than one batch of `slices` (it decodes the next batch while the network computes:
-    5% less wall time on the 48 test slices here, bench/bench_test_stage.py), else none (a process to start
-    for nothing)."""
+    5% less wall time on the 48 test slices here with one batch at a time, the same as decoding on the main
+    thread with two side by side; bench/bench_test_stage.py), else none (a process to start for nothing)."""
     cpus = os.cpu_count() or 1
     if num_workers is None:
         if torch.device(device).type == "cuda":
@@ -120,14 +124,52 @@ def iter_batches(model, dataset, batchsize=1, device=None, channels_last=False, 
         yield inputs, keys, sizes
 
 
+def default_streams(device, batches):
+    """How many batches the prediction loop computes side by side (`side_by_side`): two on a CPU with two or more
+    threads when there are two or more batches, else one. On few cores, two batches each on half the threads
+    beat one batch on all of them (the small late convolutions parallelise poorly): 48 test slices 10% less
+    network time on 2 cores, the same maps (bench/bench_test_stage.py)."""
+    return 2 if torch.device(device).type == "cpu" and torch.get_num_threads() >= 2 and batches >= 2 else 1
+
+
+def side_by_side(fn, items, streams=1):
+    """fn(item) for each of `items`, in order, `streams` of them at a time in threads; each shares the CPU's
+    threads (torch.get_num_threads, restored after). PyTorch ops release the GIL, so the threads compute in
+    parallel; at most 2 * streams items are taken ahead of the one yielded."""
+    if streams <= 1:
+        yield from map(fn, items)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // streams))  # read by each new thread at its first parallel op
+    pool, pending = ThreadPoolExecutor(streams), collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * streams:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also on an error or when the caller stops early: drop what has not started
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
 def iter_probability_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",
-                          progress=False, num_workers=0):
-    """(stem, float32 probability map at the slice's size) for each slice of `slices` (a `data.SliceSet`)."""
+                          progress=False, num_workers=0, streams=None):
+    """(stem, float32 probability map at the slice's size) for each slice of `slices` (a `data.SliceSet`).
+    streams: batches computed side by side (None: `default_streams`)."""
     device = device or next(model.parameters()).device
     _normalizer(normalize)  # a wrong name fails before the first slice
-    for images, stems, sizes in iter_batches(model, slices, batchsize, device, channels_last, progress,
-                                             num_workers=num_workers):
-        yield from zip(stems, probability_maps(model, images, sizes, amp, device, normalize))
+    if streams is None:
+        streams = default_streams(device, math.ceil(len(slices) / max(1, batchsize)))
+
+    def predict(batch):
+        images, stems, sizes = batch
+        return zip(stems, probability_maps(model, images, sizes, amp, device, normalize))
+
+    for maps in side_by_side(predict, iter_batches(model, slices, batchsize, device, channels_last, progress,
+                                                   num_workers=num_workers), streams):
+        yield from maps
 
 
 def iter_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",

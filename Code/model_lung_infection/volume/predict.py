@@ -24,7 +24,7 @@ from ..configs import SLICES, THRESHOLD, TestConfig
 from ..data import normalize_image, resize
 from ..errors import DataError, OptionError, UserError
 from ..fast_inference import prepare_for_inference
-from ..infer import default_amp, probabilities
+from ..infer import default_amp, default_streams, probabilities, side_by_side
 from ..models import load_model, read_model
 from ..multiclass.predict import predict_probabilities
 from ..quantify import report
@@ -93,9 +93,13 @@ def predict_case(nets, gray, lungs, cfg, name, spacing=(1.0, 1.0, 1.0)):
         r0, r1, c0, c1 = 0, rows, 0, cols
         todo = np.arange(n)
     prob = np.zeros(gray.shape, np.float32)
-    for chunk in _batches(todo, cfg.batchsize, cfg.progress, f"{name}: network"):
-        crop = np.moveaxis(gray[r0:r1, c0:c1, chunk], 2, 0)
-        prob[r0:r1, c0:c1, chunk] = np.moveaxis(nets.infection(crop), 0, 2)
+
+    def infection(chunk):
+        return chunk, nets.infection(np.moveaxis(gray[r0:r1, c0:c1, chunk], 2, 0))
+
+    chunks = _batches(todo, cfg.batchsize, cfg.progress, f"{name}: network")
+    for chunk, p in side_by_side(infection, chunks, default_streams(nets.device, len(chunks))):
+        prob[r0:r1, c0:c1, chunk] = np.moveaxis(p, 0, 2)
     infection = prob >= cfg.threshold
     classes = None
     if nets.multiclass is not None:
