@@ -91,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, exit_when_done=True)  # every map and record is written and closed when main returns
