@@ -127,8 +127,8 @@ def iter_batches(model, dataset, batchsize=1, device=None, channels_last=False, 
 def default_streams(device, batches):
     """How many batches the prediction loop computes side by side (`side_by_side`): two on a CPU with two or more
     threads when there are two or more batches, else one. On few cores, two batches each on half the threads
-    beat one batch on all of them (the small late convolutions parallelise poorly): 48 test slices 10% less
-    network time on 2 cores, the same maps (bench/bench_test_stage.py)."""
+    beat one batch on all of them: 48 test slices 2-10% less network time on 2 cores (two measurements,
+    docs/results.md), the same maps."""
     return 2 if torch.device(device).type == "cpu" and torch.get_num_threads() >= 2 and batches >= 2 else 1
 
 
