@@ -381,7 +381,7 @@ def test_side_by_side_keeps_the_order_and_reads_few_items_ahead():
 def test_the_script_ends_with_its_output_complete(test_slices, tmp_path):
     """MyTest_LungInf.py leaves without Python's teardown (cli.exit_now): its stdout, even through a pipe,
     and every file it wrote are complete."""
-    data, names = test_slices(2)
+    data, _ = test_slices(2)
     weights = tmp_path / "w.pth"
     save_release_weights(spread_infnet(), weights)
     r = subprocess.run([sys.executable, str(ROOT / "MyTest_LungInf.py"), "--pth_path", str(weights), "--data_path",
