@@ -52,6 +52,15 @@ def test_truncated_file_is_named_by_every_loader(truncated):
         assert msg.startswith(f"{truncated} cannot be read as a PyTorch checkpoint (truncated or not a checkpoint)")
 
 
+def test_a_text_file_is_named_without_the_unpicklers_number(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("junk\n")  # torch's unpickler fails with KeyError(<a number read off these bytes>)
+    with pytest.raises(CheckpointError) as e:
+        extract_state_dict(path)
+    assert _one_line(e.value) == (f"{path} cannot be read as a PyTorch checkpoint (truncated or not a checkpoint): "
+                                  f"its bytes are neither a zip archive nor a pickle")
+
+
 def test_missing_file_is_named(tmp_path):
     path = tmp_path / "nope.pth"
     for load in (lambda p: load_checkpoint(Inf_Net_UNet(n_channels=3, n_classes=3), p), load_multiclass):

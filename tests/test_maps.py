@@ -345,6 +345,38 @@ def test_batches_side_by_side_give_the_same_maps(test_slices, tmp_path, monkeypa
     assert all(np.array_equal(two[k], one[k]) for k in one)
 
 
+def test_slices_are_decoded_while_the_model_loads(test_slices, tmp_path, monkeypatch):
+    """The test stage forks its decoding worker before it loads the weights (the load runs mostly on one core,
+    the worker decodes on the other); the batches of a started `Batches` are those of one started later."""
+    import Code.model_lung_infection.infer as infer
+    data, _ = test_slices(3)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    started, events = [], []
+    real_start, real_load = infer.Batches.start, infer.load_for_test
+
+    def start(self):
+        started.append(self)
+        return real_start(self)
+
+    def load(*args, **kwargs):  # how many decoding processes are alive when the load begins
+        events.append(("load", sum(w.is_alive() for b in started for w in b._started._workers)))
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(infer.Batches, "start", start)
+    monkeypatch.setattr(infer, "load_for_test", load)
+    run_script(["--pth_path", str(weights), "--data_path", str(data), "--batchsize", "1", "--num_workers", "1",
+                "--save_path", str(tmp_path / "out")])
+    assert events == [("load", 1)]  # the worker was already running when the load began
+    assert len(read_maps(tmp_path / "out")) == 3
+
+    slices = SliceSet(data, 64)
+    started = list(infer.Batches(slices, 2, num_workers=1).start())
+    later = list(infer.Batches(slices, 2))
+    assert [keys for _, keys, _ in started] == [keys for _, keys, _ in later] == [[s for s, _ in slices.items[:2]],
+                                                                                  [slices.items[2][0]]]
+    assert all(torch.equal(a[0], b[0]) and a[2] == b[2] for a, b in zip(started, later))
+
+
 def test_side_by_side_keeps_the_order_and_reads_few_items_ahead():
     import time
 

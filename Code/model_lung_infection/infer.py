@@ -103,17 +103,41 @@ def default_workers(device, num_workers=None, slices=None, batchsize=1):
     return max(0, min(int(num_workers), cpus))
 
 
+class Batches:
+    """The batches (inputs, keys, sizes) of `dataset` (items: (input tensor, key, (h, w))), decoded by
+    `num_workers` processes (bounded by the CPU count; pinned on CUDA). `start()` forks the workers at once, so that
+    they decode the first batches while the caller does something else (the test stage: load the model, mostly on
+    one core). At least 4 batches are read ahead: two side by side (`side_by_side`) and the next two."""
+
+    def __init__(self, dataset, batchsize=1, device="cpu", num_workers=0):
+        self.dataset = dataset
+        workers = min(max(0, num_workers or 0), os.cpu_count() or 1)
+        self.loader = DataLoader(dataset, batch_size=max(1, batchsize), collate_fn=_collate, num_workers=workers,
+                                 pin_memory=torch.device(device).type == "cuda",
+                                 prefetch_factor=max(2, 4 // workers) if workers else None)
+        self._started = None
+
+    def start(self):
+        self._started = iter(self.loader)
+        return self
+
+    def __iter__(self):
+        started, self._started = self._started, None
+        return started if started is not None else iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
 def iter_batches(model, dataset, batchsize=1, device=None, channels_last=False, progress=False, desc="test",
                  num_workers=0):
     """The batched prediction loop every stage shares: (inputs on `device`, keys, sizes) per batch of
-    `dataset` (items: (input tensor, key, (h, w))), with the progress bar; `model` is used as given.
-    num_workers: processes decoding the slices (bounded by the CPU count); on CUDA the batches are pinned."""
+    `dataset` (items: (input tensor, key, (h, w)); or its `Batches`, perhaps started), with the progress bar;
+    `model` is used as given. num_workers: processes decoding the slices (see `Batches`)."""
     device = torch.device(device or next(model.parameters()).device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    workers = min(max(0, num_workers or 0), os.cpu_count() or 1)
-    loader = DataLoader(dataset, batch_size=max(1, batchsize), collate_fn=_collate, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    loader = dataset if isinstance(dataset, Batches) else Batches(dataset, batchsize, device, num_workers)
     if progress:
         from tqdm import tqdm
         loader = tqdm(loader, desc=desc, leave=False)
@@ -156,12 +180,13 @@ def side_by_side(fn, items, streams=1):
 
 def iter_probability_maps(model, slices, batchsize=1, device=None, amp=False, channels_last=True, normalize="none",
                           progress=False, num_workers=0, streams=None):
-    """(stem, float32 probability map at the slice's size) for each slice of `slices` (a `data.SliceSet`).
-    streams: batches computed side by side (None: `default_streams`)."""
+    """(stem, float32 probability map at the slice's size) for each slice of `slices` (a `data.SliceSet`, or its
+    `Batches`). streams: batches computed side by side (None: `default_streams`)."""
     device = device or next(model.parameters()).device
     _normalizer(normalize)  # a wrong name fails before the first slice
     if streams is None:
-        streams = default_streams(device, math.ceil(len(slices) / max(1, batchsize)))
+        batches = len(slices) if isinstance(slices, Batches) else math.ceil(len(slices) / max(1, batchsize))
+        streams = default_streams(device, batches)
 
     def predict(batch):
         images, stems, sizes = batch
@@ -186,7 +211,7 @@ def png_writer(array):
 
 def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, device=None, amp=False,
                    channels_last=True, progress=True, fuse_bn=True, compile=False, prepare=True, normalize="none",
-                   num_workers=0, overwrite=False, record=None):
+                   num_workers=0, overwrite=False, record=None, batches=None):
     """Segment every slice of `data_path` (or `data_path/Imgs`) into `save_path`/<stem>.png; returns the paths.
 
     `save_path` holds this run's maps only: a folder that already holds files is refused unless `overwrite`,
@@ -197,6 +222,7 @@ def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, devic
     plain fp32 model's to well under one gray level. `amp`: bf16 autocast on CPU (fp16 on CUDA).
     prepare=False uses `model` as given (`channels_last` then only converts the inputs and model).
     normalize: "none" (probabilities) or "minmax" (the release's per-slice stretch), see `probability_maps`.
+    batches: the dataset's `Batches`, perhaps started before (the test stage decodes while the model loads).
     """
     dataset = data_path if isinstance(data_path, SliceSet) else SliceSet(data_path, testsize)
     check_output_folder(save_path, overwrite, [path for _, path in dataset.items])
@@ -204,8 +230,8 @@ def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, devic
         model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
     record = {"slices": len(dataset), "testsize": dataset.testsize, "normalize": normalize, **(record or {})}
     out = OutputFolder(save_path, record, overwrite, [f"{stem}.png" for stem, _ in dataset.items]).start()
-    for stem, gray in iter_maps(model, dataset, batchsize, device, amp, channels_last, normalize, progress,
-                                num_workers):
+    for stem, gray in iter_maps(model, batches or dataset, batchsize, device, amp, channels_last, normalize,
+                                progress, num_workers):
         out.write(f"{stem}.png", png_writer(gray))
     return out.finish()
 
@@ -278,13 +304,15 @@ def run_test(config=None, data_path=None, save_path=None, **options):
         slices = SliceSet(cfg.data_path, cfg.testsize)
     check_slices(slices.items)  # before loading the model or writing anything
     check_output_folder(save_path, cfg.overwrite, [path for _, path in slices.items])
+    # the workers fork now and decode the first batches while the model loads (most of it on one core)
+    batches = Batches(slices, cfg.batchsize, device,
+                      default_workers(device, cfg.num_workers, len(slices), cfg.batchsize)).start()
     model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile)
     record = {"weights": file_identity(cfg.pth_path), "data_path": str(Path(cfg.data_path).resolve()),
               "options": cfg.options_read_by(SLICES, leave_out=NOT_IN_RECORD),
               "amp": bool(amp), "device": str(device)}
     written = predict_folder(model, slices, save_path, cfg.testsize, cfg.batchsize, device, amp, cfg.channels_last,
-                             cfg.progress, prepare=False, normalize=cfg.normalize,
-                             num_workers=default_workers(device, cfg.num_workers, len(slices), cfg.batchsize),
-                             overwrite=cfg.overwrite, record=record)
+                             cfg.progress, prepare=False, normalize=cfg.normalize, overwrite=cfg.overwrite,
+                             record=record, batches=batches)
     print(f"[test] wrote {len(written)} maps to {save_path}")
     return written
