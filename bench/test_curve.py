@@ -1,7 +1,7 @@
 """The six test-set figures against training minutes, for finished runs (issue 16's deliverable).
 
-For each run folder, scores its release-format snapshots (<prefix>-<epoch>.pth; EMA copies are left
-out) on the test slices as MyTest_LungInf.py + EvaluationTool do, and reads each snapshot's wall-time
+For each run folder, scores its release-format snapshots (<prefix>-<epoch>.pth; with --ema the
+averaged copies <prefix>-ema-<epoch>.pth instead, the weights a --ema run validated) on the test slices as MyTest_LungInf.py + EvaluationTool do, and reads each snapshot's wall-time
 minutes from the run's val.csv (a run trained with --val_split; the row of the snapshot's epoch). Prints a
 Markdown table, and writes it with --out. Only for final recipes and baselines: choices are made on
 validation (val.csv, bench/cpu_hour_sweep.py), never on this table.
@@ -30,12 +30,13 @@ FIGURES = (("meanDic", "Dice"), ("meanSen", "Sen."), ("meanSpe", "Spec."), ("Sm"
            ("meanEm", "E-phi mean"), ("MAE", "MAE"), ("fixedDic", "Dice@0.5"))
 
 
-def snapshots(run_dir):
-    """{epoch: path} of a run's release-format snapshots (not the -ema- copies, not checkpoint.pth)."""
+def snapshots(run_dir, ema=False):
+    """{epoch: path} of a run's release-format snapshots (not checkpoint.pth): the trained weights, or with
+    `ema` the averaged copies (-ema-)."""
     found = {}
     for path in Path(run_dir).glob("*.pth"):
         match = re.fullmatch(r"(.+)-(\d+)\.pth", path.name)
-        if match and not match.group(1).endswith("-ema"):
+        if match and match.group(1).endswith("-ema") == ema:
             found[int(match.group(2))] = path
     return dict(sorted(found.items()))
 
@@ -87,6 +88,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     p.add_argument("--normal_scan", default=None,
                    help="a CT scan without infection (NIfTI or DICOM folder): add each snapshot's false infection")
+    p.add_argument("--ema", action="store_true", help="score the averaged snapshots of runs trained with --ema")
     a = p.parse_args(argv)
 
     from Code.model_lung_infection.infer import default_amp, load_inf_net, predict_folder
@@ -94,10 +96,11 @@ def main(argv=None):
     data = Path(a.data_path)
     rows = []
     for run in map(Path, a.runs):
-        snaps, minutes = snapshots(run), minutes_by_epoch(run)
+        snaps, minutes = snapshots(run, a.ema), minutes_by_epoch(run)
         if not snaps:
-            raise SystemExit(f"error: no <prefix>-<epoch>.pth snapshot in {run}: pass run folders of "
-                             f"MyTrain_LungInf.py")
+            kind = "<prefix>-ema-<epoch>.pth" if a.ema else "<prefix>-<epoch>.pth"
+            raise SystemExit(f"error: no {kind} snapshot in {run}: pass run folders of MyTrain_LungInf.py"
+                             + (" trained with --ema" if a.ema else ""))
         for epoch in chosen(snaps, a.epochs):
             with tempfile.TemporaryDirectory() as out:
                 predict_folder(load_inf_net(snaps[epoch], device="cpu"), data, Path(out), a.testsize, progress=False,

@@ -423,6 +423,7 @@ def test_test_curve_scores_release_snapshots_at_the_minutes_of_val_csv(tmp_path)
                                       "20,13.25,0.6,0.1,1,1e-4\n")
     snaps = curve.snapshots(tmp_path)
     assert list(snaps) == [10, 20, 25] and snaps[20].name == "Inf-Net-20.pth"  # not the EMA copy
+    assert {e: p.name for e, p in curve.snapshots(tmp_path, ema=True).items()} == {20: "Inf-Net-ema-20.pth"}
     assert curve.chosen(snaps, ["20", "last"]) == [20, 25] and curve.chosen(snaps, None) == [10, 20, 25]
     with pytest.raises(SystemExit, match=r"epoch\(s\) \[30\]"):
         curve.chosen(snaps, ["30"])
