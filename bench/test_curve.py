@@ -1,7 +1,8 @@
 """The six test-set figures against training minutes, for finished runs (issue 16's deliverable).
 
 For each run folder, scores its release-format snapshots (<prefix>-<epoch>.pth; with --ema the
-averaged copies <prefix>-ema-<epoch>.pth instead, the weights a --ema run validated) on the test slices as MyTest_LungInf.py + EvaluationTool do, and reads each snapshot's wall-time
+averaged copies <prefix>-ema-<epoch>.pth instead, the weights a --ema run validated) on the test
+slices as MyTest_LungInf.py + EvaluationTool do, and reads each snapshot's wall-time
 minutes from the run's val.csv (a run trained with --val_split; the row of the snapshot's epoch). Prints a
 Markdown table, and writes it with --out. Only for final recipes and baselines: choices are made on
 validation (val.csv, bench/cpu_hour_sweep.py), never on this table.

@@ -270,6 +270,56 @@ def test_pretraining_on_the_held_out_slices_is_refused(tmp_path, capsys):
         TrainConfig(pretrain_path="x", pretrain_epochs=101)
 
 
+def _quantiles(counts, qs=(0.05, 0.25, 0.5, 0.75, 0.95)):
+    cdf = np.cumsum(counts) / counts.sum()
+    return np.array([int(np.searchsorted(cdf, q)) for q in qs])
+
+
+def test_match_gray_maps_the_pseudo_labelled_slices_onto_the_doctor_labelled_ones(data_root):
+    """The release's pseudo-labelled slices are darker (another display window) than the doctor-labelled ones:
+    matched, their gray-level quantiles are the doctor-labelled slices' within a few levels."""
+    from Code.model_lung_infection.data import gray_histogram, gray_matching_lut
+    train = data_root / "TrainingSet" / "LungInfection-Train"
+    pseudo = sorted((train / "Pseudo-label" / "Imgs").iterdir())[::80]  # 20 slices
+    doctor = sorted((train / "Doctor-label" / "Imgs").iterdir())[::2]   # 25 slices
+    lut = gray_matching_lut(pseudo, doctor)
+    assert lut.dtype == np.uint8 and lut.shape == (256,) and np.all(np.diff(lut.astype(int)) >= 0)
+    before, target = gray_histogram(pseudo), gray_histogram(doctor)
+    after = np.bincount(lut, weights=before, minlength=256)
+    assert np.abs(_quantiles(before) - _quantiles(target)).max() > 40  # the two windows differ
+    assert np.abs(_quantiles(after) - _quantiles(target)).max() <= 3
+
+
+def test_pretrain_match_gray_maps_the_pretraining_slices_only(tmp_path):
+    """--pretrain_match_gray: the pretraining slices go through the table fitted on the training slices (the
+    held-out ones left out), the training slices as they are; the option is recorded with the run."""
+    from Code.model_lung_infection.data import normalize_image, read_rgb, resize
+    from Code.model_lung_infection.train import with_pretraining
+    from Code.model_lung_infection.validation import split_validation
+    pre = write_synthetic_slices(tmp_path / "pre", 4, 96, prefix="p")
+    for path in (pre / "Imgs").iterdir():  # a darker window: every gray level halved
+        Image.fromarray(np.asarray(Image.open(path)) // 2).save(path)
+    argv = ["--train_path", str(tmp_path / "data"), "--pretrain_path", str(pre), "--pretrain_epochs", "1",
+            "--pretrain_match_gray"]
+    assert script.config_from_args(script.parse_args(argv)).pretrain_match_gray
+    with pytest.raises(ValueError, match="pretrain_match_gray: .*--pretrain_epochs N"):
+        TrainConfig(pretrain_match_gray=True)
+    cfg = _cfg(tmp_path, epoch=2, val_split=2, pretrain_path=str(pre), pretrain_epochs=1, pretrain_match_gray=True)
+    train_set, _ = split_validation(cfg, InfectionTrainSet(cfg.train_path, cfg.trainsize), lambda held: None)
+    joined, _, described = with_pretraining(cfg, train_set)
+    extra = joined.datasets[1]
+    assert "gray levels matched to the training slices'" in described
+    assert extra.gray_lut[100] >= 190  # halved levels go back up
+    first = extra.samples[0][1]
+    expected = normalize_image(resize(extra.gray_lut[read_rgb(first)], (64, 64)))
+    assert torch.equal(joined[len(train_set)][0], expected)
+    first_train = train_set.dataset.samples[train_set.indices[0]][1]
+    assert torch.equal(joined[0][0], normalize_image(resize(read_rgb(first_train), (64, 64))))
+    unmatched = with_pretraining(_cfg(tmp_path, epoch=2, val_split=2, pretrain_path=str(pre), pretrain_epochs=1),
+                                 train_set)[0].datasets[1]
+    assert unmatched.gray_lut is None
+
+
 # ---------------------------------------------------------------- resume exactness with everything on
 
 def test_resume_is_exact_with_every_option_on(tmp_path):

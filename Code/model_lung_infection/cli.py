@@ -309,6 +309,10 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
     g.add_argument("--pretrain_epochs", type=nonnegative_int, default=defaults.pretrain_epochs, metavar="N",
                    help="epochs 1..N train on --pretrain_path, each on as many slices as a --train_path epoch "
                         "has (continuing through the set: every epoch costs the same); the rest on --train_path")
+    add_bool(g, "--pretrain_match_gray", defaults.pretrain_match_gray,
+             "map the --pretrain_path slices' gray levels onto the --train_path slices' (histogram matching of "
+             "their pooled histograms; held-out slices left out): the release's pseudo-labelled slices were "
+             "exported with another display window, darker than the doctor-labelled and test slices")
     return g
 
 

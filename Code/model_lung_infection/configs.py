@@ -175,6 +175,7 @@ class TrainConfig(RunConfig):
     progressive_size: Optional[int] = None  # train size grows from this to trainsize over the first half
     pretrain_path: Optional[List[str]] = None  # slices the first pretrain_epochs train on (e.g. pseudo labels)
     pretrain_epochs: int = 0              # Semi-Inf-Net's two steps in one run: pretrain_path, then train_path
+    pretrain_match_gray: bool = False     # map pretrain_path's gray levels onto the training slices' (histograms)
 
     # the fields that are constructor options of a model (the others' constructors take none)
     MODEL_OPTIONS: ClassVar[dict] = {"inf_net": ("backbone",) + INF_NET_COMPONENTS}
@@ -231,6 +232,9 @@ def check_train_options(cfg):
                         f"({cfg.trainsize})")
     if cfg.pretrain_epochs and not cfg.pretrain_path:
         problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: give the slices to pretrain on (--pretrain_path)")
+    if cfg.pretrain_match_gray and not cfg.pretrain_epochs:
+        problems.append("pretrain_match_gray: matches the slices of --pretrain_path; give them with "
+                        "--pretrain_epochs N")
     if cfg.warmup_epochs > cfg.epoch:
         problems.append(f"warmup_epochs {cfg.warmup_epochs}: more than --epoch ({cfg.epoch}); the lr would never "
                         f"reach --lr")

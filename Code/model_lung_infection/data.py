@@ -309,15 +309,40 @@ def fill_caches(dataset, num_workers=0):
             fill_caches(inner, num_workers)
 
 
+def gray_histogram(paths):
+    """The pooled histogram (256 counts) of the slices' gray levels (RGB slices: every channel counted)."""
+    counts = np.zeros(256, np.int64)
+    for path in paths:
+        counts += np.bincount(read_gray_or_rgb(path).ravel(), minlength=256)
+    return counts
+
+
+def gray_matching_lut(source_paths, target_paths, sample=200):
+    """A uint8 lookup table (256,) that maps the gray levels of `source_paths` onto those of `target_paths`:
+    histogram matching of the two pooled histograms (each source level goes to the target level at the same
+    quantile), which undoes a different display window between two sources of slices. At most `sample` files
+    of each side are read, evenly spaced. Monotone, so the order of gray levels is kept."""
+    def spaced(paths):
+        paths = list(paths)
+        step = max(1, -(-len(paths) // sample))
+        return paths[::step]
+    cdf = [np.cumsum(h) / max(1, h.sum()) for h in (gray_histogram(spaced(source_paths)),
+                                                     gray_histogram(spaced(target_paths)))]
+    levels = np.arange(256, dtype=np.float64)
+    return np.clip(np.rint(np.interp(cdf[0], cdf[1], levels)), 0, 255).astype(np.uint8)
+
+
 class InfectionTrainSet(CachedSampleSet):
     """A folder with `Imgs/`, `GT/` and (optionally) `Edge/`: (image, gt, edge) tensors at `trainsize`.
 
     Several roots may be given (e.g. a labelled seed set plus pseudo labels); stems must be unique
     across them. Decoded, resized samples are cached as uint8 so later epochs skip the JPEG decode.
+    gray_lut: a uint8 table (256,) the images' gray levels go through first (`gray_matching_lut`).
     """
 
-    def __init__(self, roots, trainsize=352, cache=True):
+    def __init__(self, roots, trainsize=352, cache=True, gray_lut=None):
         super().__init__(cache)
+        self.gray_lut = gray_lut
         roots = [Path(r) for r in ([roots] if isinstance(roots, (str, os.PathLike)) else roots)]
         self.trainsize = trainsize
         self.samples = []  # (stem, image path, gt path, edge path or None)
@@ -345,6 +370,8 @@ class InfectionTrainSet(CachedSampleSet):
         stem, img_path, gt_path, edge_path = self.samples[i]
         size = (self.trainsize, self.trainsize)
         image, gt = read_rgb(img_path), read_mask(gt_path)
+        if self.gray_lut is not None:
+            image = self.gray_lut[image]
         edge = read_mask(edge_path) if edge_path else edge_from_mask(gt)
         return resize(image, size), resize(gt, size), resize(edge, size)
 

@@ -31,7 +31,7 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     scaled_size,
     stage_config,
 )
-from .data import DataError, InfectionTrainSet, data_option
+from .data import DataError, InfectionTrainSet, data_option, gray_matching_lut
 from .encoders import check_encoder
 from .engine import Engine, PretrainSampler, check_run_folder
 from .errors import OptionError
@@ -166,13 +166,25 @@ def with_pretraining(cfg, dataset):
         raise DataError(f"the held-out validation slices {', '.join(leaked)} are also in --pretrain_path "
                         f"{', '.join(cfg.pretrain_path)}: validation would score slices the run trains on; "
                         f"remove them from one of the two")
+    matched = match_gray(extra, dataset) if cfg.pretrain_match_gray else ""
     samples = cfg.epoch_samples or len(dataset)
     ddp = Distributed()  # torchrun's world: each rank draws its shard
     sampler = PretrainSampler(len(dataset), len(extra), cfg.pretrain_epochs, samples, ddp.world_size, ddp.rank,
                               cfg.seed)
     return (torch.utils.data.ConcatDataset([dataset, extra]), sampler,
             f"; epochs 1..{cfg.pretrain_epochs} pretrain on {samples} per epoch of the {len(extra)} more slices in "
-            f"{', '.join(cfg.pretrain_path)}, the rest train on the {len(dataset)}")
+            f"{', '.join(cfg.pretrain_path)}{matched}, the rest train on the {len(dataset)}")
+
+
+def match_gray(extra, dataset):
+    """Give the pretraining set `extra` the gray-level table that maps its slices onto those of `dataset` (the
+    training slices; a Subset leaves the held-out ones out). Returns what it does, for the log."""
+    train = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    kept = dataset.indices if isinstance(dataset, torch.utils.data.Subset) else range(len(train))
+    extra.gray_lut = gray_matching_lut([sample[1] for sample in extra.samples], [train.samples[i][1] for i in kept])
+    shown = (64, 128, 192)
+    return (f" (gray levels matched to the training slices': {'/'.join(map(str, shown))} -> "
+            f"{'/'.join(str(int(extra.gray_lut[g])) for g in shown)})")
 
 
 def opt_in_summary(cfg):
