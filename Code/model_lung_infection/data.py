@@ -320,8 +320,9 @@ def gray_histogram(paths):
 def gray_matching_lut(source_paths, target_paths, sample=200):
     """A uint8 lookup table (256,) that maps the gray levels of `source_paths` onto those of `target_paths`:
     histogram matching of the two pooled histograms (each source level goes to the target level at the same
-    quantile), which undoes a different display window between two sources of slices. At most `sample` files
-    of each side are read, evenly spaced. Monotone, so the order of gray levels is kept."""
+    quantile), meant for two sources of slices exported with different display windows (it cannot tell a
+    window from a different mix of anatomy). At most `sample` files of each side are read, evenly spaced.
+    Monotone, so the order of gray levels is kept."""
     def spaced(paths):
         paths = list(paths)
         step = max(1, -(-len(paths) // sample))

@@ -107,7 +107,8 @@ class Batches:
     """The batches (inputs, keys, sizes) of `dataset` (items: (input tensor, key, (h, w))), decoded by
     `num_workers` processes (bounded by the CPU count; pinned on CUDA). `start()` forks the workers at once, so that
     they decode the first batches while the caller does something else (the test stage: load the model, mostly on
-    one core). At least 4 batches are read ahead: two side by side (`side_by_side`) and the next two."""
+    one core). Read ahead: 4 batches with one worker (two computed side by side, `side_by_side`, and the next
+    two), 2 per worker with more."""
 
     def __init__(self, dataset, batchsize=1, device="cpu", num_workers=0):
         self.dataset = dataset
