@@ -76,7 +76,8 @@ def _named(state, name):
 
 def _reason(error, limit=160):
     """The first sentence of an exception's message, shortened: torch's unpickling errors run to pages."""
-    if isinstance(error, KeyError):  # the unpickler's lookup of an opcode that no pickle holds: a bare number
+    if isinstance(error, KeyError) and error.args and isinstance(error.args[0], int):
+        # the unpickler looked up a number read off the file's first bytes: not a checkpoint at all
         return "its bytes are neither a zip archive nor a pickle"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = (lines[0] if lines else type(error).__name__).split(". ")[0]

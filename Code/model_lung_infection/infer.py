@@ -18,7 +18,6 @@ maps only, with a record of what made them (outputs.OutputFolder; the evaluation
 """
 import collections
 import dataclasses
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -185,16 +184,16 @@ def iter_probability_maps(model, slices, batchsize=1, device=None, amp=False, ch
     `Batches`). streams: batches computed side by side (None: `default_streams`)."""
     device = device or next(model.parameters()).device
     _normalizer(normalize)  # a wrong name fails before the first slice
+    batches = slices if isinstance(slices, Batches) else Batches(slices, batchsize, device, num_workers)
     if streams is None:
-        batches = len(slices) if isinstance(slices, Batches) else math.ceil(len(slices) / max(1, batchsize))
-        streams = default_streams(device, batches)
+        streams = default_streams(device, len(batches))
 
     def predict(batch):
         images, stems, sizes = batch
         return zip(stems, probability_maps(model, images, sizes, amp, device, normalize))
 
-    for maps in side_by_side(predict, iter_batches(model, slices, batchsize, device, channels_last, progress,
-                                                   num_workers=num_workers), streams):
+    for maps in side_by_side(predict, iter_batches(model, batches, device=device, channels_last=channels_last,
+                                                   progress=progress), streams):
         yield from maps
 
 
@@ -231,8 +230,8 @@ def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, devic
         model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
     record = {"slices": len(dataset), "testsize": dataset.testsize, "normalize": normalize, **(record or {})}
     out = OutputFolder(save_path, record, overwrite, [f"{stem}.png" for stem, _ in dataset.items]).start()
-    for stem, gray in iter_maps(model, batches or dataset, batchsize, device, amp, channels_last, normalize,
-                                progress, num_workers):
+    source = dataset if batches is None else batches
+    for stem, gray in iter_maps(model, source, batchsize, device, amp, channels_last, normalize, progress, num_workers):
         out.write(f"{stem}.png", png_writer(gray))
     return out.finish()
 
