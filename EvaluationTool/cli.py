@@ -1,4 +1,4 @@
-"""Command line: python -m EvaluationTool --gt_root ... --pred_root ... --models A B"""
+"""Command line: python -m EvaluationTool --gt_root ... --pred_root ... --models A B, or --from_mat FILE.mat ..."""
 import argparse
 import os
 import sys
@@ -15,6 +15,7 @@ from .folder import (
     write_per_image_csv,
 )
 from .report import MULTICLASS, average, write_binary_reports, write_multiclass_reports
+from .toolbox_mat import curve_line, read_toolbox_mat
 
 
 def _at_least_one(value):
@@ -87,13 +88,17 @@ def parse_args(argv=None):
         prog="python -m EvaluationTool",
         description="Inf-Net evaluation (Dice, Sen, Spe, Prec, S-alpha, E-phi, MAE) with the "
                     "definitions of the released MATLAB toolbox.")
-    p.add_argument("--gt_root", required=True,
+    p.add_argument("--gt_root",
                    help="GT folder (binary), or the MultiClassInfection-Test folder holding GT-1 "
                         "and GT-2 (multiclass)")
-    p.add_argument("--pred_root", required=True,
+    p.add_argument("--pred_root",
                    help="folder with one sub-folder of PNG maps per model (multiclass: "
                         "'Ground-glass opacities/<model>' and 'Consolidation/<model>')")
-    p.add_argument("--models", nargs="+", required=True, help="model sub-folder names")
+    p.add_argument("--models", nargs="+", help="model sub-folder names")
+    p.add_argument("--from_mat", nargs="+", metavar="MAT",
+                   help="instead of maps: result files saved by the MATLAB toolbox's main.m (<dataset>-<c>-mat/"
+                        "<model>.mat, as papers publish them); prints their release line and Dice, Sen, Spe at "
+                        "128/255 read from their curves")
     p.add_argument("--dataset", type=_file_name,
                    help="name in the report and of its files (default: taken from --gt_root)")
     p.add_argument("--task", choices=("binary", "multiclass"), default="binary")
@@ -102,7 +107,22 @@ def parse_args(argv=None):
                    help="binarise with pred > t for E-phi (one main.m revision) instead of >=")
     p.add_argument("--workers", type=_at_least_one, default=None, help="threads (default: up to 4)")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    maps = [f"--{name}" for name in ("gt_root", "pred_root", "models") if getattr(args, name) is not None]
+    if args.from_mat and maps:
+        p.error(f"--from_mat reads saved results, not maps: leave out {', '.join(maps)}")
+    if not args.from_mat and len(maps) < 3:
+        p.error("give --gt_root, --pred_root and --models (or --from_mat with the toolbox's .mat files)")
+    return args
+
+
+def show_mat_files(paths, dataset=None, out=print):
+    """Print the release line and the fixed-threshold line of each toolbox result file; returns the summaries."""
+    summaries = [read_toolbox_mat(path, dataset) for path in paths]  # all read before any line is printed
+    for s in summaries:
+        out(release_line(s))
+        out(curve_line(s))
+    return summaries
 
 
 def _file_name(value):
@@ -150,6 +170,9 @@ def main(argv=None):
     args = parse_args(argv)
     debug = args.debug or os.environ.get("INFNET_DEBUG", "") not in ("", "0")
     try:
+        if args.from_mat:
+            show_mat_files(args.from_mat, args.dataset)
+            return 0
         check_roots(args.gt_root, args.pred_root, args.task)
         check_save_dir(args.save_dir)
         with warnings.catch_warnings():

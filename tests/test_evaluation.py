@@ -516,3 +516,66 @@ def test_unwritable_reports_are_one_line(toy_folders, tmp_path, capsys, monkeypa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Read-only file system" in err and "--save_dir" in err
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+# ---------------------------------------------------------------- the toolbox's saved results (.mat)
+
+def save_toolbox_mat(path, summary):
+    """What main.m saves for one model: the mean curves over images (1 x 256) and the scalars."""
+    from scipy.io import savemat
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c = summary["curves"]
+    savemat(path, {"column_Dic": c["Dic"][None], "column_Sen": c["Sen"][None], "column_Spe": c["Spe"][None],
+                   "column_E": c["Em"][None], "Sm": summary["Sm"], "mae": summary["MAE"],
+                   **{k: summary[k] for k in ("meanDic", "meanSen", "meanSpe", "meanEm", "maxDic", "maxSen",
+                                              "maxSpe", "maxEm")}})
+    return path
+
+
+def test_toolbox_mat_gives_the_figures_at_the_fixed_threshold(data_root, tmp_path, capsys):
+    """A published result file yields Dice, Sen, Spec at 128/255: for maps spanning 0-255 (as the release stores
+    them) the same figures as evaluating the maps themselves."""
+    import cv2
+
+    from EvaluationTool.toolbox_mat import read_toolbox_mat
+    src = data_root / "TestingSet" / "LungInfection-Test" / "GT"
+    for name in SLICES:
+        gt = np.array(Image.open(src / name))
+        save_png(tmp_path / "GT" / name, gt)
+        soft = cv2.GaussianBlur(gt.astype(np.float64), (41, 41), 12) + np.linspace(0, 60, gt.shape[1])[None]
+        soft = np.round((soft - soft.min()) / (soft.max() - soft.min()) * 255).astype(np.uint8)  # 0 ... 255
+        save_png(tmp_path / "maps" / name, soft)
+    s = evaluate_folder(tmp_path / "GT", tmp_path / "maps")
+    mat = save_toolbox_mat(tmp_path / "LungInfection-Test-1-mat" / "Blurred.mat", s)
+
+    r = read_toolbox_mat(mat)
+    assert (r["dataset"], r["model"]) == ("LungInfection-Test-1", "Blurred")
+    for k in ("Dic", "Sen", "Spe"):
+        assert r["fixed" + k] == pytest.approx(s["fixed" + k], abs=1e-12)
+        assert r["mean" + k] == pytest.approx(s["mean" + k], abs=1e-12)
+    # the cut is 128/255, not a neighbour: the curve's next thresholds give other figures here
+    i = int(np.argmin(np.abs(THRESHOLDS - 128 / 255)))
+    assert r["curves"]["Dic"][i - 1] != r["fixedDic"] != r["curves"]["Dic"][i + 1]
+    assert abs(r["fixedDic"] - r["meanDic"]) > 0.01
+
+    assert main(["--from_mat", str(mat)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("(Dataset:LungInfection-Test-1; Model:Blurred) meanDic:")
+    assert f"Dice:{s['fixedDic']:.3f};Sen:{s['fixedSen']:.3f};Spec:{s['fixedSpe']:.3f}" in out[1]
+    assert "128/255" in out[1] and "256 thresholds" in out[1]
+
+
+def test_toolbox_mat_bad_input_is_one_line(tmp_path, capsys):
+    from scipy.io import savemat
+    savemat(tmp_path / "other.mat", {"x": np.ones(3)})
+    (tmp_path / "notes.mat").write_text("not a mat file")
+    for args, words in ((["--from_mat", str(tmp_path / "other.mat")], "no column_Dic"),
+                        (["--from_mat", str(tmp_path / "notes.mat")], "not a MATLAB .mat file"),
+                        (["--from_mat", str(tmp_path / "absent.mat")], "no such file"),
+                        (["--from_mat", str(tmp_path / "other.mat"), "--models", "A"], "leave out --models")):
+        try:
+            rc = main(args)
+        except SystemExit as stop:  # argparse's usage errors
+            rc = stop.code
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
