@@ -194,6 +194,23 @@ def test_schedule_and_warmup_set_the_lr_of_every_update(tmp_path, schedule, warm
     assert lrs == pytest.approx([1e-3 * f for f in expected], rel=1e-9)
 
 
+def test_cosine_phases_restarts_the_lr_where_the_pretraining_ends():
+    """--schedule cosine-phases: one cosine over the pretraining epochs, another from the full lr over the rest."""
+    cfg = TrainConfig(epoch=8, pretrain_epochs=4, pretrain_path=["pseudo"], schedule="cosine-phases", lr=1e-3)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler, lrs = build_scheduler(cfg, optimizer), []
+    for _ in range(cfg.epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    phase = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx(phase + phase, rel=1e-9)
+    with pytest.raises(ValueError, match="cosine-phases.*--pretrain_epochs N"):
+        TrainConfig(schedule="cosine-phases")
+    with pytest.raises(ValueError, match="cosine-phases.*--pretrain_epochs N"):  # the script prints it as one line
+        script.config_from_args(script.parse_args(["--schedule", "cosine-phases"]))
+
+
 # ---------------------------------------------------------------- EMA
 
 def test_ema_averages_every_update_is_validated_and_saved_beside_the_snapshots(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import os
 import sys
 import warnings
 
-from .configs import MAX_SEED, is_path_component
+from .configs import LR_SCHEDULES, MAX_SEED, is_path_component
 from .errors import UserError
 
 # What a user can fix: printed as one line, not a traceback (run_main).
@@ -287,9 +287,11 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
              "random horizontal/vertical flips, rotation within 10 degrees, scale 0.9-1.1 (the same on image, GT "
              "and edge) and brightness/contrast jitter of 10 percent, seeded by (seed, epoch, batch) so --resume "
              "stays exact: 50 slices are few for a network from random weights")
-    g.add_argument("--schedule", choices=["step", "cosine"], default=defaults.schedule,
-                   help="learning-rate schedule: step (the paper's: x decay_rate every decay_epoch epochs) or cosine "
-                        "(from lr towards 0 over --epoch, after the warm-up), which suits short runs")
+    g.add_argument("--schedule", choices=LR_SCHEDULES, default=defaults.schedule,
+                   help="learning-rate schedule: step (the paper's: x decay_rate every decay_epoch epochs), cosine "
+                        "(from lr towards 0 over --epoch, after the warm-up), which suits short runs, or "
+                        "cosine-phases (one cosine over the --pretrain_epochs, another from lr over the rest, as "
+                        "Semi-Inf-Net's fine-tuning restarted at the full lr)")
     g.add_argument("--warmup_epochs", type=nonnegative_int, default=defaults.warmup_epochs, metavar="N",
                    help="raise the lr linearly over the first N epochs (lr/N, 2lr/N, ..., lr): large first updates "
                         "of a randomly initialised network can diverge")

@@ -170,7 +170,7 @@ class TrainConfig(RunConfig):
     # Opt-in options for training from scratch on a CPU budget (issue 16); the defaults are the paper's.
     recipe: str = "paper"                 # the TRAIN_RECIPES preset the options came from
     augment: bool = False                 # random flips, rotation, scale, brightness/contrast (augment.py)
-    schedule: str = "step"                # lr schedule: step (paper) | cosine
+    schedule: str = "step"                # lr schedule: step (paper) | cosine | cosine-phases
     warmup_epochs: int = 0                # linear lr warm-up over the first N epochs
     progressive_size: Optional[int] = None  # train size grows from this to trainsize over the first half
     pretrain_path: Optional[List[str]] = None  # slices the first pretrain_epochs train on (e.g. pseudo labels)
@@ -194,7 +194,7 @@ class TrainConfig(RunConfig):
                 **{k: getattr(self, k) for k in self.MODEL_OPTIONS.get(self.model, ())}}
 
 
-LR_SCHEDULES = ("step", "cosine")
+LR_SCHEDULES = ("step", "cosine", "cosine-phases")
 
 DOCTOR_LABEL = "Dataset/TrainingSet/LungInfection-Train/Doctor-label"
 PSEUDO_LABEL = "Dataset/TrainingSet/LungInfection-Train/Pseudo-label"
@@ -232,6 +232,9 @@ def check_train_options(cfg):
                         f"({cfg.trainsize})")
     if cfg.pretrain_epochs and not cfg.pretrain_path:
         problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: give the slices to pretrain on (--pretrain_path)")
+    if cfg.schedule == "cosine-phases" and not cfg.pretrain_epochs:
+        problems.append("schedule 'cosine-phases': restarts the cosine where --pretrain_path's slices end; give them "
+                        "with --pretrain_epochs N, or use --schedule cosine")
     if cfg.pretrain_match_gray and not cfg.pretrain_epochs:
         problems.append("pretrain_match_gray: matches the slices of --pretrain_path; give them with "
                         "--pretrain_epochs N")

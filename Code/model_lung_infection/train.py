@@ -88,10 +88,16 @@ def multi_scale_step(cfg):
 def lr_factor(cfg, k):
     """The lr multiplier of epoch k + 1 (k epochs done): linear warm-up to 1 over the first warmup_epochs
     (lr/W, 2lr/W, ..., lr: large first updates from random weights diverge), then the paper's step
-    (decay_rate every decay_epoch epochs) or a cosine from 1 towards 0 over the remaining epochs."""
+    (decay_rate every decay_epoch epochs), a cosine from 1 towards 0 over the remaining epochs, or
+    (cosine-phases) one cosine over the pretraining epochs and another over the rest: Semi-Inf-Net's two steps,
+    each from the full lr as the release's fine-tuning on the doctor labels started."""
     warm = cfg.warmup_epochs
     if k < warm:
         return (k + 1) / warm
+    if cfg.schedule == "cosine-phases" and k >= cfg.pretrain_epochs:
+        return 0.5 * (1 + math.cos(math.pi * (k - cfg.pretrain_epochs) / max(1, cfg.epoch - cfg.pretrain_epochs)))
+    if cfg.schedule == "cosine-phases":
+        return 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, cfg.pretrain_epochs - warm)))
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, cfg.epoch - warm)))
     return cfg.decay_rate ** (k // cfg.decay_epoch)
