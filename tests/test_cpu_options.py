@@ -92,7 +92,7 @@ def test_val_split_holds_slices_out_scores_them_and_writes_val_csv(tmp_path, mon
     assert set(trained) == {f"s{i}" for i in range(6)} - set(held)  # the held-out slices are never trained on
     rows = _val_rows(cfg)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert list(rows[0]) == ["epoch", "minutes", "val_dice", "val_mae", "train_loss", "lr"]
+    assert list(rows[0]) == ["epoch", "minutes", "val_dice", "val_mae", "val_mean_dice", "train_loss", "lr"]
     assert all(0 <= float(r["val_dice"]) <= 1 and float(r["minutes"]) > 0 for r in rows)
     assert float(rows[1]["minutes"]) > float(rows[0]["minutes"])
     assert "[val] epoch 002 dice" in capsys.readouterr().out
@@ -124,6 +124,9 @@ def test_validator_scores_as_the_test_stage_thresholds_at_one_half(tmp_path):
     assert scores["dice"] == pytest.approx(np.mean([2 * g.sum() / (g.size + g.sum()) for g in gts]))
     p = 1 / (1 + math.exp(-2))
     assert scores["mae"] == pytest.approx(np.mean([np.abs(p - g).mean() for g in gts]), rel=1e-5)
+    # the paper's figure: the 8-bit map (round(255 p) = 225 everywhere) passes the 226 thresholds 0/255 ... 225/255
+    assert round(255 * p) == 225
+    assert scores["mean_dice"] == pytest.approx(226 / 256 * scores["dice"])
     assert dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 0.0  # the evaluation tool's rule
 
 

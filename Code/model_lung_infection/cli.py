@@ -251,7 +251,9 @@ def decay(value):
     return v
 
 
-def add_validation_args(parser, defaults, scores="Dice at 0.5 and MAE, as the test stage predicts",
+def add_validation_args(parser, defaults,
+                        scores="Dice at 0.5, MAE and the toolbox's mean Dice over 256 thresholds (the paper's "
+                               "figure), as the test stage predicts",
                         example="e.g. 5 of the 50 doctor-labelled, the paper's 45/5 split"):
     """--val_split / --val_seed / --val_every / --time_budget (RunConfig's opt-in fields, issue 16): every
     trainer that holds slices out for validation takes them."""

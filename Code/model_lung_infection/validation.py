@@ -2,16 +2,20 @@
 
 `hold_out` picks N stems by seed and `split_validation` takes them out of a training set; `Validator`
 scores an infection model on them as the test stage predicts (infer.probabilities: logits resized to
-each slice's size, then the sigmoid; the same ImageNet normalisation), thresholded at 0.5: Dice as the
-evaluation tool counts it (0 where nothing is hit) and MAE of the probabilities, averaged over the
-slices. The slices are decoded once. (The multi-class one: multiclass/validation.py.)
+each slice's size, then the sigmoid; the same ImageNet normalisation): Dice at 0.5 as the evaluation tool
+counts it (0 where nothing is hit), MAE of the probabilities and the toolbox's mean Dice over 256
+thresholds of the 8-bit map (the paper's figure), averaged over the slices. The slices are decoded once.
+(The multi-class one: multiclass/validation.py.)
 """
 import numpy as np
 import torch
 
+from EvaluationTool.metrics import evaluate_pair
+
 from .data import DataError, SliceSet, read_mask
 from .errors import OptionError
 from .infer import iter_batches, probabilities
+from .maps import to_uint8
 
 THRESHOLD = 0.5
 
@@ -65,7 +69,8 @@ class Validator:
         return len(self.items)
 
     def __call__(self, model, device, amp=False):
-        """{"dice": mean Dice at 0.5, "mae": mean absolute error of the probabilities}."""
+        """{"dice": mean Dice at 0.5, "mae": mean absolute error of the probabilities, "mean_dice": the
+        toolbox's meanDic of the maps the test stage would write}."""
         was_training = model.training
         model.eval()
         scores = []
@@ -73,8 +78,9 @@ class Validator:
             for images, stems, sizes in iter_batches(model, self.items, self.batchsize, device):
                 for stem, prob in zip(stems, probabilities(model, images, sizes, amp, device)):
                     p, gt = prob[0].cpu().numpy(), self.gts[stem]
-                    scores.append((dice(p >= THRESHOLD, gt), float(np.abs(p - gt).mean())))
+                    scores.append((dice(p >= THRESHOLD, gt), float(np.abs(p - gt).mean()),
+                                   float(evaluate_pair(to_uint8(p), gt)["curves"]["Dic"].mean())))
         finally:
             model.train(was_training)
-        dices, maes = zip(*scores)
-        return {"dice": float(np.mean(dices)), "mae": float(np.mean(maes))}
+        dices, maes, mean_dices = zip(*scores)
+        return {"dice": float(np.mean(dices)), "mae": float(np.mean(maes)), "mean_dice": float(np.mean(mean_dices))}
