@@ -438,7 +438,10 @@ def test_cpu_hour_recipe_is_pretraining_on_pseudo_labels_in_an_hour_and_options_
     # cpu-hour on MobileNetV2 with ImageNet weights; the encoder given explicitly wins, weights and all
     cfg = script.config_from_args(script.parse_args(["--recipe", "cpu-hour-imagenet"]))
     assert (cfg.backbone, cfg.pretrained, cfg.pretrain_path, cfg.pretrain_epochs, cfg.epoch, cfg.schedule,
-            cfg.time_budget) == ("mobilenetv2", "imagenet", [configs_module.PSEUDO_LABEL], 81, 162, "cosine", 60.0)
+            cfg.time_budget, cfg.release_bce) == ("mobilenetv2", "imagenet", [configs_module.PSEUDO_LABEL], 81, 162,
+                                                  "cosine", 60.0, True)
+    assert not script.config_from_args(script.parse_args(["--recipe", "cpu-hour-imagenet", "--release_bce",
+                                                          "False"])).release_bce  # explicit wins here too
     cfg = script.config_from_args(script.parse_args(["--recipe", "cpu-hour-imagenet", "--backbone",
                                                      "efficientnet_lite2"]))
     assert (cfg.backbone, cfg.pretrained) == ("efficientnet_lite2", "imagenet")
