@@ -179,11 +179,16 @@ def extra_line(summary):
     return "    " + ";".join(f"{k}:{summary[k]:.3f}" for k in SUMMARY_KEYS[6:12]) + "."
 
 
+def fixed_figures(summary):
+    """'Dice:...;Sen:...;Spec:...' of a summary's figures at the fixed threshold."""
+    return ";".join(f"{label}:{summary['fixed' + k]:.3f}" for label, k in zip(("Dice", "Sen", "Spec"), FIXED_KEYS))
+
+
 def fixed_line(summary):
     """Dice, Sen, Spec at the fixed threshold 0.5, labelled apart from the toolbox's means over 256 thresholds."""
-    figures = ";".join(f"{label}:{summary['fixed' + k]:.3f}" for label, k in zip(("Dice", "Sen", "Spec"), FIXED_KEYS))
     return (f"    at threshold {FIXED_THRESHOLD:g} (map >= 128/255 as stored; what most later papers report): "
-            f"{figures}. meanDic above: the toolbox's mean over 256 thresholds (what the paper reports).")
+            f"{fixed_figures(summary)}. meanDic above: the toolbox's mean over 256 thresholds (what the paper "
+            f"reports).")
 
 def safe_name(name):
     return str(name).replace(os.sep, "_").replace(" ", "_")

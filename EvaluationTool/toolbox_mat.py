@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import EvaluationError
+from .folder import EvaluationError, fixed_figures
 from .metrics import FIXED_KEYS, FIXED_THRESHOLD, THRESHOLDS
 
 # The index of the fixed threshold among the toolbox's 256: the last (smallest) one at or above it, 128/255.
 FIXED_INDEX = int(np.flatnonzero(THRESHOLDS >= FIXED_THRESHOLD)[-1])
 _CURVES = {"Dic": "column_Dic", "Sen": "column_Sen", "Spe": "column_Spe", "Em": "column_E"}
+_OPTIONAL_CURVES = {"Prec": "column_Pr"}  # older revisions of main.m also saved precision
 _SCALARS = {"meanDic": "meanDic", "meanSen": "meanSen", "meanSpe": "meanSpe", "Sm": "Sm", "meanEm": "meanEm",
             "MAE": "mae", "maxDic": "maxDic", "maxSen": "maxSen", "maxSpe": "maxSpe", "maxEm": "maxEm"}
 
@@ -28,7 +29,9 @@ def _load(path):
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"{path}: no such file; give a .mat that the MATLAB toolbox's main.m saved")
-    if path.read_bytes()[:19] == b"MATLAB 7.3 MAT-file":
+    with open(path, "rb") as f:
+        header = f.read(19)
+    if header == b"MATLAB 7.3 MAT-file":
         raise EvaluationError(f"{path}: a MATLAB 7.3 (HDF5) file, which scipy cannot read; re-save it in MATLAB "
                               f"with save(..., '-v7')")
     try:
@@ -47,10 +50,9 @@ def read_toolbox_mat(path, dataset=None, model=None):
     missing = [name for name in (*_CURVES.values(), *_SCALARS.values()) if name not in data]
     if missing:
         raise EvaluationError(f"{path}: not a result file of the toolbox's main.m (no {', '.join(missing)})")
-    curves = {k: np.asarray(data[name], dtype=np.float64).ravel() for k, name in _CURVES.items()}
-    if "column_Pr" in data:  # older revisions of main.m also saved precision
-        curves["Prec"] = np.asarray(data["column_Pr"], dtype=np.float64).ravel()
-    wrong = [f"{_CURVES[k]} ({v.size})" for k, v in curves.items() if v.size != len(THRESHOLDS)]
+    names = {**_CURVES, **{k: name for k, name in _OPTIONAL_CURVES.items() if name in data}}
+    curves = {k: np.asarray(data[name], dtype=np.float64).ravel() for k, name in names.items()}
+    wrong = [f"{names[k]} ({v.size})" for k, v in curves.items() if v.size != len(THRESHOLDS)]
     if wrong:
         raise EvaluationError(f"{path}: curves of {len(THRESHOLDS)} thresholds expected, got {', '.join(wrong)}")
     folder = path.parent.name
@@ -63,6 +65,6 @@ def read_toolbox_mat(path, dataset=None, model=None):
 
 def curve_line(summary):
     """The fixed-threshold figures read off the curves, labelled as such."""
-    figures = ";".join(f"{label}:{summary['fixed' + k]:.3f}" for label, k in zip(("Dice", "Sen", "Spec"), FIXED_KEYS))
     return (f"    at threshold 128/255 of the min-max normalised map (read from the toolbox's curves; what most later "
-            f"papers report): {figures}. meanDic above: the mean over 256 thresholds (what the paper reports).")
+            f"papers report): {fixed_figures(summary)}. meanDic above: the mean over 256 thresholds (what the paper "
+            f"reports).")

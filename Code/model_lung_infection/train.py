@@ -91,15 +91,16 @@ def lr_factor(cfg, k):
     (decay_rate every decay_epoch epochs), a cosine from 1 towards 0 over the remaining epochs, or
     (cosine-phases) one cosine over the pretraining epochs and another over the rest: Semi-Inf-Net's two steps,
     each from the full lr as the release's fine-tuning on the doctor labels started."""
-    warm = cfg.warmup_epochs
+    def cosine(done, total):
+        return 0.5 * (1 + math.cos(math.pi * done / max(1, total)))
+
+    warm, pretrain = cfg.warmup_epochs, cfg.pretrain_epochs
     if k < warm:
         return (k + 1) / warm
-    if cfg.schedule == "cosine-phases" and k >= cfg.pretrain_epochs:
-        return 0.5 * (1 + math.cos(math.pi * (k - cfg.pretrain_epochs) / max(1, cfg.epoch - cfg.pretrain_epochs)))
     if cfg.schedule == "cosine-phases":
-        return 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, cfg.pretrain_epochs - warm)))
+        return cosine(k - warm, pretrain - warm) if k < pretrain else cosine(k - pretrain, cfg.epoch - pretrain)
     if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, cfg.epoch - warm)))
+        return cosine(k - warm, cfg.epoch - warm)
     return cfg.decay_rate ** (k // cfg.decay_epoch)
 
 
