@@ -250,7 +250,7 @@ def test_progressive_size_grows_to_trainsize_over_the_first_half(tmp_path):
 
 # ---------------------------------------------------------------- pre-training on extra slices
 
-def test_pretrain_epochs_train_on_pretrain_path_then_on_train_path(tmp_path, monkeypatch):
+def test_pretrain_epochs_train_on_pretrain_path_then_on_train_path(tmp_path, monkeypatch, capsys):
     pre = write_synthetic_slices(tmp_path / "pre", 6, 96, prefix="p")
     seen = []
     real_item = InfectionTrainSet.__getitem__
@@ -266,6 +266,9 @@ def test_pretrain_epochs_train_on_pretrain_path_then_on_train_path(tmp_path, mon
     assert len(set(epochs[0] + epochs[1][:2])) == 6
     # epochs 3-4: each training slice once per epoch, never a held-out one
     assert set(epochs[2]) == set(epochs[3]) == train_stems
+    # the log counts each source on its own (not the pretraining slices as --train_path's)
+    assert (f"10 samples (4 from {cfg.train_path[0]}, 2 more held out for validation; 6 in {pre}: epochs 1..2 "
+            f"pretrain on 4 of them per epoch, the rest train on the 4)") in capsys.readouterr().out
     saved = torch.load(cfg.checkpoint_path, weights_only=False)["config"]
     assert (saved["pretrain_path"], saved["pretrain_epochs"]) == ([str(pre)], 2)
 

@@ -140,6 +140,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     if cfg.val_split:
         dataset, validate = split_validation(
             cfg, dataset, lambda held: Validator([s[:3] for s in held], cfg.trainsize))
+    doctor = f"{len(dataset)} from {', '.join(map(str, cfg.train_path))}"
     dataset, sampler, pretrain = with_pretraining(cfg, dataset)
     if model is None:
         model = build_model(cfg)
@@ -148,10 +149,9 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     engine = Engine(cfg, model)
     optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
     scheduler = build_scheduler(cfg, optimizer)
-    held = f"; {len(validate)} held out for validation" if validate is not None else ""
+    held = f", {len(validate)} more held out for validation" if validate is not None else ""
     return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg), validate=validate, sampler=sampler,
-                      describe=f" from {', '.join(map(str, cfg.train_path))}{held}{pretrain}; scales {cfg.scales}"
-                               f"{opt_in_summary(cfg)}")
+                      describe=f" ({doctor}{held}{pretrain}); scales {cfg.scales}{opt_in_summary(cfg)}")
 
 
 def with_pretraining(cfg, dataset):
@@ -179,8 +179,8 @@ def with_pretraining(cfg, dataset):
     sampler = PretrainSampler(len(dataset), len(extra), cfg.pretrain_epochs, samples, ddp.world_size, ddp.rank,
                               cfg.seed)
     return (torch.utils.data.ConcatDataset([dataset, extra]), sampler,
-            f"; epochs 1..{cfg.pretrain_epochs} pretrain on {samples} per epoch of the {len(extra)} more slices in "
-            f"{', '.join(cfg.pretrain_path)}{matched}, the rest train on the {len(dataset)}")
+            f"; {len(extra)} in {', '.join(cfg.pretrain_path)}{matched}: epochs 1..{cfg.pretrain_epochs} pretrain "
+            f"on {samples} of them per epoch, the rest train on the {len(dataset)}")
 
 
 def match_gray(extra, dataset):
