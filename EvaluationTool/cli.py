@@ -76,6 +76,15 @@ def run(gt_root, pred_root, models, task="binary", dataset=None, save_dir="Evalu
     return results
 
 
+def print_while_read(line):
+    """print, and once the reader of stdout has gone (`... | head -1`), nothing more: the reports are still
+    written, instead of the run ending half-done on a broken pipe."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unflushed rest goes nowhere too
+
+
 class _OneLineErrors(argparse.ArgumentParser):
     """Usage errors on one line (the package's cli.ArgumentParser; not imported: it would load torch)."""
 
@@ -171,14 +180,14 @@ def main(argv=None):
     debug = args.debug or os.environ.get("INFNET_DEBUG", "") not in ("", "0")
     try:
         if args.from_mat:
-            show_mat_files(args.from_mat, args.dataset)
+            show_mat_files(args.from_mat, args.dataset, out=print_while_read)
             return 0
         check_roots(args.gt_root, args.pred_root, args.task)
         check_save_dir(args.save_dir)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning  # each warning one line, as errors are
             run(args.gt_root, args.pred_root, args.models, args.task, args.dataset, args.save_dir,
-                args.em_strict, args.workers)
+                args.em_strict, args.workers, out=print_while_read)
     except KeyboardInterrupt:
         if debug:
             raise

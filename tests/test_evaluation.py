@@ -266,6 +266,23 @@ def test_cli_reports_errors_with_exit_code(toy_folders, tmp_path):
     assert "no PNG files" in proc.stderr and "M" in proc.stderr
 
 
+def test_a_closed_stdout_still_writes_the_reports(toy_folders, tmp_path):
+    """`python -m EvaluationTool ... | head -1`: the reader goes after one line; the run still ends whole."""
+    gt_dir, pred = toy_folders
+    (tmp_path / "preds").mkdir()
+    pred.rename(tmp_path / "preds" / "M")
+    read, write = os.pipe()
+    os.close(read)  # no reader: the first line printed meets a broken pipe
+    proc = subprocess.run([sys.executable, "-m", "EvaluationTool", "--gt_root", str(gt_dir), "--pred_root",
+                           str(tmp_path / "preds"), "--models", "M", "--dataset", "T", "--save_dir",
+                           str(tmp_path / "out")],
+                          cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "T_M_per_image.csv", "T_result.csv", "T_result.md", "T_result.txt"]
+
+
 # ---------------------------------------------------------------- real slices through the CLI
 
 LINE = re.compile(r"\(Dataset:(.+); Model:(.+)\) meanDic:(\d\.\d{3});meanSen:(\d\.\d{3});"
