@@ -1,5 +1,6 @@
 """Start-up: --help and argument errors come before any heavy import; optional libraries are imported
 only by what needs them; the random-weights warning is said once, by the entry point."""
+import os
 import re
 import subprocess
 import sys
@@ -28,6 +29,19 @@ def test_help_imports_nothing_heavy(script):
                 f"try:\n    with contextlib.redirect_stdout(io.StringIO()):\n"
                 f"        runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit:\n    pass")
     assert _imported_after(run_help) == set()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_let_idle_openmp_threads_sleep_unless_told_otherwise(script):
+    """OMP_WAIT_POLICY=PASSIVE is set before torch loads libgomp (which reads it then); a user's value is kept."""
+    code = (f"import os, runpy, sys\nrunpy.run_path({script!r}, run_name='imported')\n"
+            f"print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    for given, want in ((None, "PASSIVE False"), ("ACTIVE", "ACTIVE False")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env.update({"OMP_WAIT_POLICY": given} if given else {})
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert (proc.returncode, proc.stdout.strip()) == (0, want), proc.stderr
 
 
 # Options a script's --help names that belong to other commands (the examples it gives).
