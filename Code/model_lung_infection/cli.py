@@ -10,7 +10,7 @@ from .errors import UserError
 
 # OpenMP threads that sleep when idle. With libgomp's default they first spin, and on a CPU shared with another
 # run (the test stage beside a training run) the spinning threads take the cores from both: the 48 test slices
-# took 10-12 s instead of 5.5 s here, with the same time on a quiet machine (bench/bench_wait_policy.py). libgomp
+# took 7.1 s instead of 5.0 s here, with the same time on a quiet machine (bench/bench_wait_policy.py). libgomp
 # reads it when torch loads it, so this comes before every script imports torch; a value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

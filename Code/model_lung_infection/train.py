@@ -140,7 +140,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     if cfg.val_split:
         dataset, validate = split_validation(
             cfg, dataset, lambda held: Validator([s[:3] for s in held], cfg.trainsize))
-    doctor = f"{len(dataset)} from {', '.join(map(str, cfg.train_path))}"
+    given = f"{len(dataset)} from {', '.join(map(str, cfg.train_path))}"
     dataset, sampler, pretrain = with_pretraining(cfg, dataset)
     if model is None:
         model = build_model(cfg)
@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     scheduler = build_scheduler(cfg, optimizer)
     held = f", {len(validate)} more held out for validation" if validate is not None else ""
     return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg), validate=validate, sampler=sampler,
-                      describe=f" ({doctor}{held}{pretrain}); scales {cfg.scales}{opt_in_summary(cfg)}")
+                      describe=f" ({given}{held}{pretrain}); scales {cfg.scales}{opt_in_summary(cfg)}")
 
 
 def with_pretraining(cfg, dataset):
