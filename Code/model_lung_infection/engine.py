@@ -356,8 +356,8 @@ class Engine:
                       f"{cfg.time_budget:g} minutes: nothing to train (give a larger --time_budget to extend "
                       f"the run)", flush=True)
         elif ddp.is_main:
-            budget = f" ({cfg.epoch_samples} per epoch)" if cfg.epoch_samples else ""
-            print(f"[train] {len(dataset)} samples{budget}{describe}; device {self.device}"
+            budget = f"; {cfg.epoch_samples} samples per epoch" if cfg.epoch_samples else ""
+            print(f"[train] {len(dataset)} samples{describe}{budget}; device {self.device}"
                   f"{' x' + str(ddp.world_size) if ddp.enabled else ''}{'; sync_bn' if self.sync_bn else ''}; "
                   f"{self.precision}; "
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
