@@ -6,7 +6,7 @@ run beside the test stage is; it gets the same policy, as a second script would)
     python bench/bench_wait_policy.py [--runs 3] [--workloads test train] [--conditions quiet busy]
 
 Each command runs in a fresh process, the two policies interleaved; median wall time of --runs, and the
-neighbour's convolutions per second while each ran. Run it with nothing else busy.
+training steps per second of the neighbour while each ran. Run it with nothing else busy.
 """
 import argparse
 import os
