@@ -186,6 +186,15 @@ def test_reproduce_refuses_a_row_name_of_another_table_in_one_line(capsys):
     assert "no row(s)" in err and len(err.strip().splitlines()) == 1
 
 
+def test_reproduce_says_why_table_v_cannot_run_in_one_line(capsys):
+    import reproduce
+    with pytest.raises(SystemExit) as e:
+        reproduce.parse_args(["--table", "V"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "9 CT volumes" in err and "choose II, III or IV" in err and len(err.splitlines()) == 1
+
+
 def test_unknown_row_is_named(tmp_path):
     with pytest.raises(ValueError, match="no row"):
         TableRunner(TINY, tmp_path).run_table("II", ["V-Net"])
