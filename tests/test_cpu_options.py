@@ -18,9 +18,11 @@ from slices import write_synthetic_slices
 import MyTrain_LungInf as script
 from Code.model_lung_infection import Inf_Net
 from Code.model_lung_infection import configs as configs_module
+from Code.model_lung_infection import engine as engine_module
 from Code.model_lung_infection.augment import augment_batch, batch_generator
 from Code.model_lung_infection.configs import TrainConfig
 from Code.model_lung_infection.data import IMAGENET_MEAN, IMAGENET_STD, InfectionTrainSet
+from Code.model_lung_infection.engine import shrink_schedule
 from Code.model_lung_infection.train import build_scheduler, train
 from Code.model_lung_infection.validation import Validator, dice, hold_out
 
@@ -58,7 +60,7 @@ def _val_rows(cfg):
 def test_defaults_are_the_paper_recipe():
     cfg = script.config_from_args(script.parse_args([]))
     assert (cfg.recipe, cfg.augment, cfg.schedule, cfg.warmup_epochs, cfg.ema, cfg.progressive_size,
-            cfg.val_split, cfg.time_budget) == ("paper", False, "step", 0, None, None, 0, None)
+            cfg.val_split, cfg.time_budget, cfg.fit_budget) == ("paper", False, "step", 0, None, None, 0, None, False)
     assert cfg == TrainConfig(stage="doctor")
     assert configs_module.TRAIN_RECIPES["paper"] == {}
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], 1e-4)
@@ -145,6 +147,56 @@ def test_time_budget_stops_after_the_epoch_that_crosses_it_and_saves(tmp_path, c
     train(_cfg(tmp_path, epoch=5, time_budget=1e-6, resume=True))
     assert "nothing to train" in capsys.readouterr().out
     assert torch.load(cfg.checkpoint_path, weights_only=False)["epoch"] == 1
+
+
+def test_fit_budget_shrinks_a_run_too_long_for_the_budget_pretraining_and_cosine_with_it(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A machine where every epoch takes a minute (a clock driven by the epochs) and a 10-minute budget for 40
+    epochs: after epoch 2 the run is fitted to 10 epochs, the pretraining to 5 of them, the cosine to 10."""
+    monkeypatch.setattr(engine_module.Engine, "_now", lambda self: 60.0 * getattr(self, "epoch", 0))
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    pre = write_synthetic_slices(tmp_path / "pre", 3, 96, prefix="p")
+    seen, lrs = [], []
+    real_item = InfectionTrainSet.__getitem__
+    monkeypatch.setattr(InfectionTrainSet, "__getitem__",
+                        lambda self, i: seen.append(self.samples[i][0][0]) or real_item(self, i))
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    cfg = _cfg(tmp_path, epoch=40, pretrain_path=str(pre), pretrain_epochs=20, schedule="cosine", lr=1e-3,
+               batchsize=1, epoch_samples=1, time_budget=10.0, fit_budget=True)
+    try:
+        train(cfg)
+    finally:
+        handle.remove()
+    assert ("--fit_budget: at 1.00 minutes per epoch, epoch 40 would end after 40 minutes, past the 10-minute "
+            "--time_budget: the run now ends at epoch 10, pretrain_epochs 20 -> 5") in capsys.readouterr().out
+    saved = torch.load(cfg.checkpoint_path, weights_only=False)
+    assert saved["epoch"] == 10 and (saved["config"]["epoch"], saved["config"]["pretrain_epochs"]) == (10, 5)
+    assert (cfg.run_dir / "Inf-Net-10.pth").exists()  # the fitted last epoch is saved as the last
+    assert "".join(seen) == "ppppp" + "s" * 5  # Semi-Inf-Net's two steps, both within the budget
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 40)) for k in range(2)]  # planned over 40 until fitted ...
+    cosine += [0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(2, 10)]  # ... then over 10: it ends near 0
+    assert lrs == pytest.approx([1e-3 * f for f in cosine], rel=1e-9)
+
+
+def test_shrink_schedule_scales_the_marks_not_yet_reached_and_never_grows_the_run():
+    cfg = TrainConfig(epoch=100, pretrain_epochs=50, pretrain_path=["p"], schedule="cosine", time_budget=60.0,
+                      fit_budget=True)
+    start = {"epoch": 100, "pretrain_epochs": 50}
+    assert shrink_schedule(cfg, 10, 120, start) == {} and cfg.epoch == 100  # it fits: unchanged, never grown
+    assert shrink_schedule(cfg, 10, 60, start) == {"epoch": (100, 60), "pretrain_epochs": (50, 30)}
+    assert shrink_schedule(cfg, 40, 50, start) == {"epoch": (60, 50)}  # pretraining has ended: it stays at 30
+    assert shrink_schedule(cfg, 45, 3, start) == {"epoch": (50, 45)} and cfg.epoch == 45  # ends now, not before
+    step = TrainConfig(epoch=100, decay_epoch=50, fit_budget=True, time_budget=60.0)
+    assert shrink_schedule(step, 2, 50, {"epoch": 100, "decay_epoch": 50}) == {"epoch": (100, 50),
+                                                                                "decay_epoch": (50, 25)}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(step, optimizer)  # reads decay_epoch at every epoch, as fitted
+    for _ in range(25):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="fit_budget.*--time_budget"):
+        TrainConfig(fit_budget=True)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -428,6 +480,7 @@ def test_cpu_hour_recipe_is_pretraining_on_pseudo_labels_in_an_hour_and_options_
     assert (cfg.recipe, cfg.pretrain_path, cfg.pretrain_epochs, cfg.epoch, cfg.time_budget, cfg.amp,
             cfg.channels_last, cfg.schedule) == ("cpu-hour", [configs_module.PSEUDO_LABEL], 50, 100, 60.0, True, True,
                                                  "cosine")
+    assert cfg.fit_budget  # a slower CPU shrinks the epochs to the hour (above)
     assert cfg.train_path == [configs_module.DOCTOR_LABEL] and cfg.lr == 1e-4  # the rest is the paper's
     cfg = script.config_from_args(script.parse_args(
         ["--recipe", "cpu-hour", "--pretrain_path", "/data/pseudo", "--pretrain_epochs", "30", "--no-amp"]))
@@ -443,6 +496,7 @@ def test_cpu_hour_recipe_is_pretraining_on_pseudo_labels_in_an_hour_and_options_
     assert (cfg.backbone, cfg.pretrained, cfg.pretrain_path, cfg.pretrain_epochs, cfg.epoch, cfg.schedule,
             cfg.time_budget, cfg.release_bce) == ("mobilenetv2", "imagenet", [configs_module.PSEUDO_LABEL], 81, 162,
                                                   "cosine", 60.0, True)
+    assert cfg.fit_budget
     assert not script.config_from_args(script.parse_args(["--recipe", "cpu-hour-imagenet", "--release_bce",
                                                           "False"])).release_bce  # explicit wins here too
     cfg = script.config_from_args(script.parse_args(["--recipe", "cpu-hour-imagenet", "--backbone",

@@ -162,7 +162,9 @@ def _torchrun(data, out, overrides, port):
 def test_ddp_unetplusplus_per_rank_remainders_and_rng_resume(data_root, tmp_path):
     # 6 slices over 2 ranks: 3 each; a batch of 4 is 2 per rank: 2 + 1, merged into one batch of 3.
     copy_doctor_slices(data_root, tmp_path / "d", 6)
-    run = dict(model="unetplusplus", batchsize=4, trainsize=64, seed=11, device="cpu", amp=False)
+    # --fit_budget (an hour: nothing shrinks): from a session's second epoch rank 0's clock decides for both ranks
+    run = dict(model="unetplusplus", batchsize=4, trainsize=64, seed=11, device="cpu", amp=False, time_budget=60.0,
+               fit_budget=True)
     r, ranks = _torchrun(tmp_path / "d", tmp_path, {**run, "epoch": 1}, 29541)
     assert [x["batches"] for x in ranks] == [[3], [3]]  # three updates each (multi-scale): DDP needs every gradient
     assert "normalises BatchNorm over its own 2 sample(s) of the batch of 4" in r.stderr  # no SyncBatchNorm on CPU
@@ -171,7 +173,7 @@ def test_ddp_unetplusplus_per_rank_remainders_and_rng_resume(data_root, tmp_path
     assert len(own) == 2 and not torch.equal(own[0], own[1])  # each rank's own, seeded apart
     assert torch.equal(saved["rng"]["torch"], own[0])
 
-    _, resumed = _torchrun(tmp_path / "d", tmp_path, {**run, "epoch": 2, "resume": True}, 29542)
+    _, resumed = _torchrun(tmp_path / "d", tmp_path, {**run, "epoch": 3, "resume": True}, 29542)
     assert [x["restored_rng"] for x in resumed] == [s.tolist() for s in own]  # every rank got its own back
     a, b = (torch.load(tmp_path / f"rank{i}.pth", weights_only=True) for i in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)

