@@ -17,6 +17,7 @@ option given that differs is an error, except --epoch (extend a finished run) an
 (--device, --amp, --amp_dtype, --sync_bn, --deterministic, --num_workers, --progress).
 Training from random weights on a CPU budget (opt-in; see the option groups below):
     python MyTrain_LungInf.py --recipe cpu-hour --train_save cpu-hour   # an hour: pseudo labels, then doctor labels
+    # (its --fit_budget shrinks the epochs where this machine cannot train them all in the hour)
     python MyTrain_LungInf.py --val_split 5 --time_budget 60 --augment --schedule cosine --warmup_epochs 2 \
         --ema 0.999 --progressive_size 224 --amp --channels_last --train_save cpu-try
 

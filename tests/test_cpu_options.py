@@ -22,7 +22,7 @@ from Code.model_lung_infection import engine as engine_module
 from Code.model_lung_infection.augment import augment_batch, batch_generator
 from Code.model_lung_infection.configs import TrainConfig
 from Code.model_lung_infection.data import IMAGENET_MEAN, IMAGENET_STD, InfectionTrainSet
-from Code.model_lung_infection.engine import shrink_schedule
+from Code.model_lung_infection.engine import fit_schedule
 from Code.model_lung_infection.train import build_scheduler, train
 from Code.model_lung_infection.validation import Validator, dice, hold_out
 
@@ -167,8 +167,8 @@ def test_fit_budget_shrinks_a_run_too_long_for_the_budget_pretraining_and_cosine
         train(cfg)
     finally:
         handle.remove()
-    assert ("--fit_budget: at 1.00 minutes per epoch, epoch 40 would end after 40 minutes, past the 10-minute "
-            "--time_budget: the run now ends at epoch 10, pretrain_epochs 20 -> 5") in capsys.readouterr().out
+    assert ("--fit_budget: at 1.00 minutes per epoch the 40 planned epochs take 40 minutes, and --time_budget is "
+            "10: the run now ends at epoch 10, pretrain_epochs 20 -> 5") in capsys.readouterr().out
     saved = torch.load(cfg.checkpoint_path, weights_only=False)
     assert saved["epoch"] == 10 and (saved["config"]["epoch"], saved["config"]["pretrain_epochs"]) == (10, 5)
     assert (cfg.run_dir / "Inf-Net-10.pth").exists()  # the fitted last epoch is saved as the last
@@ -178,17 +178,19 @@ def test_fit_budget_shrinks_a_run_too_long_for_the_budget_pretraining_and_cosine
     assert lrs == pytest.approx([1e-3 * f for f in cosine], rel=1e-9)
 
 
-def test_shrink_schedule_scales_the_marks_not_yet_reached_and_never_grows_the_run():
+def test_fit_schedule_moves_the_marks_not_yet_reached_and_never_past_the_planned_run():
     cfg = TrainConfig(epoch=100, pretrain_epochs=50, pretrain_path=["p"], schedule="cosine", time_budget=60.0,
                       fit_budget=True)
     start = {"epoch": 100, "pretrain_epochs": 50}
-    assert shrink_schedule(cfg, 10, 120, start) == {} and cfg.epoch == 100  # it fits: unchanged, never grown
-    assert shrink_schedule(cfg, 10, 60, start) == {"epoch": (100, 60), "pretrain_epochs": (50, 30)}
-    assert shrink_schedule(cfg, 40, 50, start) == {"epoch": (60, 50)}  # pretraining has ended: it stays at 30
-    assert shrink_schedule(cfg, 45, 3, start) == {"epoch": (50, 45)} and cfg.epoch == 45  # ends now, not before
+    assert fit_schedule(cfg, 10, 120, start) == {} and cfg.epoch == 100  # it fits: never past the planned 100
+    assert fit_schedule(cfg, 10, 60, start) == {"epoch": (100, 60), "pretrain_epochs": (50, 30)}
+    assert fit_schedule(cfg, 12, 80, start) == {"epoch": (60, 80), "pretrain_epochs": (30, 40)}  # a busy start
+    assert fit_schedule(cfg, 40, 50, start) == {"epoch": (80, 50)}  # pretraining has ended: it stays at 40
+    assert fit_schedule(cfg, 45, 3, start) == {"epoch": (50, 45)} and cfg.epoch == 45  # ends now, not before
+    assert fit_schedule(cfg, 45, 500, start) == {"epoch": (45, 100)}
     step = TrainConfig(epoch=100, decay_epoch=50, fit_budget=True, time_budget=60.0)
-    assert shrink_schedule(step, 2, 50, {"epoch": 100, "decay_epoch": 50}) == {"epoch": (100, 50),
-                                                                                "decay_epoch": (50, 25)}
+    assert fit_schedule(step, 2, 50, {"epoch": 100, "decay_epoch": 50}) == {"epoch": (100, 50),
+                                                                             "decay_epoch": (50, 25)}
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = build_scheduler(step, optimizer)  # reads decay_epoch at every epoch, as fitted
     for _ in range(25):

@@ -118,6 +118,38 @@ def test_test_script_fused_maps_equal_unfused(golden_model, data_root, tmp_path,
         assert np.abs(a - b).max() <= 1, n
 
 
+def test_convolutions_precast_to_the_autocast_dtype_give_the_same_outputs_bit_for_bit(golden_model, reference_weights):
+    plain = prepare_for_inference(golden_model)
+    precast = prepare_for_inference(golden_model, autocast_dtype=torch.bfloat16)
+    convs = [m for m in precast.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 and (m.bias is None or m.bias.dtype == torch.bfloat16)
+                         for m in convs)
+    assert all(m.weight.dtype == torch.float32 for m in plain.modules() if isinstance(m, nn.Conv2d))
+    x = reference_weights.reference_input(96, 96).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for a, b in zip(plain(x), precast(x)):
+            assert torch.equal(a, b)  # autocast casts the weights to bf16 anyway: only when differs
+
+
+def test_test_stage_precasts_under_amp_and_writes_the_same_maps(golden_model, tmp_path, test_slices, monkeypatch):
+    import Code.model_lung_infection.infer as infer
+    folder, _ = test_slices(2)
+    weights = tmp_path / "w.pth"
+    save_release_weights(golden_model, weights)
+    asked = []
+    real = infer.prepare_for_inference
+    monkeypatch.setattr(infer, "prepare_for_inference", lambda *a, **k: asked.append(k["autocast_dtype"]) or
+                        real(*a, **k))
+    run_test(weights, folder, tmp_path / "amp", testsize=96, amp=True, progress=False, batchsize=2)
+    run_test(weights, folder, tmp_path / "fp32", testsize=96, amp=False, progress=False, batchsize=2)
+    assert asked == [torch.bfloat16, None]
+    # the maps of a model run under autocast without precasting, the same batches
+    plain = real(infer.load_inf_net(weights))
+    expected = dict(infer.iter_maps(plain, infer.SliceSet(folder, 96), 2, torch.device("cpu"), amp=True))
+    for stem, gray in expected.items():
+        assert np.array_equal(np.array(Image.open(tmp_path / "amp" / f"{stem}.png")), gray), stem
+
+
 def test_test_script_options():
     sys.path.insert(0, ROOT)
     from MyTest_LungInf import parse_args

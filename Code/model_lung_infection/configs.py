@@ -82,7 +82,7 @@ class RunConfig:
 
     def schedule_marks(self):
         """The fields counting epochs that place points of this run's schedule (where pretraining ends, where
-        the lr steps): --fit_budget shrinks them with --epoch (engine.shrink_schedule)."""
+        the lr steps): --fit_budget moves them with --epoch (engine.fit_schedule)."""
         return ()
 
     def as_dict(self):

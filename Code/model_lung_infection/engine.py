@@ -12,7 +12,7 @@ close, not exact: some backward kernels (bilinear upsampling) add with atomics i
 Opt-in (RunConfig; off by default): `validate` (a trainer's held-out slices) scored every `val_every`
 epochs, logged and written to <run>/val.csv (Dice against minutes); `time_budget` minutes of wall time
 (resumed time included) after which the run ends as at its last epoch, and with `fit_budget` the run's epochs
-and its schedule shrunk to end within them on a machine too slow for them (`shrink_schedule`); `ema`, an
+and its schedule shrunk to end within them on a machine too slow for them (`fit_schedule`); `ema`, an
 exponential moving
 average of the weights, used for validation and saved as <prefix>-ema-<epoch>.pth beside the snapshots
 (the raw weights stay the training state; both are in checkpoint.pth).
@@ -464,10 +464,12 @@ class Engine:
         return bool(self._from_rank0(self.elapsed_minutes() >= self.cfg.time_budget))
 
     def _fit_to_budget(self, epoch):
-        """--fit_budget: from this session's second epoch on, the epochs that still fit --time_budget at the mean
-        pace since the end of its first (the first's set-up left out; validation and saving counted), and the run
-        shrunk to end there (shrink_schedule): a schedule planned on a faster machine ends within the budget,
-        both of Semi-Inf-Net's steps and the whole cosine, instead of being cut off. It never grows."""
+        """--fit_budget: from this session's second epoch on, the epochs that fit --time_budget at the mean pace
+        since the end of its first (the first's set-up left out; validation and saving counted), and the run's
+        end moved there (fit_schedule), never past the planned --epoch: a schedule planned on a faster machine
+        ends within the budget, both of Semi-Inf-Net's steps and the whole cosine, instead of being cut off.
+        The estimate is redone after every epoch, so a slow early epoch (a busy machine) is made up for later.
+        Rank 0's clock decides for every rank."""
         cfg = self.cfg
         if not (cfg.fit_budget and cfg.time_budget):
             return
@@ -476,15 +478,14 @@ class Engine:
             return
         pace = (self._epoch_ends[-1] - self._epoch_ends[0]) / (len(self._epoch_ends) - 1)
         left = cfg.time_budget * 60 - self.elapsed_minutes() * 60
-        planned = cfg.epoch
-        changed = shrink_schedule(cfg, epoch, int(self._from_rank0(epoch + max(0.0, left) // pace)),
-                                  self._schedule_at_start)
+        planned = self._schedule_at_start["epoch"]
+        changed = fit_schedule(cfg, epoch, int(self._from_rank0(epoch + max(0.0, left) // pace)),
+                               self._schedule_at_start)
         if changed and self.ddp.is_main:
             marks = "".join(f", {k} {a} -> {b}" for k, (a, b) in changed.items() if k != "epoch")
-            print(f"[train] --fit_budget: at {pace / 60:.2f} minutes per epoch, epoch {planned} would end after "
-                  f"{self.elapsed_minutes() + (planned - epoch) * pace / 60:.0f} minutes, past the "
-                  f"{cfg.time_budget:g}-minute --time_budget: the run now ends at epoch {cfg.epoch}{marks}",
-                  flush=True)
+            print(f"[train] --fit_budget: at {pace / 60:.2f} minutes per epoch the {planned} planned epochs take "
+                  f"{self.elapsed_minutes() + (planned - epoch) * pace / 60:.0f} minutes, and --time_budget is "
+                  f"{cfg.time_budget:g}: the run now ends at epoch {cfg.epoch}{marks}", flush=True)
 
     def _validate(self, epoch, meter, lr, writer):
         scores = self.validate(self.eval_model(), self.device, self.amp)
@@ -615,23 +616,23 @@ class Engine:
             atomic_save(to_cpu(state), cfg.checkpoint_path)
 
 
-def shrink_schedule(cfg, done, last, start):
-    """Make the run of `cfg` (IN PLACE) end at epoch `last` (at least `done`, the epochs trained; at most its
-    cfg.epoch), and each of its schedule_marks() not yet reached scale with it from its value in `start` (the
-    session's {field: value}; `epoch` too): Semi-Inf-Net's two steps keep their proportions, the lr schedule
-    spans the shorter run. Returns {field: (before, after)} of what changed, {} when the run already fits."""
-    last = max(done, last)
-    if last >= cfg.epoch:
+def fit_schedule(cfg, done, last, start):
+    """Make the run of `cfg` (IN PLACE) end at epoch `last`, kept between `done` (the epochs trained) and its
+    planned end (`start`: the session's {field: value}, `epoch` among them); each of its schedule_marks() not yet
+    reached moves with it, in proportion to its planned value: Semi-Inf-Net's two steps keep their shares, the lr
+    schedule spans the run. Returns {field: (before, after)} of what changed, {} when nothing did."""
+    last = min(max(done, last), start["epoch"])
+    if last == cfg.epoch:
         return {}
     changed = {"epoch": (cfg.epoch, last)}
     cfg.epoch = last
     for name in cfg.schedule_marks():
         value = getattr(cfg, name)
         if value > done:  # reached marks stay where the run passed them
-            scaled = min(value, max(done, round(start[name] * last / start["epoch"])))
-            if scaled != value:
-                changed[name] = (value, scaled)
-                setattr(cfg, name, scaled)
+            moved = min(start[name], max(done, round(start[name] * last / start["epoch"])))
+            if moved != value:
+                changed[name] = (value, moved)
+                setattr(cfg, name, moved)
     return changed
 
 

@@ -35,7 +35,7 @@ from .fast_inference import cpu_has_native_bf16, prepare_for_inference
 from .maps import NORMALIZATIONS, _normalizer, minmax, to_uint8  # noqa: F401 -- how maps are written
 from .models import load_model
 from .outputs import OutputFolder, check_output_folder, file_identity
-from .runtime import autocast, pick_device
+from .runtime import autocast, inference_amp_dtype, pick_device
 
 DEFAULT_SAVE_ROOT = Path("Results") / "Lung infection segmentation"
 NOT_IN_RECORD = ("pth_path", "data_path", "save_path", "progress", "overwrite")  # test_run.json records them apart
@@ -227,7 +227,8 @@ def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, devic
     dataset = data_path if isinstance(data_path, SliceSet) else SliceSet(data_path, testsize)
     check_output_folder(save_path, overwrite, [path for _, path in dataset.items])
     if prepare:
-        model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
+        model = prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,
+                                      autocast_dtype=amp_dtype(device or next(model.parameters()).device, amp))
     record = {"slices": len(dataset), "testsize": dataset.testsize, "normalize": normalize, **(record or {})}
     out = OutputFolder(save_path, record, overwrite, [f"{stem}.png" for stem, _ in dataset.items]).start()
     source = dataset if batches is None else batches
@@ -236,11 +237,17 @@ def predict_folder(model, data_path, save_path, testsize=352, batchsize=1, devic
     return out.finish()
 
 
-def load_for_test(pth_path, backbone=None, device="cpu", channels_last=True, fuse_bn=True, compile=False):
-    """`load_inf_net`, then prepared for inference in place (fused BN, channels-last): the test stage's model."""
+def amp_dtype(device, amp):
+    """The dtype the test stage's autocast runs in (runtime.inference_amp_dtype), None without `amp`."""
+    return inference_amp_dtype(device) if amp else None
+
+
+def load_for_test(pth_path, backbone=None, device="cpu", channels_last=True, fuse_bn=True, compile=False, amp=False):
+    """`load_inf_net`, then prepared for inference in place (fused BN, channels-last; with `amp`, the convolutions
+    held in the autocast dtype): the test stage's model, to be run under `autocast(device, amp)`."""
     model = load_inf_net(pth_path, backbone, device)
     return prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,
-                                 inplace=True)  # freshly loaded: no copy needed
+                                 inplace=True, autocast_dtype=amp_dtype(device, amp))  # freshly loaded: no copy
 
 
 def slice_maps(pth_path, data_path, testsize=352, backbone=None, device="auto", amp=None, channels_last=True,
@@ -252,7 +259,7 @@ def slice_maps(pth_path, data_path, testsize=352, backbone=None, device="auto", 
     level on a few pixels)."""
     device = resolve_device(device) if isinstance(device, str) else device
     amp = default_amp(device) if amp is None else amp
-    model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile)
+    model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile, amp)
     slices = SliceSet(data_path, testsize)
     return dict(iter_maps(model, slices, batchsize, device, amp, channels_last, normalize, progress,
                           default_workers(device, num_workers, len(slices), batchsize)))
@@ -307,7 +314,7 @@ def run_test(config=None, data_path=None, save_path=None, **options):
     # the workers fork now and decode the first batches while the model loads (most of it on one core)
     batches = Batches(slices, cfg.batchsize, device,
                       default_workers(device, cfg.num_workers, len(slices), cfg.batchsize)).start()
-    model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile)
+    model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile, amp)
     record = {"weights": file_identity(cfg.pth_path), "data_path": str(Path(cfg.data_path).resolve()),
               "options": cfg.options_read_by(SLICES, leave_out=NOT_IN_RECORD),
               "amp": bool(amp), "device": str(device)}

@@ -73,14 +73,16 @@ def training_amp_dtype(device, name=None):
     return torch.bfloat16
 
 
+def inference_amp_dtype(device):
+    """The test stage's autocast dtype: float16 on CUDA, bfloat16 on CPU."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
 def autocast(device, enabled, dtype=None):
-    """Mixed precision in `dtype`; None: float16 on CUDA, bfloat16 on CPU (the test stage's); a no-op when
-    disabled."""
+    """Mixed precision in `dtype`; None: `inference_amp_dtype`; a no-op when disabled."""
     if not enabled:
         return contextlib.nullcontext()
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype or inference_amp_dtype(device))
 
 
 def set_deterministic():

@@ -199,6 +199,7 @@ def opt_in_summary(cfg):
     used = {"recipe": cfg.recipe if cfg.recipe != "paper" else None, "augment": cfg.augment or None,
             "schedule": cfg.schedule if cfg.schedule != "step" else None, "warmup_epochs": cfg.warmup_epochs or None,
             "progressive_size": cfg.progressive_size, "ema": cfg.ema, "time_budget": cfg.time_budget,
+            "fit_budget": cfg.fit_budget or None,
             "pretrain_epochs": cfg.pretrain_epochs or None}
     shown = [k if v is True else f"{k} {v}" for k, v in used.items() if v is not None]
     return f"; {', '.join(shown)}" if shown else ""

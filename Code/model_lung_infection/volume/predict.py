@@ -24,7 +24,7 @@ from ..configs import SLICES, THRESHOLD, TestConfig
 from ..data import normalize_image, resize
 from ..errors import DataError, OptionError, UserError
 from ..fast_inference import prepare_for_inference
-from ..infer import default_amp, default_streams, probabilities, side_by_side
+from ..infer import amp_dtype, default_amp, default_streams, probabilities, side_by_side
 from ..models import load_model, read_model
 from ..multiclass.predict import predict_probabilities
 from ..quantify import report
@@ -48,7 +48,7 @@ class Networks:
         self.model = prepare_for_inference(load_model(cfg.pth_path, expect="binary", device=self.device,
                                                       backbone=cfg.backbone),
                                            channels_last=cfg.channels_last, fuse_bn=cfg.fuse_bn, compile=cfg.compile,
-                                           inplace=True)
+                                           inplace=True, autocast_dtype=amp_dtype(self.device, self.amp))
         self.multiclass = None
         if cfg.multiclass_pth:
             self.multiclass, arch, config, _ = read_model(cfg.multiclass_pth, expect="multiclass", device=self.device)
