@@ -288,8 +288,9 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
     add_bool(budget, "--fit_budget", defaults.fit_budget,
              "with --time_budget: when the epochs so far show that --epoch will not fit the budget on this machine, "
              "shrink --epoch and, in proportion, --pretrain_epochs (and the step schedule's --decay_epoch), so that "
-             "the lr schedule and both training steps end within it (checked after every epoch from the second; "
-             "never lengthens the run). Without it the budget cuts the run off wherever it is")
+             "the lr schedule and both training steps end within it (re-estimated after every epoch from the "
+             "second, so a slow start is made up for; never beyond --epoch). Without it the budget cuts the run off "
+             "wherever it is")
     g = parser.add_argument_group(
         "training from random weights (opt-in; the paper's recipe has none of these)",
         "Options meant for CPU budgets without ImageNet weights; --recipe bundles them.")

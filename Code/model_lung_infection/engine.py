@@ -13,9 +13,8 @@ Opt-in (RunConfig; off by default): `validate` (a trainer's held-out slices) sco
 epochs, logged and written to <run>/val.csv (Dice against minutes); `time_budget` minutes of wall time
 (resumed time included) after which the run ends as at its last epoch, and with `fit_budget` the run's epochs
 and its schedule shrunk to end within them on a machine too slow for them (`fit_schedule`); `ema`, an
-exponential moving
-average of the weights, used for validation and saved as <prefix>-ema-<epoch>.pth beside the snapshots
-(the raw weights stay the training state; both are in checkpoint.pth).
+exponential moving average of the weights, used for validation and saved as <prefix>-ema-<epoch>.pth beside
+the snapshots (the raw weights stay the training state; both are in checkpoint.pth).
 """
 import copy
 import csv
@@ -479,8 +478,10 @@ class Engine:
         pace = (self._epoch_ends[-1] - self._epoch_ends[0]) / (len(self._epoch_ends) - 1)
         left = cfg.time_budget * 60 - self.elapsed_minutes() * 60
         planned = self._schedule_at_start["epoch"]
-        changed = fit_schedule(cfg, epoch, int(self._from_rank0(epoch + max(0.0, left) // pace)),
-                               self._schedule_at_start)
+        last = int(self._from_rank0(epoch + max(0.0, left) // pace))
+        if abs(min(last, planned) - cfg.epoch) < max(1, planned // 50):
+            return  # the pace's jitter moves the end by an epoch or two: not worth moving the schedule for
+        changed = fit_schedule(cfg, epoch, last, self._schedule_at_start)
         if changed and self.ddp.is_main:
             marks = "".join(f", {k} {a} -> {b}" for k, (a, b) in changed.items() if k != "epoch")
             print(f"[train] --fit_budget: at {pace / 60:.2f} minutes per epoch the {planned} planned epochs take "
