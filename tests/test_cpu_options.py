@@ -23,6 +23,7 @@ from Code.model_lung_infection.augment import augment_batch, batch_generator
 from Code.model_lung_infection.configs import TrainConfig
 from Code.model_lung_infection.data import IMAGENET_MEAN, IMAGENET_STD, InfectionTrainSet
 from Code.model_lung_infection.engine import fit_schedule
+from Code.model_lung_infection.errors import UserError
 from Code.model_lung_infection.train import build_scheduler, train
 from Code.model_lung_infection.validation import Validator, dice, hold_out
 
@@ -176,6 +177,40 @@ def test_fit_budget_shrinks_a_run_too_long_for_the_budget_pretraining_and_cosine
     cosine = [0.5 * (1 + math.cos(math.pi * k / 40)) for k in range(2)]  # planned over 40 until fitted ...
     cosine += [0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(2, 10)]  # ... then over 10: it ends near 0
     assert lrs == pytest.approx([1e-3 * f for f in cosine], rel=1e-9)
+
+
+def test_fit_budget_resumed_on_a_faster_machine_wins_back_the_epochs_up_to_the_plan(tmp_path, monkeypatch, capsys):
+    """A first session at a minute per epoch fits 40 planned epochs into the 10-minute budget (10, pretraining 5)
+    and stops after epoch 2; resumed with the command it started with, at 15 s per epoch, the run is fitted
+    again from the plan, not from the first session's fit: it ends at epoch 34, pretraining at 17."""
+    clock = {"pace": 60.0, "from": 0}  # seconds per epoch; the epoch this session's clock starts at
+    monkeypatch.setattr(engine_module.Engine, "_now",
+                        lambda self: clock["pace"] * (getattr(self, "epoch", clock["from"]) - clock["from"]))
+    pre = write_synthetic_slices(tmp_path / "pre", 3, 96, prefix="p")
+    cfg = _cfg(tmp_path, epoch=40, pretrain_path=[str(pre)], pretrain_epochs=20, schedule="cosine", batchsize=1,
+               epoch_samples=1, time_budget=10.0, fit_budget=True, max_steps=2)
+    train(cfg)
+    saved = torch.load(cfg.checkpoint_path, weights_only=False)
+    assert saved["epoch"] == 2 and (saved["config"]["epoch"], saved["config"]["pretrain_epochs"]) == (10, 5)
+    assert saved["config"]["planned_schedule"] == {"epoch": 40, "pretrain_epochs": 20}
+    capsys.readouterr()
+
+    clock.update({"pace": 15.0, "from": 2})
+    # the options the run was started with, given again: compared with the plan, not refused as changed
+    resumed = script.config_from_args(script.parse_args(
+        ["--resume", "--train_save", "run", "--snapshot_root", cfg.snapshot_root, "--pretrain_path", str(pre),
+         "--pretrain_epochs", "20", "--epoch", "40"]))
+    assert (resumed.epoch, resumed.pretrain_epochs) == (10, 5)  # the fitted end until this session's pace is known
+    resumed.max_steps = None
+    train(resumed)
+    # after epoch 4: 2.5 of the 10 minutes used, 15 s per epoch: 30 more epochs, pretraining 20/40 of them
+    assert "the run now ends at epoch 34, pretrain_epochs 5 -> 17" in capsys.readouterr().out
+    saved = torch.load(cfg.checkpoint_path, weights_only=False)
+    assert saved["epoch"] == 34 and (saved["config"]["epoch"], saved["config"]["pretrain_epochs"]) == (34, 17)
+    with pytest.raises(UserError, match="--pretrain_epochs 30 differs from 20, which the run"):
+        script.config_from_args(script.parse_args(["--resume", "--train_save", "run", "--snapshot_root",
+                                                   cfg.snapshot_root, "--pretrain_path", str(pre),
+                                                   "--pretrain_epochs", "30"]))
 
 
 def test_fit_schedule_moves_the_marks_not_yet_reached_and_never_past_the_planned_run():

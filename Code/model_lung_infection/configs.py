@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 from .errors import OptionError
 from .registry import ENCODERS, has_imagenet_encoder
@@ -59,6 +59,9 @@ class RunConfig:
     val_every: int = 1                    # validate every N epochs (when the trainer holds slices out)
     time_budget: Optional[float] = None   # minutes of wall time: stop after the epoch that crosses it
     fit_budget: bool = False              # shrink the epochs (and schedule_marks) to end within time_budget
+    # --fit_budget's plan: {field: value} of epoch and schedule_marks() as the run was started (set by the
+    # engine; the fields themselves hold the fitted values): a resumed run may fit back up to it.
+    planned_schedule: Optional[Dict[str, int]] = None
     ema: Optional[float] = None           # decay of an exponential moving average of the weights
 
     # The script that trains this config: the command that continues an interrupted run names it.

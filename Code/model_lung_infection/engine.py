@@ -152,21 +152,28 @@ def restore_config(config_class, path, given):
     """The config `path` (a checkpoint.pth) was trained with, for --resume.
 
     `given`: {field: value} of the options given explicitly on the command line. One that differs
-    from the saved run is an error naming it, except RESUMABLE_CHANGES, which win."""
+    from the saved run is an error naming it, except RESUMABLE_CHANGES, which win. A run that --fit_budget
+    fitted is compared with its plan (the command it was started with); a --epoch given moves the plan, and
+    the run's end only where it lowers it (a later one is for the fit to reach, the lr continuing smoothly)."""
     saved = read_training_checkpoint(path, mmap=True).get("config")
     if not isinstance(saved, dict) or not saved:
         raise CheckpointError(f"{path}: holds no run config to resume from: start the run again with --overwrite")
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     given = json.loads(json.dumps(given, default=str))  # as the checkpoint stores them (tuples as lists)
+    plan = dict(saved.get("planned_schedule") or {})
+    started_with = {**saved, **plan}
     for name, value in given.items():
-        if name in saved and name not in RESUMABLE_CHANGES and saved[name] != value:
-            raise UserError(f"--{name} {_show(value)} differs from {_show(saved[name])}, which the run in {path} "
-                            f"was started with: drop --{name} to continue that run, or start a new one "
+        if name in started_with and name not in RESUMABLE_CHANGES and started_with[name] != value:
+            raise UserError(f"--{name} {_show(value)} differs from {_show(started_with[name])}, which the run in "
+                            f"{path} was started with: drop --{name} to continue that run, or start a new one "
                             f"(another --train_save, or --overwrite)")
     values = {k: _as_field(fields[k], v) for k, v in saved.items() if k in fields}
     if any(k in given for k in PRECISION_OPTIONS):
         values.update({k: None for k in PRECISION_OPTIONS if k in fields})
     values.update({k: v for k, v in given.items() if k in RESUMABLE_CHANGES and k in fields})
+    if plan and "epoch" in given:
+        plan["epoch"] = given["epoch"]
+        values.update(epoch=min(saved["epoch"], given["epoch"]), planned_schedule=plan)
     values.update(resume=True, overwrite=False)
     return config_class(**values)
 
@@ -369,7 +376,8 @@ class Engine:
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
         self.epoch = start_epoch
         self._epoch_ends = []  # --fit_budget's clock: when each epoch of this session ended
-        self._schedule_at_start = {k: getattr(cfg, k) for k in ("epoch", *cfg.schedule_marks())}
+        if cfg.fit_budget and cfg.planned_schedule is None:  # kept in the checkpoint: the plan, not the fit
+            cfg.planned_schedule = {k: getattr(cfg, k) for k in ("epoch", *cfg.schedule_marks())}
         try:
             if not budget_spent:
                 if ddp.is_main and start_epoch <= cfg.epoch:  # a full disk: said now, not after the first epoch
@@ -467,8 +475,9 @@ class Engine:
         since the end of its first (the first's set-up left out; validation and saving counted), and the run's
         end moved there (fit_schedule), never past the planned --epoch: a schedule planned on a faster machine
         ends within the budget, both of Semi-Inf-Net's steps and the whole cosine, instead of being cut off.
-        The estimate is redone after every epoch, so a slow early epoch (a busy machine) is made up for later.
-        Rank 0's clock decides for every rank."""
+        The estimate is redone after every epoch, so a slow early epoch (a busy machine) is made up for later,
+        and a resumed run on a faster machine may win back, up to the plan (cfg.planned_schedule), the epochs
+        that an earlier, slower session fitted away. Rank 0's clock decides for every rank."""
         cfg = self.cfg
         if not (cfg.fit_budget and cfg.time_budget):
             return
@@ -477,11 +486,11 @@ class Engine:
             return
         pace = (self._epoch_ends[-1] - self._epoch_ends[0]) / (len(self._epoch_ends) - 1)
         left = cfg.time_budget * 60 - self.elapsed_minutes() * 60
-        planned = self._schedule_at_start["epoch"]
+        planned = cfg.planned_schedule["epoch"]
         last = int(self._from_rank0(epoch + max(0.0, left) // pace))
         if abs(min(last, planned) - cfg.epoch) < max(1, planned // 50):
             return  # the pace's jitter moves the end by an epoch or two: not worth moving the schedule for
-        changed = fit_schedule(cfg, epoch, last, self._schedule_at_start)
+        changed = fit_schedule(cfg, epoch, last, cfg.planned_schedule)
         if changed and self.ddp.is_main:
             marks = "".join(f", {k} {a} -> {b}" for k, (a, b) in changed.items() if k != "epoch")
             print(f"[train] --fit_budget: at {pace / 60:.2f} minutes per epoch the {planned} planned epochs take "
@@ -619,7 +628,7 @@ class Engine:
 
 def fit_schedule(cfg, done, last, start):
     """Make the run of `cfg` (IN PLACE) end at epoch `last`, kept between `done` (the epochs trained) and its
-    planned end (`start`: the session's {field: value}, `epoch` among them); each of its schedule_marks() not yet
+    planned end (`start`: the plan's {field: value}, `epoch` among them); each of its schedule_marks() not yet
     reached moves with it, in proportion to its planned value: Semi-Inf-Net's two steps keep their shares, the lr
     schedule spans the run. Returns {field: (before, after)} of what changed, {} when nothing did."""
     last = min(max(done, last), start["epoch"])
