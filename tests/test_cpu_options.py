@@ -200,7 +200,7 @@ def test_fit_budget_resumed_on_a_faster_machine_wins_back_the_epochs_up_to_the_p
     resumed = script.config_from_args(script.parse_args(
         ["--resume", "--train_save", "run", "--snapshot_root", cfg.snapshot_root, "--pretrain_path", str(pre),
          "--pretrain_epochs", "20", "--epoch", "40"]))
-    assert (resumed.epoch, resumed.pretrain_epochs) == (10, 5)  # the fitted end until this session's pace is known
+    assert (resumed.epoch, resumed.pretrain_epochs) == (40, 5)  # the plan's end until this session's pace is known
     resumed.max_steps = None
     train(resumed)
     # after epoch 4: 2.5 of the 10 minutes used, 15 s per epoch: 30 more epochs, pretraining 20/40 of them

@@ -153,8 +153,7 @@ def restore_config(config_class, path, given):
 
     `given`: {field: value} of the options given explicitly on the command line. One that differs
     from the saved run is an error naming it, except RESUMABLE_CHANGES, which win. A run that --fit_budget
-    fitted is compared with its plan (the command it was started with); a --epoch given moves the plan, and
-    the run's end only where it lowers it (a later one is for the fit to reach, the lr continuing smoothly)."""
+    fitted is compared with its plan (the command it was started with); a --epoch given is the new plan."""
     saved = read_training_checkpoint(path, mmap=True).get("config")
     if not isinstance(saved, dict) or not saved:
         raise CheckpointError(f"{path}: holds no run config to resume from: start the run again with --overwrite")
@@ -172,8 +171,7 @@ def restore_config(config_class, path, given):
         values.update({k: None for k in PRECISION_OPTIONS if k in fields})
     values.update({k: v for k, v in given.items() if k in RESUMABLE_CHANGES and k in fields})
     if plan and "epoch" in given:
-        plan["epoch"] = given["epoch"]
-        values.update(epoch=min(saved["epoch"], given["epoch"]), planned_schedule=plan)
+        values.update(planned_schedule={**plan, "epoch": given["epoch"]})
     values.update(resume=True, overwrite=False)
     return config_class(**values)
 
