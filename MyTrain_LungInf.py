@@ -90,15 +90,24 @@ def config_from_args(a):
     fields = set(TrainConfig.__dataclass_fields__)
     given = {OPTION_FIELDS.get(k, k) for k in getattr(a, "given", ())} & fields
     options = {k: v for k, v in vars(a).items() if k in fields and k != "stage"}
-    if not a.resume:  # a resumed run keeps the options it started with
+    stage = getattr(a, "stage", None) or "doctor"
+    if not a.resume:
         options.update(recipe_options(a.recipe, given))
-    cfg = stage_config(getattr(a, "stage", None) or "doctor", **options)
+    else:  # the run keeps the options it started with: the given ones go over those, not over the defaults
+        from Code.model_lung_infection.engine import restore_config, saved_run_options
+        run = stage_config(stage, resume=True, overwrite=a.overwrite, snapshot_root=a.snapshot_root,
+                           train_save=a.train_save)
+        saved = saved_run_options(TrainConfig, run.checkpoint_path)
+        options = {**{k: v for k, v in saved.items() if k != "stage"},
+                   **{k: v for k, v in options.items() if k in given}, "resume": True}
+        if a.multi_scale and "scales" in given:
+            options["scales"] = TrainConfig().scales
+    cfg = stage_config(stage, **options)
     if not a.multi_scale:
         cfg.scales = (1.0,)
     if not a.resume:
         return cfg
-    from Code.model_lung_infection.engine import restore_config
-    return restore_config(TrainConfig, cfg.checkpoint_path, {k: getattr(cfg, k) for k in given})
+    return restore_config(TrainConfig, run.checkpoint_path, {k: getattr(cfg, k) for k in given})
 
 
 def main(argv=None):

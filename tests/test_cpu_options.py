@@ -207,10 +207,11 @@ def test_fit_budget_resumed_on_a_faster_machine_wins_back_the_epochs_up_to_the_p
     assert "the run now ends at epoch 34, pretrain_epochs 5 -> 17" in capsys.readouterr().out
     saved = torch.load(cfg.checkpoint_path, weights_only=False)
     assert saved["epoch"] == 34 and (saved["config"]["epoch"], saved["config"]["pretrain_epochs"]) == (34, 17)
+    # an option given alone is checked with the run's others (--pretrain_path here), not with the defaults
+    again = ["--resume", "--train_save", "run", "--snapshot_root", cfg.snapshot_root]
+    assert script.config_from_args(script.parse_args(again + ["--pretrain_epochs", "20"])).pretrain_epochs == 17
     with pytest.raises(UserError, match="--pretrain_epochs 30 differs from 20, which the run"):
-        script.config_from_args(script.parse_args(["--resume", "--train_save", "run", "--snapshot_root",
-                                                   cfg.snapshot_root, "--pretrain_path", str(pre),
-                                                   "--pretrain_epochs", "30"]))
+        script.config_from_args(script.parse_args(again + ["--pretrain_epochs", "30"]))
 
 
 def test_fit_schedule_moves_the_marks_not_yet_reached_and_never_past_the_planned_run():

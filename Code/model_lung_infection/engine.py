@@ -154,9 +154,7 @@ def restore_config(config_class, path, given):
     `given`: {field: value} of the options given explicitly on the command line. One that differs
     from the saved run is an error naming it, except RESUMABLE_CHANGES, which win. A run that --fit_budget
     fitted is compared with its plan (the command it was started with); a --epoch given is the new plan."""
-    saved = read_training_checkpoint(path, mmap=True).get("config")
-    if not isinstance(saved, dict) or not saved:
-        raise CheckpointError(f"{path}: holds no run config to resume from: start the run again with --overwrite")
+    saved = _saved_config(path)
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     given = json.loads(json.dumps(given, default=str))  # as the checkpoint stores them (tuples as lists)
     plan = dict(saved.get("planned_schedule") or {})
@@ -174,6 +172,21 @@ def restore_config(config_class, path, given):
         values.update(planned_schedule={**plan, "epoch": given["epoch"]})
     values.update(resume=True, overwrite=False)
     return config_class(**values)
+
+
+def saved_run_options(config_class, path):
+    """{field: value} of config_class that the run in `path` (a checkpoint.pth) holds: a resumed run's options
+    under those given, so that checks across options see the run's, not the defaults (restore_config then
+    compares the given ones)."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    return {k: _as_field(fields[k], v) for k, v in _saved_config(path).items() if k in fields}
+
+
+def _saved_config(path):
+    saved = read_training_checkpoint(path, mmap=True).get("config")
+    if not isinstance(saved, dict) or not saved:
+        raise CheckpointError(f"{path}: holds no run config to resume from: start the run again with --overwrite")
+    return saved
 
 
 def _show(value):
