@@ -94,12 +94,11 @@ def config_from_args(a):
     if not a.resume:
         options.update(recipe_options(a.recipe, given))
     else:  # the run keeps the options it started with: the given ones go over those, not over the defaults
-        from Code.model_lung_infection.engine import restore_config, saved_run_options
+        from Code.model_lung_infection.engine import restore_config, resume_options
         run = stage_config(stage, resume=True, overwrite=a.overwrite, snapshot_root=a.snapshot_root,
                            train_save=a.train_save)
-        saved = saved_run_options(TrainConfig, run.checkpoint_path)
-        options = {**{k: v for k, v in saved.items() if k != "stage"},
-                   **{k: v for k, v in options.items() if k in given}, "resume": True}
+        options = resume_options(TrainConfig, run.checkpoint_path, {k: v for k, v in options.items() if k in given})
+        options.pop("stage", None)
         if a.multi_scale and "scales" in given:
             options["scales"] = TrainConfig().scales
     cfg = stage_config(stage, **options)

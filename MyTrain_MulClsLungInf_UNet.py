@@ -68,12 +68,14 @@ def parse_args(argv=None):
 
 def config_from_args(a):
     """MultiClassConfig of the options; with --resume, the run's saved config (engine.restore_config)."""
-    cfg = cli.config_from_args(MultiClassConfig, a)
     if not a.resume:
-        return cfg
+        return cli.config_from_args(MultiClassConfig, a)
     given = set(getattr(a, "given", ())) & set(MultiClassConfig.__dataclass_fields__)
-    from Code.model_lung_infection.engine import restore_config
-    return restore_config(MultiClassConfig, cfg.checkpoint_path, {k: getattr(cfg, k) for k in given})
+    from Code.model_lung_infection.engine import restore_config, resume_options
+    run = MultiClassConfig(arch=a.arch, prior=a.prior, train_save=a.train_save, snapshot_root=a.snapshot_root,
+                           resume=True, overwrite=a.overwrite)
+    cfg = MultiClassConfig(**resume_options(MultiClassConfig, run.checkpoint_path, {k: getattr(a, k) for k in given}))
+    return restore_config(MultiClassConfig, run.checkpoint_path, {k: getattr(cfg, k) for k in given})
 
 
 def main(argv=None):

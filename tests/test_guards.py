@@ -29,7 +29,7 @@ from Code.model_lung_infection.cli import run_main
 from Code.model_lung_infection.configs import MultiClassConfig, TrainConfig
 from Code.model_lung_infection.data import DataError, InfectionTrainSet
 from Code.model_lung_infection.engine import check_run_folder
-from Code.model_lung_infection.errors import OptionError
+from Code.model_lung_infection.errors import OptionError, UserError
 from Code.model_lung_infection.multiclass import MultiClassTrainSet
 from Code.model_lung_infection.pseudo import _clean_temporaries
 
@@ -167,6 +167,20 @@ def test_resume_and_overwrite_together_are_refused(trainer, tmp_path):
     argv = ["--snapshot_root", str(tmp_path), "--resume", "--overwrite"]
     with pytest.raises(OptionError, match="--resume continues the run in .* and --overwrite deletes it"):
         trainer.config_from_args(trainer.parse_args(argv))
+
+
+def test_a_resumed_multiclass_run_checks_the_options_given_with_its_own(tmp_path):
+    """--resume --train_save NAME --pretrained W of an FCN8s run: checked with its own --arch (FCN8s has an
+    ImageNet encoder), not with the default U-Net's (which has none)."""
+    run = MultiClassConfig(arch="fcn8s", pretrained="vgg16.pth", train_save="fcn", snapshot_root=str(tmp_path))
+    run.run_dir.mkdir(parents=True)
+    torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "rng": {}, "config": run.as_dict()},
+               run.checkpoint_path)
+    again = ["--resume", "--train_save", "fcn", "--snapshot_root", str(tmp_path), "--pretrained"]
+    cfg = multiclass_script.config_from_args(multiclass_script.parse_args(again + ["vgg16.pth"]))
+    assert (cfg.arch, cfg.pretrained, cfg.resume) == ("fcn8s", "vgg16.pth", True)
+    with pytest.raises(UserError, match="--pretrained other.pth differs from vgg16.pth, which the run"):
+        multiclass_script.config_from_args(multiclass_script.parse_args(again + ["other.pth"]))
 
 
 def test_pseudo_labelling_removes_only_its_own_temporaries(tmp_path):

@@ -174,12 +174,13 @@ def restore_config(config_class, path, given):
     return config_class(**values)
 
 
-def saved_run_options(config_class, path):
-    """{field: value} of config_class that the run in `path` (a checkpoint.pth) holds: a resumed run's options
-    under those given, so that checks across options see the run's, not the defaults (restore_config then
-    compares the given ones)."""
+def resume_options(config_class, path, given):
+    """{field: value} to build a resumed run's config from: the options the run in `path` (a checkpoint.pth) holds,
+    the `given` ones over them, so that checks across options see the run's, not the defaults (restore_config
+    then compares the given ones with the run's)."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
-    return {k: _as_field(fields[k], v) for k, v in _saved_config(path).items() if k in fields}
+    saved = {k: _as_field(fields[k], v) for k, v in _saved_config(path).items() if k in fields}
+    return {**saved, **given, "resume": True}
 
 
 def _saved_config(path):
