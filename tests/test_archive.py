@@ -81,7 +81,21 @@ def _archive(copd, root):
         _rewrite(f, root / "key images" / f"key{n}.dcm", SeriesInstanceUID=generate_uid(), SeriesNumber=10 + n)
     (root / "Patient 003" / "nifti").mkdir(parents=True)
     shutil.copy(copd["nifti"], root / "Patient 003" / "nifti" / "ct 64.nii.gz")
+    # the scanner's localizers: a series of its own, and one that went into the axial series
+    scouts = generate_uid()
+    for n, iop in enumerate((CORONAL, SAGITTAL)):
+        _scout(files[n], study / "Series 0 scout" / f"scout{n}.dcm", iop, SeriesInstanceUID=scouts, SeriesNumber=0)
+    _scout(files[0], study / "Series 1 lung" / "scout.dcm", CORONAL)
     return root
+
+
+CORONAL, SAGITTAL = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0], [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+
+
+def _scout(src, dst, orientation, **tags):
+    """A localizer made of a slice's file: ImageType LOCALIZER, another orientation, in front of the chest."""
+    return _rewrite(src, dst, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], ImageOrientationPatient=orientation,
+                    ImagePositionPatient=[-250.0, -250.0, 300.0], **tags)
 
 
 def test_every_series_of_an_archive_is_a_case_and_the_corrupt_one_is_named_and_skipped(copd, checkpoint,
@@ -109,6 +123,29 @@ def test_every_series_of_an_archive_is_a_case_and_the_corrupt_one_is_named_and_s
     assert sorted(p.name for p in out.iterdir()) == sorted(expected - {"Patient_002__Study_A__Series_9__broken"}
                                                             | {"summary.csv", "volume_run.json"})
     assert len(find_cases(archive, skip=[out])) == 7  # a rerun does not take our outputs for scans
+
+
+def test_localizers_and_files_in_another_orientation_are_left_out_with_a_note(copd, tmp_path):
+    files = sorted(copd["dicom"].iterdir())
+    series = tmp_path / "series"
+    shutil.copytree(copd["dicom"], series)
+    _scout(files[0], series / "scout.dcm", CORONAL)
+    _rewrite(files[5], series / "reformat.dcm", ImageOrientationPatient=SAGITTAL)  # no ImageType: by orientation
+    with pytest.warns(UserWarning) as record:
+        volume = read_dicom(series)
+    assert volume.data.shape == (64, 64, 79)
+    assert np.array_equal(volume.data, read_dicom(copd["dicom"]).data)
+    notes = " ".join(str(w.message) for w in record)
+    assert "left out 1 localizer (scout) image(s) (scout.dcm)" in notes
+    assert "left out 1 file(s) in another orientation than the series' 79 (reformat.dcm)" in notes
+    scouts_only = tmp_path / "scouts"
+    for n, iop in enumerate((CORONAL, SAGITTAL)):
+        _scout(files[n], scouts_only / f"s{n}.dcm", iop)
+    with pytest.raises(DataError, match=r"2 localizer \(scout\) image\(s\), projections, not a CT volume"):
+        read_dicom(scouts_only)
+    with pytest.warns(UserWarning, match="left out 2 localizer"), \
+            pytest.raises(DataError, match=r"no scan found .*only 2 localizer \(scout\) image\(s\)"):
+        find_cases(scouts_only)
 
 
 def test_case_names_are_one_safe_component_each(tmp_path, copd):

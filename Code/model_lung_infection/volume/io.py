@@ -11,6 +11,8 @@ named by one safe path component made from its path. Each problem is one line na
 4D image, an unreadable file, a singular affine, non-finite voxels, a folder without any scan, a
 modality other than CT (errors); a file without Modality whose values are HU, several series in
 one folder read directly, gaps or uneven spacing along z, implausible voxel sizes (warnings).
+Localizer (scout) images are projections, not slices: left out of every series, and a series of them is
+no case (a note names them); files in another orientation than the series' own are left out with a note.
 """
 import hashlib
 import os
@@ -35,6 +37,7 @@ PLAUSIBLE_VOXEL_MM = (0.1, 20.0)
 AIR_HU_MAX, DENSE_HU_MAX = -500.0, 4000.0
 NAME_MAX = 150  # characters of a case name (a folder name); longer ones are cut and end with a hash
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index of the files, not an image
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines closer than this are one orientation
 
 
 @dataclass
@@ -134,13 +137,32 @@ def _discovery_header(path):
     import pydicom
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True,
-                             specific_tags=["SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription"])
+                             specific_tags=["SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
+                                            "ImageType"])
     except Exception as e:
         raise DataError(f"{path}: cannot read as DICOM ({' '.join(str(e).split())})") from e
     sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or getattr(ds, "SOPClassUID", ""))
     if sop == DICOMDIR_SOP_CLASS or path.name.upper() == "DICOMDIR":
         return None
     return ds
+
+
+def is_localizer(ds):
+    """A localizer (scout, topogram): ImageType's third value in the CT Image IOD is LOCALIZER (AXIAL for
+    slices). A projection through the whole body, so never a slice of a volume."""
+    image_type = getattr(ds, "ImageType", None) or []
+    if isinstance(image_type, str):
+        image_type = image_type.split("\\")
+    return any(str(v).strip().upper() == "LOCALIZER" for v in image_type)
+
+
+def _without_localizers(where, members):
+    """`members` ((path, header) pairs) without the localizers, which a warning names."""
+    scouts = [p for p, ds in members if is_localizer(ds)]
+    if scouts:
+        warnings.warn(f"{where}: left out {len(scouts)} localizer (scout) image(s) ({scouts[0].name}"
+                      f"{', ...' if len(scouts) > 1 else ''}): projections, not CT slices")
+    return [(p, ds) for p, ds in members if not is_localizer(ds)]
 
 
 def _label(parts):
@@ -193,7 +215,7 @@ def find_cases(path, series=None, skip=()):
         raise DataError(f"{path}: neither a NIfTI file (.nii, .nii.gz) nor a DICOM file")
     root = path.parent if path.is_file() else path
     found = [("nifti" if is_nifti(path) else "dicom", path)] if path.is_file() else _scan_files(path, skip)
-    cases, groups = [], {}
+    cases, groups, localizers = [], {}, []
     for kind, p in found:
         if kind == "nifti":
             cases.append(Case("nifti", p, _label(_relative_parts(p, root))))
@@ -206,7 +228,16 @@ def find_cases(path, series=None, skip=()):
         if ds is not None:
             uid = str(getattr(ds, "SeriesInstanceUID", "") or f"file:{p}")  # no UID: the file is its own series
             groups.setdefault(uid, []).append((p, ds))
-    folders = {uid: Path(os.path.commonpath([str(p.parent) for p, _ in members])) for uid, members in groups.items()}
+    for uid, members in list(groups.items()):
+        if all(is_localizer(ds) for _, ds in members):  # a scout series: nothing to segment
+            localizers += [p for p, _ in members]
+            del groups[uid]
+        else:
+            groups[uid] = _without_localizers(_common_folder(members), members)
+    if localizers:
+        warnings.warn(f"{path}: left out {len(localizers)} localizer (scout) image(s) ({localizers[0]}"
+                      f"{', ...' if len(localizers) > 1 else ''}): projections, not CT volumes")
+    folders = {uid: _common_folder(members) for uid, members in groups.items()}
     per_folder = {}
     for uid, folder in folders.items():
         per_folder.setdefault(folder, []).append(uid)
@@ -229,10 +260,15 @@ def find_cases(path, series=None, skip=()):
             raise DataError(f"{path}: no DICOM series with UID {series} (found: {', '.join(uids) or 'none'})")
         cases = chosen
     if not cases:
+        only = f"; only {len(localizers)} localizer (scout) image(s), which are projections" if localizers else ""
         raise DataError(f"{path}: no scan found (expected NIfTI files .nii/.nii.gz or DICOM files, in this "
-                        f"folder or below it)")
+                        f"folder or below it{only})")
     cases.sort(key=lambda c: str(c.path))
     return _unique_names(cases)
+
+
+def _common_folder(members):
+    return Path(os.path.commonpath([str(p.parent) for p, _ in members]))
 
 
 def is_volume_input(path):
@@ -335,6 +371,22 @@ def _pick_series(folder, headers, series):
     return groups[chosen]
 
 
+def _one_orientation(folder, members):
+    """The members in the series' main orientation (the most files'); the others, left out, are named."""
+    def orientation(ds):
+        return tuple(np.round(np.asarray(_geometry(None, ds)[0]) / ORIENTATION_TOLERANCE).astype(int))
+    groups = {}
+    for p, ds in members:
+        groups.setdefault(orientation(ds), []).append((p, ds))
+    if len(groups) == 1:
+        return members
+    main = max(groups.values(), key=len)
+    others = [p for g in groups.values() if g is not main for p, _ in g]
+    warnings.warn(f"{folder}: left out {len(others)} file(s) in another orientation than the series' "
+                  f"{len(main)} ({others[0].name}{', ...' if len(others) > 1 else ''}): one volume has one orientation")
+    return main
+
+
 def _check_ct(path, ds):
     """Refuse a modality other than CT; True when the file has no Modality (checked on its values later)."""
     modality = str(getattr(ds, "Modality", "") or "").strip()
@@ -397,7 +449,10 @@ def read_dicom(path, series=None, files=None):
     folder = path if path.is_dir() else path.parent
     files = list(files) if files else _dicom_files(path) if path.is_dir() else [path]
     headers = [(p, _read_header(p)) for p in files]
-    chosen = _pick_series(folder, headers, series)
+    if headers and all(is_localizer(ds) for _, ds in headers):
+        raise DataError(f"{path}: {len(headers)} localizer (scout) image(s), projections, not a CT volume: give the "
+                        f"axial series")
+    chosen = _one_orientation(folder, _pick_series(folder, _without_localizers(folder, headers), series))
     untagged = [p for p, ds in chosen if _check_ct(p, ds)]
     iop, _, ps = _geometry(*chosen[0])
     row_dir, col_dir = iop[:3], iop[3:]
