@@ -148,6 +148,42 @@ def test_localizers_and_files_in_another_orientation_are_left_out_with_a_note(co
         find_cases(scouts_only)
 
 
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def test_a_compressed_series_reads_the_same_hu(copd, tmp_path, syntax):
+    import pydicom
+    import pydicom.uid
+    uid = getattr(pydicom.uid, syntax)
+    for f in sorted(copd["dicom"].iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.compress(uid)
+        ds.save_as(str(tmp_path / f.name))
+    assert pydicom.dcmread(str(tmp_path / f.name)).file_meta.TransferSyntaxUID == uid
+    assert np.array_equal(read_dicom(tmp_path).data, read_dicom(copd["dicom"]).data)
+
+
+def test_jpeg_ls_pixels_are_decoded_and_an_undecodable_compression_is_one_line(copd, tmp_path):
+    """pylibjpeg-libjpeg decodes JPEG-LS and JPEG Lossless: pydicom's JPEG-LS sample (64x64, 16 bit signed, as
+    the COPDGene slices) put into a CT slice's file reads as that sample's uncompressed twin."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import JPEGLSLossless
+    src = sorted(copd["dicom"].iterdir())[40]
+    sample = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    assert sample.file_meta.TransferSyntaxUID == JPEGLSLossless
+    ds = pydicom.dcmread(str(src))
+    ds.PixelData, ds.file_meta.TransferSyntaxUID = sample.PixelData, JPEGLSLossless
+    ds["PixelData"].VR = "OB"  # encapsulated
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.save_as(str(tmp_path / "jls.dcm"))
+    twin = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    assert np.array_equal(read_dicom(tmp_path / "jls.dcm").data[:, :, 0], twin.T.astype(np.float32) - 1024)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2: no decoder for CT slices
+    ds.save_as(str(tmp_path / "mpeg.dcm"))
+    with pytest.raises(DataError, match=r"mpeg.dcm: cannot read the DICOM pixels .*compressed as MPEG2.*"
+                                        r"install the DICOM decoders of requirements.txt"):
+        read_dicom(tmp_path / "mpeg.dcm")
+
+
 def test_case_names_are_one_safe_component_each(tmp_path, copd):
     from Code.model_lung_infection.volume.io import safe_component
     for text in ("..", ".", "a/../b", "/etc/passwd", " spaced  name ", "-rf", "é" * 5, "x" * 400):

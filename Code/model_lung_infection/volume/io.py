@@ -441,6 +441,15 @@ def _slice_steps(folder, entries, normal):
     return positions, step
 
 
+def _decoder_hint(ds):
+    """What to do when compressed pixels could not be decoded (pydicom needs a plugin per compression)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) if ds is not None else None
+    if syntax is None or not getattr(syntax, "is_compressed", False):
+        return ""
+    return (f"; the pixels are compressed as {syntax.name}: install the DICOM decoders of requirements.txt "
+            f"(pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg), or write the series uncompressed (gdcmconv --raw)")
+
+
 def read_dicom(path, series=None, files=None):
     """A DICOM series (a folder, or one file) in HU: RescaleSlope/RescaleIntercept applied, slices
     sorted by position along the slice normal, the largest series chosen unless `series` is given.
@@ -462,11 +471,12 @@ def read_dicom(path, series=None, files=None):
     import pydicom
     slices = []
     for p, _, _ in entries:
+        ds = None
         try:
             ds = pydicom.dcmread(str(p))
             pixels = ds.pixel_array.astype(np.float32)
         except Exception as e:
-            raise DataError(f"{p}: cannot read the DICOM pixels ({' '.join(str(e).split())})") from e
+            raise DataError(f"{p}: cannot read the DICOM pixels ({' '.join(str(e).split())}){_decoder_hint(ds)}") from e
         if pixels.ndim != 2:
             raise DataError(f"{p}: pixel data of shape {pixels.shape}; expected one 2D slice per file")
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
