@@ -137,7 +137,7 @@ def test_localizers_and_files_in_another_orientation_are_left_out_with_a_note(co
     assert np.array_equal(volume.data, read_dicom(copd["dicom"]).data)
     notes = " ".join(str(w.message) for w in record)
     assert "left out 1 localizer (scout) image(s) (scout.dcm)" in notes
-    assert "left out 1 file(s) in another orientation than the series' 79 (reformat.dcm)" in notes
+    assert "left out 1 slice(s) in another orientation than the series' 79 (reformat.dcm)" in notes
     scouts_only = tmp_path / "scouts"
     for n, iop in enumerate((CORONAL, SAGITTAL)):
         _scout(files[n], scouts_only / f"s{n}.dcm", iop)
@@ -182,6 +182,56 @@ def test_jpeg_ls_pixels_are_decoded_and_an_undecodable_compression_is_one_line(c
     with pytest.raises(DataError, match=r"mpeg.dcm: cannot read the DICOM pixels .*compressed as MPEG2.*"
                                         r"install the DICOM decoders of requirements.txt"):
         read_dicom(tmp_path / "mpeg.dcm")
+
+
+def _enhanced_ct(series, dst):
+    """The series as one Enhanced CT file (what newer scanners export): frames stored last slice first, each
+    frame's position in its own functional group, orientation, spacing and rescale in the shared one (the
+    intercept there -1000, the stored values shifted to match), none of them at the top level."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    slices = [pydicom.dcmread(str(f)) for f in sorted(series.iterdir())]
+    ds = pydicom.dcmread(str(sorted(series.iterdir())[0]))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+
+    def group(**tags):
+        item = Dataset()
+        for key, value in tags.items():
+            setattr(item, key, value)
+        return Sequence([item])
+
+    shared = Dataset()
+    shared.PixelMeasuresSequence = group(PixelSpacing=ds.PixelSpacing, SliceThickness=ds.SliceThickness)
+    shared.PlaneOrientationSequence = group(ImageOrientationPatient=ds.ImageOrientationPatient)
+    shared.PixelValueTransformationSequence = group(RescaleSlope=1, RescaleIntercept=-1000, RescaleType="HU")
+    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "RescaleSlope",
+                "RescaleIntercept"):
+        delattr(ds, key)
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = slices[::-1]
+    per_frame = []
+    for frame in frames:
+        item = Dataset()
+        item.PlanePositionSequence = group(ImagePositionPatient=frame.ImagePositionPatient)
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = np.stack([f.pixel_array + 1000 for f in frames]).astype(np.int16).tobytes()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(dst))
+    return dst
+
+
+def test_an_enhanced_ct_file_reads_as_its_series(copd, tmp_path):
+    path = _enhanced_ct(copd["dicom"], tmp_path / "archive" / "enhanced" / "CT.dcm")
+    cases = find_cases(tmp_path / "archive")
+    assert [(c.kind, c.name, len(c.files)) for c in cases] == [("dicom", "enhanced", 1)]
+    volume, series = read_dicom(path), read_dicom(copd["dicom"])
+    assert volume.data.shape == series.data.shape == (64, 64, 79)
+    assert np.array_equal(volume.data, series.data)
+    np.testing.assert_allclose(volume.affine, series.affine, atol=1e-6)
 
 
 def test_case_names_are_one_safe_component_each(tmp_path, copd):

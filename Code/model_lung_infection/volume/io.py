@@ -11,14 +11,17 @@ named by one safe path component made from its path. Each problem is one line na
 4D image, an unreadable file, a singular affine, non-finite voxels, a folder without any scan, a
 modality other than CT (errors); a file without Modality whose values are HU, several series in
 one folder read directly, gaps or uneven spacing along z, implausible voxel sizes (warnings).
-Localizer (scout) images are projections, not slices: left out of every series, and a series of them is
-no case (a note names them); files in another orientation than the series' own are left out with a note.
+An Enhanced CT file (multi-frame) is a series of its own: its frames are the slices, placed by their
+functional groups. Localizer (scout) images are projections, not slices: left out of every series, and
+a series of them is no case (a note names them); slices in another orientation than the series' own are
+left out with a note.
 """
 import hashlib
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -371,19 +374,17 @@ def _pick_series(folder, headers, series):
     return groups[chosen]
 
 
-def _one_orientation(folder, members):
-    """The members in the series' main orientation (the most files'); the others, left out, are named."""
-    def orientation(ds):
-        return tuple(np.round(np.asarray(_geometry(None, ds)[0]) / ORIENTATION_TOLERANCE).astype(int))
+def _one_orientation(folder, slices):
+    """The slices in the series' main orientation (the most slices'); the others, left out, are named."""
     groups = {}
-    for p, ds in members:
-        groups.setdefault(orientation(ds), []).append((p, ds))
+    for s in slices:
+        groups.setdefault(tuple(np.round(s.orientation / ORIENTATION_TOLERANCE).astype(int)), []).append(s)
     if len(groups) == 1:
-        return members
+        return slices
     main = max(groups.values(), key=len)
-    others = [p for g in groups.values() if g is not main for p, _ in g]
-    warnings.warn(f"{folder}: left out {len(others)} file(s) in another orientation than the series' "
-                  f"{len(main)} ({others[0].name}{', ...' if len(others) > 1 else ''}): one volume has one orientation")
+    others = [s for g in groups.values() if g is not main for s in g]
+    warnings.warn(f"{folder}: left out {len(others)} slice(s) in another orientation than the series' {len(main)} "
+                  f"({others[0].label}{', ...' if len(others) > 1 else ''}): one volume has one orientation")
     return main
 
 
@@ -410,35 +411,102 @@ def _check_values_are_hu(folder, data, untagged):
                     f"Hounsfield units (no air below {AIR_HU_MAX:g}); this tool reads CT scans only")
 
 
-def _geometry(path, ds):
-    try:
-        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
-        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
-    except AttributeError:
-        iop, ipp = np.array([1, 0, 0, 0, 1, 0], float), np.zeros(3)
-    ps = [float(v) for v in getattr(ds, "PixelSpacing", [1.0, 1.0])]
-    return iop, ipp, ps
+@dataclass
+class _Slice:
+    """One 2D image of a series: a single-frame file, or one frame of a multi-frame (Enhanced CT) file."""
+    path: Path
+    frame: int            # index in the file's pixel data (0 for a single-frame file)
+    frames: int           # the file's NumberOfFrames
+    orientation: np.ndarray  # ImageOrientationPatient: row and column direction cosines (LPS)
+    position: np.ndarray     # ImagePositionPatient (LPS mm)
+    spacing: tuple           # PixelSpacing: (between rows, between columns) mm
+    thickness: float
+    rescale: tuple           # (slope, intercept): stored value -> HU
+
+    @property
+    def label(self):
+        return self.path.name if self.frames == 1 else f"{self.path.name} frame {self.frame + 1}"
 
 
-def _slice_steps(folder, entries, normal):
-    """Positions along the normal (sorted entries) and the step; warns about gaps / uneven steps."""
-    positions = np.array([float(np.dot(e[2], normal)) for e in entries])
+def _item(ds, sequence):
+    """The first item of `sequence` in ds, or None."""
+    seq = ds.get(sequence) if ds is not None else None
+    return seq[0] if seq else None
+
+
+def _frame_tag(ds, own, shared, group, name, default):
+    """`name` of one frame: from its own functional group `group`, else the shared one, else the file's top
+    level, else `default`."""
+    for holder in (_item(own, group), _item(shared, group), ds):
+        value = getattr(holder, name, None) if holder is not None else None
+        if value not in (None, ""):
+            return value
+    return default
+
+
+def _slices_of(path, ds):
+    """The _Slices of one file. Enhanced CT keeps geometry and rescale in functional groups: per frame
+    (PerFrameFunctionalGroupsSequence) or for all frames (SharedFunctionalGroupsSequence), the top level
+    standing in for what neither holds."""
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    slices = []
+    for i in range(frames):
+        tag = partial(_frame_tag, ds, per_frame[i] if i < len(per_frame) else None, shared)
+        orientation = tag("PlaneOrientationSequence", "ImageOrientationPatient", (1, 0, 0, 0, 1, 0))
+        position = tag("PlanePositionSequence", "ImagePositionPatient", (0, 0, 0))
+        spacing = tag("PixelMeasuresSequence", "PixelSpacing", (1.0, 1.0))
+        slope = float(tag("PixelValueTransformationSequence", "RescaleSlope", 1.0)) or 1.0
+        intercept = float(tag("PixelValueTransformationSequence", "RescaleIntercept", 0.0))
+        slices.append(_Slice(path, i, frames, np.array([float(v) for v in orientation]),
+                             np.array([float(v) for v in position]), tuple(float(v) for v in spacing),
+                             float(tag("PixelMeasuresSequence", "SliceThickness", 1.0)) or 1.0, (slope, intercept)))
+    return slices
+
+
+def _slice_steps(folder, slices, normal):
+    """Positions along the normal (sorted slices) and the step; warns about gaps / uneven steps."""
+    positions = np.array([float(np.dot(s.position, normal)) for s in slices])
     if len(positions) < 2:
-        thickness = float(getattr(entries[0][1], "SliceThickness", 1.0) or 1.0)
-        return positions, thickness
+        return positions, slices[0].thickness
     steps = np.diff(positions)
     if np.any(steps == 0):
         i = int(np.argmin(steps != 0))
         raise DataError(f"{folder}: two slices at the same position {positions[i]:.2f} mm "
-                        f"({entries[i][0].name}, {entries[i + 1][0].name}); keep one series per folder")
+                        f"({slices[i].label}, {slices[i + 1].label}); keep one series per folder")
     step = float(np.median(steps))
     uneven = np.abs(steps - step) > SPACING_TOLERANCE * abs(step)
     for i in np.flatnonzero(uneven):
         kind = "a gap" if steps[i] > step else "uneven spacing"
-        warnings.warn(f"{folder}: {kind} along z between {entries[i][0].name} ({positions[i]:.2f} mm) and "
-                      f"{entries[i + 1][0].name} ({positions[i + 1]:.2f} mm): {steps[i]:.2f} mm instead of "
+        warnings.warn(f"{folder}: {kind} along z between {slices[i].label} ({positions[i]:.2f} mm) and "
+                      f"{slices[i + 1].label} ({positions[i + 1]:.2f} mm): {steps[i]:.2f} mm instead of "
                       f"{step:.2f} mm; volumes assume the median step")
     return positions, step
+
+
+def _read_hu(slices):
+    """Each slice's pixels in HU (float32 2D arrays, in the order given); a multi-frame file is decoded once."""
+    import pydicom
+    decoded = {}
+    out = []
+    for s in slices:
+        if s.path not in decoded:
+            ds = None
+            try:
+                ds = pydicom.dcmread(str(s.path))
+                pixels = ds.pixel_array
+            except Exception as e:
+                raise DataError(f"{s.path}: cannot read the DICOM pixels ({' '.join(str(e).split())})"
+                                f"{_decoder_hint(ds)}") from e
+            if pixels.ndim != (2 if s.frames == 1 else 3):
+                raise DataError(f"{s.path}: pixel data of shape {pixels.shape} in {s.frames} frame(s); expected one "
+                                f"gray 2D image per frame")
+            decoded = {s.path: pixels} if s.frames == 1 else {**decoded, s.path: pixels}
+        pixels = decoded[s.path] if s.frames == 1 else decoded[s.path][s.frame]
+        slope, intercept = s.rescale
+        out.append(pixels.astype(np.float32) * slope + intercept)
+    return out
 
 
 def _decoder_hint(ds):
@@ -461,36 +529,24 @@ def read_dicom(path, series=None, files=None):
     if headers and all(is_localizer(ds) for _, ds in headers):
         raise DataError(f"{path}: {len(headers)} localizer (scout) image(s), projections, not a CT volume: give the "
                         f"axial series")
-    chosen = _one_orientation(folder, _pick_series(folder, _without_localizers(folder, headers), series))
+    chosen = _pick_series(folder, _without_localizers(folder, headers), series)
     untagged = [p for p, ds in chosen if _check_ct(p, ds)]
-    iop, _, ps = _geometry(*chosen[0])
-    row_dir, col_dir = iop[:3], iop[3:]
+    slices = _one_orientation(folder, [s for p, ds in chosen for s in _slices_of(p, ds)])
+    row_dir, col_dir = slices[0].orientation[:3], slices[0].orientation[3:]
     normal = np.cross(row_dir, col_dir)
-    entries = sorted(((p, ds, _geometry(p, ds)[1]) for p, ds in chosen), key=lambda e: float(np.dot(e[2], normal)))
-    positions, step = _slice_steps(folder, entries, normal)
-    import pydicom
-    slices = []
-    for p, _, _ in entries:
-        ds = None
-        try:
-            ds = pydicom.dcmread(str(p))
-            pixels = ds.pixel_array.astype(np.float32)
-        except Exception as e:
-            raise DataError(f"{p}: cannot read the DICOM pixels ({' '.join(str(e).split())}){_decoder_hint(ds)}") from e
-        if pixels.ndim != 2:
-            raise DataError(f"{p}: pixel data of shape {pixels.shape}; expected one 2D slice per file")
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        slices.append(pixels * slope + intercept)
-    shapes = {s.shape for s in slices}
+    slices.sort(key=lambda s: float(np.dot(s.position, normal)))
+    positions, step = _slice_steps(folder, slices, normal)
+    planes = _read_hu(slices)
+    shapes = {p.shape for p in planes}
     if len(shapes) > 1:
         raise DataError(f"{folder}: slices of different sizes {sorted(shapes)} in one series")
-    data = np.stack([s.T for s in slices], axis=2)  # (columns, rows, slices) = (i, j, k)
+    data = np.stack([p.T for p in planes], axis=2)  # (columns, rows, slices) = (i, j, k)
+    ps = slices[0].spacing
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps[1]   # i (column index) moves along the row direction, by the column spacing
     lps[:3, 1] = col_dir * ps[0]
     lps[:3, 2] = normal * step
-    lps[:3, 3] = entries[0][2]
+    lps[:3, 3] = slices[0].position
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
     name = case_name(path) if path.is_dir() else Path(path).stem
     volume = check_volume(Volume(data.astype(np.float32), affine, name, path))
