@@ -86,6 +86,11 @@ def _archive(copd, root):
     for n, iop in enumerate((CORONAL, SAGITTAL)):
         _scout(files[n], study / "Series 0 scout" / f"scout{n}.dcm", iop, SeriesInstanceUID=scouts, SeriesNumber=0)
     _scout(files[0], study / "Series 1 lung" / "scout.dcm", CORONAL)
+    # and its dose report: a structured report (no image) and a colour screenshot
+    from pydicom.data import get_testdata_file
+    (study / "Series 99 dose").mkdir()
+    shutil.copy(get_testdata_file("test-SR.dcm"), study / "Series 99 dose" / "report.dcm")
+    _rewrite(get_testdata_file("SC_rgb_small_odd.dcm"), study / "Series 98 dose screen" / "IM1", Modality="CT")
     return root
 
 
@@ -125,6 +130,20 @@ def test_every_series_of_an_archive_is_a_case_and_the_corrupt_one_is_named_and_s
     assert len(find_cases(archive, skip=[out])) == 7  # a rerun does not take our outputs for scans
 
 
+def test_an_archives_scouts_and_dose_reports_are_left_out_with_one_note_each(copd, tmp_path):
+    archive = _archive(copd, tmp_path / "archive")
+    with pytest.warns(UserWarning) as record:
+        cases = find_cases(archive)
+    assert len(cases) == 7 and not any("scout" in c.name or "dose" in c.name for c in cases)
+    notes = sorted(str(w.message) for w in record)
+    study = Path("Patient 001", "Study 2006-01-01 CT Chest")
+    assert notes == sorted(f"{archive}: left out {n} file(s) of {what}, not CT slices ({study / first}{more})" for
+                           n, what, first, more in [
+                               (3, "localizer (scout) images (projections)", "Series 0 scout/scout0.dcm", ", ..."),
+                               (1, "SR objects (no image)", "Series 99 dose/report.dcm", ""),
+                               (1, "colour images (screenshots, dose reports)", "Series 98 dose screen/IM1", "")])
+
+
 def test_localizers_and_files_in_another_orientation_are_left_out_with_a_note(copd, tmp_path):
     files = sorted(copd["dicom"].iterdir())
     series = tmp_path / "series"
@@ -136,15 +155,15 @@ def test_localizers_and_files_in_another_orientation_are_left_out_with_a_note(co
     assert volume.data.shape == (64, 64, 79)
     assert np.array_equal(volume.data, read_dicom(copd["dicom"]).data)
     notes = " ".join(str(w.message) for w in record)
-    assert "left out 1 localizer (scout) image(s) (scout.dcm)" in notes
+    assert "left out 1 file(s) of localizer (scout) images (projections), not CT slices (scout.dcm)" in notes
     assert "left out 1 slice(s) in another orientation than the series' 79 (reformat.dcm)" in notes
     scouts_only = tmp_path / "scouts"
     for n, iop in enumerate((CORONAL, SAGITTAL)):
         _scout(files[n], scouts_only / f"s{n}.dcm", iop)
-    with pytest.raises(DataError, match=r"2 localizer \(scout\) image\(s\), projections, not a CT volume"):
+    with pytest.raises(DataError, match=r"no CT slice: 2 file\(s\) of localizer \(scout\) images"):
         read_dicom(scouts_only)
-    with pytest.warns(UserWarning, match="left out 2 localizer"), \
-            pytest.raises(DataError, match=r"no scan found .*only 2 localizer \(scout\) image\(s\)"):
+    with pytest.warns(UserWarning, match=r"left out 2 file\(s\) of localizer"), \
+            pytest.raises(DataError, match=r"no scan found .*only 2 file\(s\) of localizer \(scout\) images"):
         find_cases(scouts_only)
 
 

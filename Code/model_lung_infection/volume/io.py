@@ -12,9 +12,9 @@ named by one safe path component made from its path. Each problem is one line na
 modality other than CT (errors); a file without Modality whose values are HU, several series in
 one folder read directly, gaps or uneven spacing along z, implausible voxel sizes (warnings).
 An Enhanced CT file (multi-frame) is a series of its own: its frames are the slices, placed by their
-functional groups. Localizer (scout) images are projections, not slices: left out of every series, and
-a series of them is no case (a note names them); slices in another orientation than the series' own are
-left out with a note.
+functional groups. Files that hold no CT slice (localizers, colour screenshots such as dose reports, objects without an
+image such as SR) are left out of every series, and a series of them is no case (a note names them);
+slices in another orientation than the series' own are left out with a note.
 """
 import hashlib
 import os
@@ -41,6 +41,8 @@ AIR_HU_MAX, DENSE_HU_MAX = -500.0, 4000.0
 NAME_MAX = 150  # characters of a case name (a folder name); longer ones are cut and end with a hash
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index of the files, not an image
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines closer than this are one orientation
+# objects without an image: structured reports (dose), key-object lists, presentation states, documents, RT
+NO_IMAGE_MODALITIES = {"SR", "KO", "PR", "DOC", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "PLAN", "FID"}
 
 
 @dataclass
@@ -141,7 +143,7 @@ def _discovery_header(path):
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True,
                              specific_tags=["SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
-                                            "ImageType"])
+                                            "ImageType", "Modality", "SamplesPerPixel"])
     except Exception as e:
         raise DataError(f"{path}: cannot read as DICOM ({' '.join(str(e).split())})") from e
     sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or getattr(ds, "SOPClassUID", ""))
@@ -159,13 +161,36 @@ def is_localizer(ds):
     return any(str(v).strip().upper() == "LOCALIZER" for v in image_type)
 
 
-def _without_localizers(where, members):
-    """`members` ((path, header) pairs) without the localizers, which a warning names."""
-    scouts = [p for p, ds in members if is_localizer(ds)]
-    if scouts:
-        warnings.warn(f"{where}: left out {len(scouts)} localizer (scout) image(s) ({scouts[0].name}"
-                      f"{', ...' if len(scouts) > 1 else ''}): projections, not CT slices")
-    return [(p, ds) for p, ds in members if not is_localizer(ds)]
+def no_slice_reason(ds):
+    """Why a DICOM file holds no CT slice (a few words), or None. Archives hold such files beside every
+    scan: reports and other objects without an image, colour screenshots (dose reports), localizers."""
+    modality = str(getattr(ds, "Modality", "") or "").strip().upper()
+    if modality in NO_IMAGE_MODALITIES:
+        return f"{modality} objects (no image)"
+    if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:
+        return "colour images (screenshots, dose reports)"
+    if is_localizer(ds):
+        return "localizer (scout) images (projections)"
+    return None
+
+
+def _split_off_non_slices(members):
+    """(the (path, header) members that may be CT slices, {reason: [path]} of the others)."""
+    kept, left_out = [], {}
+    for p, ds in members:
+        reason = no_slice_reason(ds)
+        if reason:
+            left_out.setdefault(reason, []).append(p)
+        else:
+            kept.append((p, ds))
+    return kept, left_out
+
+
+def _note_left_out(where, left_out, root=None):
+    for reason, paths in left_out.items():
+        first = paths[0].relative_to(root) if root else paths[0].name
+        warnings.warn(f"{where}: left out {len(paths)} file(s) of {reason}, not CT slices ({first}"
+                      f"{', ...' if len(paths) > 1 else ''})")
 
 
 def _label(parts):
@@ -218,7 +243,7 @@ def find_cases(path, series=None, skip=()):
         raise DataError(f"{path}: neither a NIfTI file (.nii, .nii.gz) nor a DICOM file")
     root = path.parent if path.is_file() else path
     found = [("nifti" if is_nifti(path) else "dicom", path)] if path.is_file() else _scan_files(path, skip)
-    cases, groups, localizers = [], {}, []
+    cases, groups = [], {}
     for kind, p in found:
         if kind == "nifti":
             cases.append(Case("nifti", p, _label(_relative_parts(p, root))))
@@ -231,15 +256,14 @@ def find_cases(path, series=None, skip=()):
         if ds is not None:
             uid = str(getattr(ds, "SeriesInstanceUID", "") or f"file:{p}")  # no UID: the file is its own series
             groups.setdefault(uid, []).append((p, ds))
+    left_out = {}
     for uid, members in list(groups.items()):
-        if all(is_localizer(ds) for _, ds in members):  # a scout series: nothing to segment
-            localizers += [p for p, _ in members]
+        groups[uid], left = _split_off_non_slices(members)
+        for reason, paths in left.items():
+            left_out.setdefault(reason, []).extend(paths)
+        if not groups[uid]:
             del groups[uid]
-        else:
-            groups[uid] = _without_localizers(_common_folder(members), members)
-    if localizers:
-        warnings.warn(f"{path}: left out {len(localizers)} localizer (scout) image(s) ({localizers[0]}"
-                      f"{', ...' if len(localizers) > 1 else ''}): projections, not CT volumes")
+    _note_left_out(path, left_out, root)
     folders = {uid: _common_folder(members) for uid, members in groups.items()}
     per_folder = {}
     for uid, folder in folders.items():
@@ -263,7 +287,7 @@ def find_cases(path, series=None, skip=()):
             raise DataError(f"{path}: no DICOM series with UID {series} (found: {', '.join(uids) or 'none'})")
         cases = chosen
     if not cases:
-        only = f"; only {len(localizers)} localizer (scout) image(s), which are projections" if localizers else ""
+        only = "; only " + ", ".join(f"{len(v)} file(s) of {k}" for k, v in left_out.items()) if left_out else ""
         raise DataError(f"{path}: no scan found (expected NIfTI files .nii/.nii.gz or DICOM files, in this "
                         f"folder or below it{only})")
     cases.sort(key=lambda c: str(c.path))
@@ -526,10 +550,12 @@ def read_dicom(path, series=None, files=None):
     folder = path if path.is_dir() else path.parent
     files = list(files) if files else _dicom_files(path) if path.is_dir() else [path]
     headers = [(p, _read_header(p)) for p in files]
-    if headers and all(is_localizer(ds) for _, ds in headers):
-        raise DataError(f"{path}: {len(headers)} localizer (scout) image(s), projections, not a CT volume: give the "
-                        f"axial series")
-    chosen = _pick_series(folder, _without_localizers(folder, headers), series)
+    slices, left_out = _split_off_non_slices(headers)
+    if headers and not slices:
+        raise DataError(f"{path}: no CT slice: " + ", ".join(f"{len(v)} file(s) of {k}" for k, v in left_out.items())
+                        + "; give the folder of an axial CT series")
+    _note_left_out(folder, left_out)
+    chosen = _pick_series(folder, slices, series)
     untagged = [p for p, ds in chosen if _check_ct(p, ds)]
     slices = _one_orientation(folder, [s for p, ds in chosen for s in _slices_of(p, ds)])
     row_dir, col_dir = slices[0].orientation[:3], slices[0].orientation[3:]
