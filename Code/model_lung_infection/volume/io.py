@@ -12,9 +12,9 @@ named by one safe path component made from its path. Each problem is one line na
 modality other than CT (errors); a file without Modality whose values are HU, several series in
 one folder read directly, gaps or uneven spacing along z, implausible voxel sizes (warnings).
 An Enhanced CT file (multi-frame) is a series of its own: its frames are the slices, placed by their
-functional groups. Files that hold no CT slice (localizers, colour screenshots such as dose reports, objects without an
-image such as SR) are left out of every series, and a series of them is no case (a note names them);
-slices in another orientation than the series' own are left out with a note.
+functional groups. Files that hold no CT slice (localizers, colour screenshots such as dose reports,
+objects without an image such as SR) are left out of every series, and a series of them is no case (a
+note names them); slices in another orientation than the series' own are left out with a note.
 """
 import hashlib
 import os
@@ -509,27 +509,35 @@ def _slice_steps(folder, slices, normal):
     return positions, step
 
 
-def _read_hu(slices):
-    """Each slice's pixels in HU (float32 2D arrays, in the order given); a multi-frame file is decoded once."""
+def _decode(s):
+    """The pixels of slice `s`'s file as stored: (rows, columns), or (frames, rows, columns)."""
     import pydicom
-    decoded = {}
+    ds = None
+    try:
+        ds = pydicom.dcmread(str(s.path))
+        pixels = ds.pixel_array
+    except Exception as e:
+        why = " ".join(str(e).split())
+        raise DataError(f"{s.path}: cannot read the DICOM pixels ({why}){_decoder_hint(ds)}") from e
+    if pixels.ndim != (2 if s.frames == 1 else 3):
+        raise DataError(f"{s.path}: pixel data of shape {pixels.shape} in {s.frames} frame(s); expected one gray 2D "
+                        f"image per frame")
+    return pixels
+
+
+def _read_hu(slices):
+    """Each slice's pixels in HU (float32 2D arrays, in the order given)."""
+    multi_frame = {}  # decoded once for all their frames
     out = []
     for s in slices:
-        if s.path not in decoded:
-            ds = None
-            try:
-                ds = pydicom.dcmread(str(s.path))
-                pixels = ds.pixel_array
-            except Exception as e:
-                raise DataError(f"{s.path}: cannot read the DICOM pixels ({' '.join(str(e).split())})"
-                                f"{_decoder_hint(ds)}") from e
-            if pixels.ndim != (2 if s.frames == 1 else 3):
-                raise DataError(f"{s.path}: pixel data of shape {pixels.shape} in {s.frames} frame(s); expected one "
-                                f"gray 2D image per frame")
-            decoded = {s.path: pixels} if s.frames == 1 else {**decoded, s.path: pixels}
-        pixels = decoded[s.path] if s.frames == 1 else decoded[s.path][s.frame]
+        if s.frames == 1:
+            plane = _decode(s)
+        else:
+            if s.path not in multi_frame:
+                multi_frame[s.path] = _decode(s)
+            plane = multi_frame[s.path][s.frame]
         slope, intercept = s.rescale
-        out.append(pixels.astype(np.float32) * slope + intercept)
+        out.append(plane.astype(np.float32) * slope + intercept)
     return out
 
 
@@ -550,12 +558,12 @@ def read_dicom(path, series=None, files=None):
     folder = path if path.is_dir() else path.parent
     files = list(files) if files else _dicom_files(path) if path.is_dir() else [path]
     headers = [(p, _read_header(p)) for p in files]
-    slices, left_out = _split_off_non_slices(headers)
-    if headers and not slices:
+    images, left_out = _split_off_non_slices(headers)
+    if headers and not images:
         raise DataError(f"{path}: no CT slice: " + ", ".join(f"{len(v)} file(s) of {k}" for k, v in left_out.items())
                         + "; give the folder of an axial CT series")
     _note_left_out(folder, left_out)
-    chosen = _pick_series(folder, slices, series)
+    chosen = _pick_series(folder, images, series)
     untagged = [p for p, ds in chosen if _check_ct(p, ds)]
     slices = _one_orientation(folder, [s for p, ds in chosen for s in _slices_of(p, ds)])
     row_dir, col_dir = slices[0].orientation[:3], slices[0].orientation[3:]
