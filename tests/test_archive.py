@@ -253,6 +253,22 @@ def test_an_enhanced_ct_file_reads_as_its_series(copd, tmp_path):
     np.testing.assert_allclose(volume.affine, series.affine, atol=1e-6)
 
 
+def test_a_tilted_gantrys_series_keeps_its_shear_in_the_affine(copd, tmp_path):
+    """With the gantry tilted, each slice lies shifted in its plane (here 0.3 mm posterior per mm along z):
+    the affine's slice column follows the slices, so world coordinates stay right, and the mL do not change."""
+    import pydicom
+    series = read_dicom(copd["dicom"])
+    for f in sorted(copd["dicom"].iterdir()):
+        ds = pydicom.dcmread(str(f))
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        _rewrite(f, tmp_path / f.name, ImagePositionPatient=[x, y + 0.3 * z, z])
+    tilted = read_dicom(tmp_path)
+    assert np.array_equal(tilted.data, series.data)
+    step = series.affine[2, 2]
+    np.testing.assert_allclose(tilted.affine[:3, 2], [0.0, -0.3 * step, step], atol=1e-6)  # LPS +y is RAS -y
+    assert tilted.voxel_ml == pytest.approx(series.voxel_ml, rel=1e-9)
+
+
 def test_case_names_are_one_safe_component_each(tmp_path, copd):
     from Code.model_lung_infection.volume.io import safe_component
     for text in ("..", ".", "a/../b", "/etc/passwd", " spaced  name ", "-rf", "é" * 5, "x" * 400):

@@ -525,6 +525,17 @@ def _decode(s):
     return pixels
 
 
+def _slice_offset(slices, normal, step):
+    """From one slice's origin to the next (LPS mm): the normal times the step, unless the gantry was tilted,
+    which shifts every slice in its plane; the affine then shears as the voxels lie (the voxel volume, and so
+    every mL, is the same either way)."""
+    if len(slices) < 2:
+        return normal * step
+    moves = np.diff([s.position for s in slices], axis=0)
+    per_mm = moves / (moves @ normal)[:, None]  # per mm along the normal: gaps do not bend the direction
+    return np.median(per_mm, axis=0) * step
+
+
 def _read_hu(slices):
     """Each slice's pixels in HU (float32 2D arrays, in the order given)."""
     multi_frame = {}  # decoded once for all their frames
@@ -579,7 +590,7 @@ def read_dicom(path, series=None, files=None):
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps[1]   # i (column index) moves along the row direction, by the column spacing
     lps[:3, 1] = col_dir * ps[0]
-    lps[:3, 2] = normal * step
+    lps[:3, 2] = _slice_offset(slices, normal, step)
     lps[:3, 3] = slices[0].position
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
     name = case_name(path) if path.is_dir() else Path(path).stem
