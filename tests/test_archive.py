@@ -269,6 +269,17 @@ def test_a_tilted_gantrys_series_keeps_its_shear_in_the_affine(copd, tmp_path):
     assert tilted.voxel_ml == pytest.approx(series.voxel_ml, rel=1e-9)
 
 
+def test_slices_without_a_position_are_one_line_and_a_single_one_reads(copd, tmp_path):
+    files = sorted(copd["dicom"].iterdir())
+    shutil.copytree(copd["dicom"], tmp_path / "series")
+    _rewrite(files[3], tmp_path / "series" / files[3].name, ImagePositionPatient=None)
+    with pytest.raises(DataError, match=r"series: 1 of 79 slices have no ImagePositionPatient \(IMG0004.dcm\): "
+                                        r"their order and spacing along z are unknown"):
+        read_dicom(tmp_path / "series")
+    single = _rewrite(files[3], tmp_path / "single" / "one.dcm", ImagePositionPatient=None)
+    assert read_dicom(single).data.shape == (64, 64, 1)
+
+
 def test_case_names_are_one_safe_component_each(tmp_path, copd):
     from Code.model_lung_infection.volume.io import safe_component
     for text in ("..", ".", "a/../b", "/etc/passwd", " spaced  name ", "-rf", "é" * 5, "x" * 400):

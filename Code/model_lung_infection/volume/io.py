@@ -442,7 +442,7 @@ class _Slice:
     frame: int            # index in the file's pixel data (0 for a single-frame file)
     frames: int           # the file's NumberOfFrames
     orientation: np.ndarray  # ImageOrientationPatient: row and column direction cosines (LPS)
-    position: np.ndarray     # ImagePositionPatient (LPS mm)
+    position: np.ndarray     # ImagePositionPatient (LPS mm); None where the file has none
     spacing: tuple           # PixelSpacing: (between rows, between columns) mm
     thickness: float
     rescale: tuple           # (slope, intercept): stored value -> HU
@@ -479,12 +479,13 @@ def _slices_of(path, ds):
     for i in range(frames):
         tag = partial(_frame_tag, ds, per_frame[i] if i < len(per_frame) else None, shared)
         orientation = tag("PlaneOrientationSequence", "ImageOrientationPatient", (1, 0, 0, 0, 1, 0))
-        position = tag("PlanePositionSequence", "ImagePositionPatient", (0, 0, 0))
+        position = tag("PlanePositionSequence", "ImagePositionPatient", None)
         spacing = tag("PixelMeasuresSequence", "PixelSpacing", (1.0, 1.0))
         slope = float(tag("PixelValueTransformationSequence", "RescaleSlope", 1.0)) or 1.0
         intercept = float(tag("PixelValueTransformationSequence", "RescaleIntercept", 0.0))
         slices.append(_Slice(path, i, frames, np.array([float(v) for v in orientation]),
-                             np.array([float(v) for v in position]), tuple(float(v) for v in spacing),
+                             None if position is None else np.array([float(v) for v in position]),
+                             tuple(float(v) for v in spacing),
                              float(tag("PixelMeasuresSequence", "SliceThickness", 1.0)) or 1.0, (slope, intercept)))
     return slices
 
@@ -577,6 +578,13 @@ def read_dicom(path, series=None, files=None):
     chosen = _pick_series(folder, images, series)
     untagged = [p for p, ds in chosen if _check_ct(p, ds)]
     slices = _one_orientation(folder, [s for p, ds in chosen for s in _slices_of(p, ds)])
+    unplaced = [s for s in slices if s.position is None]
+    if unplaced and len(slices) > 1:
+        raise DataError(f"{folder}: {len(unplaced)} of {len(slices)} slices have no ImagePositionPatient "
+                        f"({unplaced[0].label}{', ...' if len(unplaced) > 1 else ''}): their order and spacing along z "
+                        f"are unknown; export the series with its geometry, or convert it to NIfTI with its affine")
+    if unplaced:  # one slice: its place only moves the affine's origin
+        slices[0].position = np.zeros(3)
     row_dir, col_dir = slices[0].orientation[:3], slices[0].orientation[3:]
     normal = np.cross(row_dir, col_dir)
     slices.sort(key=lambda s: float(np.dot(s.position, normal)))
