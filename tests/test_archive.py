@@ -6,6 +6,7 @@ import argparse
 import csv
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -278,6 +279,21 @@ def test_slices_without_a_position_are_one_line_and_a_single_one_reads(copd, tmp
         read_dicom(tmp_path / "series")
     single = _rewrite(files[3], tmp_path / "single" / "one.dcm", ImagePositionPatient=None)
     assert read_dicom(single).data.shape == (64, 64, 1)
+
+
+def test_a_nifti_without_orientation_is_warned_about(copd, tmp_path):
+    img = nib.load(str(copd["nifti"]))
+    assert int(img.header["sform_code"]) or int(img.header["qform_code"])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        read_nifti(copd["nifti"])
+    assert not any("orientation" in str(w.message) for w in record)
+    bare = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    bare.set_sform(None, code=0)
+    bare.set_qform(None, code=0)
+    nib.save(bare, str(tmp_path / "bare.nii.gz"))
+    with pytest.warns(UserWarning, match=r"bare.nii.gz: the header holds no orientation \(sform and qform codes 0\)"):
+        read_nifti(tmp_path / "bare.nii.gz")
 
 
 def test_case_names_are_one_safe_component_each(tmp_path, copd):

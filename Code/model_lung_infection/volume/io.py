@@ -360,10 +360,15 @@ def read_nifti(path):
             raise DataError(f"{path}: a {len(img.shape)}D image of shape {img.shape}; expected one 3D CT volume "
                             f"(split the time/channel dimension into separate files)")
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)  # dataobj applies the scaling
+        codes = [int(img.header.get(f"{form}_code", 1)) for form in ("sform", "qform")]
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot read as NIfTI ({' '.join(str(e).split())})") from e
+    if codes == [0, 0]:
+        warnings.warn(f"{path}: the header holds no orientation (sform and qform codes 0), so the axes are nibabel's "
+                      f"guess from the voxel sizes: right/left lung and the upper/lower thirds may be swapped, and the "
+                      f"slices shown to the network turned; write the file with its orientation (e.g. by dcm2niix)")
     return check_volume(Volume(data, img.affine.astype(np.float64), case_name(path), path))
 
 
