@@ -132,12 +132,16 @@ def test_every_series_of_an_archive_is_a_case_and_the_corrupt_one_is_named_and_s
 
 
 def test_an_archives_scouts_and_dose_reports_are_left_out_with_one_note_each(copd, tmp_path):
+    import pydicom
     archive = _archive(copd, tmp_path / "archive")
     with pytest.warns(UserWarning) as record:
         cases = find_cases(archive)
     assert len(cases) == 7 and not any("scout" in c.name or "dose" in c.name for c in cases)
     notes = sorted(str(w.message) for w in record)
     study = Path("Patient 001", "Study 2006-01-01 CT Chest")
+    scouts = pydicom.dcmread(str(archive / study / "Series 0 scout" / "scout0.dcm")).SeriesInstanceUID
+    with pytest.raises(DataError, match=f"series {scouts} holds no CT slice, only localizer \\(scout\\) images"):
+        find_cases(archive, series=scouts)
     assert notes == sorted(f"{archive}: left out {n} file(s) of {what}, not CT slices ({study / first}{more})" for
                            n, what, first, more in [
                                (3, "localizer (scout) images (projections)", "Series 0 scout/scout0.dcm", ", ..."),

@@ -256,13 +256,14 @@ def find_cases(path, series=None, skip=()):
         if ds is not None:
             uid = str(getattr(ds, "SeriesInstanceUID", "") or f"file:{p}")  # no UID: the file is its own series
             groups.setdefault(uid, []).append((p, ds))
-    left_out = {}
+    left_out, no_slice_series = {}, {}
     for uid, members in list(groups.items()):
         groups[uid], left = _split_off_non_slices(members)
         for reason, paths in left.items():
             left_out.setdefault(reason, []).extend(paths)
         if not groups[uid]:
             del groups[uid]
+            no_slice_series[uid] = ", ".join(left)
     _note_left_out(path, left_out, root)
     folders = {uid: _common_folder(members) for uid, members in groups.items()}
     per_folder = {}
@@ -282,6 +283,8 @@ def find_cases(path, series=None, skip=()):
                           None if uid.startswith("file:") else uid))
     if series is not None:
         chosen = [c for c in cases if c.series == series]
+        if not chosen and series in no_slice_series:
+            raise DataError(f"{path}: DICOM series {series} holds no CT slice, only {no_slice_series[series]}")
         if not chosen:
             uids = sorted(c.series for c in cases if c.series)
             raise DataError(f"{path}: no DICOM series with UID {series} (found: {', '.join(uids) or 'none'})")
