@@ -5,7 +5,7 @@ r"""Segment CT slices or whole CT scans with a trained Inf-Net (ours or a releas
     # -> Results/Lung infection segmentation/Inf-Net/<slice>.png, 8-bit maps at each slice's size, and
     #    test_run.json (what made them); a folder that holds files is refused unless --overwrite
 
-CT volumes (a NIfTI file, a DICOM series folder, or a folder of them; docs/volumes.md):
+CT volumes (a NIfTI, MetaImage or NRRD file, a DICOM series folder, or a folder of them; docs/volumes.md):
     python MyTest_LungInf.py --pth_path W --data_path scan.nii.gz --save_path OUT
     python MyTest_LungInf.py --data_path scan.nii.gz --mask infection.nii.gz --save_path OUT   # no network
     # -> OUT/<case>/{infection,lungs}.nii.gz, slices.csv, summary.json, overview.png; OUT/summary.csv
@@ -94,7 +94,7 @@ def main(argv=None):
         check_weights(a.pth_path)
     if not Path(a.data_path).exists():
         raise FileNotFoundError(f"--data_path {a.data_path}: no such file or folder; give a folder of slices, "
-                                f"a NIfTI file or a DICOM series folder")
+                                f"a CT volume file (NIfTI, MetaImage, NRRD) or a DICOM series folder")
     # the stages (and PyTorch) are imported after the arguments are parsed: --help and errors are fast
     if not a.mask:
         from Code.model_lung_infection.infer import resolve_device

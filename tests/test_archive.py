@@ -26,6 +26,7 @@ from Code.model_lung_infection.volume.io import (  # noqa: E402
     is_volume_input,
     read_dicom,
     read_nifti,
+    read_volume_file,
 )
 
 REALCT = SHARED / "realct"
@@ -300,6 +301,42 @@ def test_a_nifti_without_orientation_is_warned_about(copd, tmp_path):
         read_nifti(tmp_path / "bare.nii.gz")
 
 
+def _as_itk(nifti, path):
+    """`nifti` written by SimpleITK as `path` (.mha, .mhd with its .raw, .nrrd): same voxels and geometry."""
+    import SimpleITK as sitk
+    img = nib.load(str(nifti))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    out = sitk.GetImageFromArray(np.asarray(img.dataobj).transpose(2, 1, 0).copy())
+    out.SetSpacing(spacing.tolist())
+    out.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+    out.SetOrigin(lps[:3, 3].tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(out, str(path))
+    return path
+
+
+def test_metaimage_and_nrrd_scans_and_masks_read_as_their_nifti(copd, tmp_path):
+    """Grand-challenge data (STOIC2021's COVID-19 CT, LUNA16) come as MetaImage, 3D Slicer's as NRRD."""
+    nifti = read_nifti(copd["nifti"])
+    for name in ("scan.mha", "scan.mhd", "scan.nrrd"):
+        volume = read_volume_file(_as_itk(copd["nifti"], tmp_path / name[5:] / name))
+        assert np.array_equal(volume.data, nifti.data), name
+        np.testing.assert_allclose(volume.affine, nifti.affine, atol=1e-4)
+    cases = find_cases(tmp_path)  # the .mhd's .raw beside it is no case
+    assert sorted((c.kind, c.name) for c in cases) == [("file", f"{k}__scan") for k in ("mha", "mhd", "nrrd")]
+    scan = _as_itk(copd["nifti"], tmp_path / "run" / "ct-64.mha")
+    labels = _as_itk(copd["labels"], tmp_path / "masks" / "lungs.nrrd")
+    reference = _mask_run(copd["nifti"], copd["labels"], tmp_path / "out_nifti")
+    summary = _mask_run(scan, labels, tmp_path / "out_itk")
+    assert summary["infection_ml"] == pytest.approx(reference["infection_ml"]) and summary["infection_ml"] > 4000
+    written = nib.load(str(tmp_path / "out_itk" / "ct-64" / "lungs.nii.gz"))
+    assert written.shape == nifti.data.shape and np.allclose(written.affine, nifti.affine, atol=1e-4)
+    (tmp_path / "bad.mha").write_text("ObjectType = Image\nNDims = 3\n")
+    with pytest.raises(DataError, match=r"bad.mha: cannot read as mha"):
+        read_volume_file(tmp_path / "bad.mha")
+
+
 def test_case_names_are_one_safe_component_each(tmp_path, copd):
     from Code.model_lung_infection.volume.io import safe_component
     for text in ("..", ".", "a/../b", "/etc/passwd", " spaced  name ", "-rf", "é" * 5, "x" * 400):
@@ -454,9 +491,9 @@ def test_a_missing_or_non_nifti_mask_is_one_line_before_any_work(copd, tmp_path)
     out = tmp_path / "out"
     png = tmp_path / "gt.png"
     png.write_bytes(b"not read")
-    for mask, what in ((tmp_path / "missing.nii.gz", "no such file"), (png, r"not a NIfTI file \(\.nii, \.nii\.gz\)"),
-                       (copd["dicom"], r"not a NIfTI file \(\.nii, \.nii\.gz\)")):
-        with pytest.raises(OptionError, match=rf"--mask .*: {what}; give the infection mask as a NIfTI file"):
+    for mask, what in ((tmp_path / "missing.nii.gz", "no such file"), (png, "not a NIfTI, MetaImage or NRRD file"),
+                       (copd["dicom"], "not a NIfTI, MetaImage or NRRD file")):
+        with pytest.raises(OptionError, match=rf"--mask .*: {what}; give the infection mask as a NIfTI "):
             run_volumes(dict(data_path=str(copd["nifti"]), mask=str(mask), save_path=str(out)))
     assert not out.exists()
 

@@ -30,6 +30,7 @@ from ..atomic import atomic_write
 from ..errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")  # MetaImage (grand-challenge, LUNA16) and NRRD (3D Slicer)
 DICOM_SUFFIXES = (".dcm", ".ima", "")  # DICOM files often have no extension at all
 SPACING_TOLERANCE = 0.01  # relative: slice steps differing by more than 1% are "uneven"
 # Voxel sizes outside this range (mm) are not a CT scanner's: a broken header, or a unit mistake (cm, m).
@@ -65,7 +66,7 @@ class Volume:
 @dataclass
 class Case:
     """One scan to process: a NIfTI file, a DICOM series (its files), or a file that could not be read."""
-    kind: str             # "nifti", "dicom" or "unreadable"
+    kind: str             # "file" (NIfTI, MetaImage, NRRD), "dicom" or "unreadable"
     path: Path            # the file, or the folder holding the series
     name: str             # the output folder's name: one safe path component, unique in the run
     files: tuple = ()     # DICOM: the series' files
@@ -75,7 +76,7 @@ class Case:
 
 def case_name(path):
     path = Path(path)
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
         if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
     return path.stem if path.is_file() else path.name
@@ -92,6 +93,11 @@ def safe_component(text):
 
 def is_nifti(path):
     return Path(path).is_file() and Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_volume_file(path):
+    """A volume in one file (a .mhd's data file beside it aside): NIfTI, MetaImage or NRRD."""
+    return Path(path).is_file() and Path(path).name.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)
 
 
 def is_dicom_file(path):
@@ -131,8 +137,8 @@ def _scan_files(root, skip=()):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(Path(folder, d)) not in skip)
         for f in sorted(files):
             p = Path(folder, f)
-            if is_nifti(p):
-                yield "nifti", p
+            if is_volume_file(p):
+                yield "file", p
             elif is_dicom_file(p):
                 yield "dicom", p
 
@@ -239,14 +245,15 @@ def find_cases(path, series=None, skip=()):
     if path.is_dir() and is_output_folder(path):
         raise DataError(f"{path}: an output folder of the volume stage (it holds {path / 'volume_run.json'}); its "
                         f"masks are not scans: give the scans' folder as --data_path")
-    if path.is_file() and not (is_nifti(path) or is_dicom_file(path)):
-        raise DataError(f"{path}: neither a NIfTI file (.nii, .nii.gz) nor a DICOM file")
+    if path.is_file() and not (is_volume_file(path) or is_dicom_file(path)):
+        raise DataError(f"{path}: not a CT volume file: NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd), NRRD (.nrrd, "
+                        f".nhdr) or DICOM")
     root = path.parent if path.is_file() else path
-    found = [("nifti" if is_nifti(path) else "dicom", path)] if path.is_file() else _scan_files(path, skip)
+    found = [("file" if is_volume_file(path) else "dicom", path)] if path.is_file() else _scan_files(path, skip)
     cases, groups = [], {}
     for kind, p in found:
-        if kind == "nifti":
-            cases.append(Case("nifti", p, _label(_relative_parts(p, root))))
+        if kind == "file":
+            cases.append(Case("file", p, _label(_relative_parts(p, root))))
             continue
         try:
             ds = _discovery_header(p)
@@ -306,7 +313,7 @@ def is_volume_input(path):
     slices. Looks at file names and DICOM preambles only (fast: no header is parsed)."""
     path = Path(path)
     if path.is_file():
-        return is_nifti(path) or is_dicom_file(path)
+        return is_volume_file(path) or is_dicom_file(path)
     if not path.is_dir() or (path / "Imgs").is_dir():
         return False
     if is_output_folder(path):  # the volume stage names it (find_cases) rather than the slice stage
@@ -318,7 +325,7 @@ def read_case(case):
     """The Volume of a Case (named by the case), its voxels and geometry checked."""
     if case.kind == "unreadable":
         raise DataError(case.error)
-    volume = read_nifti(case.path) if case.kind == "nifti" else read_dicom(case.path, case.series, case.files)
+    volume = read_volume_file(case.path) if case.kind == "file" else read_dicom(case.path, case.series, case.files)
     volume.name = case.name
     return volume
 
@@ -373,6 +380,32 @@ def read_nifti(path):
                       f"guess from the voxel sizes: right/left lung and the upper/lower thirds may be swapped, and the "
                       f"slices shown to the network turned; write the file with its orientation (e.g. by dcm2niix)")
     return check_volume(Volume(data, img.affine.astype(np.float64), case_name(path), path))
+
+
+def read_itk(path):
+    """A MetaImage (.mha, .mhd) or NRRD (.nrrd, .nhdr) volume through SimpleITK, in the NIfTI convention: the
+    file's voxel order (i, j, k) and a RAS affine (ITK's physical space is LPS, as DICOM's)."""
+    import SimpleITK as sitk
+    path = Path(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as {path.suffix[1:]} ({' '.join(str(e).split())})") from e
+    size, components = img.GetSize(), img.GetNumberOfComponentsPerPixel()
+    if img.GetDimension() != 3 or components != 1:
+        raise DataError(f"{path}: a {img.GetDimension()}D image of size {size}"
+                        f"{f' with {components} values per voxel' if components != 1 else ''}; expected one 3D CT "
+                        f"volume of gray values")
+    data = np.asarray(sitk.GetArrayViewFromImage(img), dtype=np.float32).transpose(2, 1, 0)  # (k, j, i) -> (i, j, k)
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    return check_volume(Volume(data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, case_name(path), path))
+
+
+def read_volume_file(path):
+    """A volume stored in one file: NIfTI (nibabel), MetaImage or NRRD (SimpleITK)."""
+    return read_nifti(path) if is_nifti(path) else read_itk(path)
 
 
 # ------------------------------------------------------------------------------------------ DICOM

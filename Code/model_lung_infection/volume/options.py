@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..configs import THRESHOLD
 from ..errors import OptionError
-from .io import is_nifti
+from .io import is_volume_file
 from .window import DEFAULT_WINDOW, parse_window
 
 
@@ -22,20 +22,21 @@ def threshold_value(value):
 
 
 def check_mask_file(mask):
-    """A --mask that is missing, a folder or not NIfTI: one line, before any scan is read."""
-    if mask and not is_nifti(mask):
-        what = "no such file" if not Path(mask).exists() else "not a NIfTI file (.nii, .nii.gz)"
-        raise OptionError(f"--mask {mask}: {what}; give the infection mask as a NIfTI file aligned with the scan "
-                          f"(e.g. an infection.nii.gz this stage wrote for it)")
+    """A --mask that is missing, a folder or no volume file: one line, before any scan is read."""
+    if mask and not is_volume_file(mask):
+        what = "no such file" if not Path(mask).exists() else "not a NIfTI, MetaImage or NRRD file"
+        raise OptionError(f"--mask {mask}: {what}; give the infection mask as a NIfTI (.nii, .nii.gz), MetaImage "
+                          f"(.mha, .mhd) or NRRD file aligned with the scan (e.g. an infection.nii.gz this stage "
+                          f"wrote for it)")
 
 
 def add_volume_args(parser):
     """The options only volumes use (MyTest_LungInf.py already has --pth_path, --data_path, --save_path,
     --testsize, --batchsize, --backbone, --device, --amp, --fuse_bn, --channels_last, --progress)."""
     from ..cli import add_bool
-    g = parser.add_argument_group("CT volumes (NIfTI / DICOM --data_path)")
-    g.add_argument("--mask", default=None, help="quantify this infection mask (NIfTI, aligned with the scan); "
-                                                "no network")
+    g = parser.add_argument_group("CT volumes (NIfTI / MetaImage / NRRD / DICOM --data_path)")
+    g.add_argument("--mask", default=None, help="quantify this infection mask (NIfTI, MetaImage or NRRD, aligned "
+                                                "with the scan); no network")
     g.add_argument("--multiclass_pth", default=None, help="multi-class network: adds GGO and consolidation")
     g.add_argument("--window", type=parse_window, default=None,
                    help=f"lung window LOW,HIGH in HU (default {DEFAULT_WINDOW[0]:g},{DEFAULT_WINDOW[1]:g}, measured "

@@ -31,7 +31,7 @@ from ..quantify import report
 from ..quantify.lungs import attach_infection, fill_summary, find_lungs
 from ..runtime import pick_device
 from . import geometry
-from .io import find_cases, read_case, read_nifti, save_nifti
+from .io import find_cases, read_case, read_volume_file, save_nifti
 from .options import check_mask_file
 from .output_folder import OUTPUTS, TABLE_NAME, OutputRoot, run_key
 from .window import DEFAULT_WINDOW, gray_volume, is_already_gray
@@ -119,7 +119,7 @@ def _read_mask(path, volume, threshold=THRESHOLD):
     """A --mask as infection (bool), by the network's rule: probabilities (0..1) and 8-bit maps (0..255,
     divided by 255) are infection where >= `threshold`; a label map (whole numbers up to LABEL_MAX)
     where non-zero. A mask holding HU (the scan itself) is refused."""
-    mask = read_nifti(path)
+    mask = read_volume_file(path)
     if mask.data.shape != volume.data.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
         raise DataError(f"{path}: mask of shape {mask.data.shape} does not align with {volume.source} "
                         f"(shape {volume.data.shape}); give the mask written for this scan")
