@@ -335,6 +335,10 @@ def test_metaimage_and_nrrd_scans_and_masks_read_as_their_nifti(copd, tmp_path):
     (tmp_path / "bad.mha").write_text("ObjectType = Image\nNDims = 3\n")
     with pytest.raises(DataError, match=r"bad.mha: cannot read as mha"):
         read_volume_file(tmp_path / "bad.mha")
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "mhd" / "scan.mhd", tmp_path / "alone")  # its scan.raw left behind
+    with pytest.raises(DataError, match=r"scan.mhd: its voxels are in scan.raw, which is not beside it"):
+        read_volume_file(tmp_path / "alone" / "scan.mhd")
 
 
 def test_case_names_are_one_safe_component_each(tmp_path, copd):

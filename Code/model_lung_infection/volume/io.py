@@ -387,10 +387,15 @@ def read_itk(path):
     file's voxel order (i, j, k) and a RAS affine (ITK's physical space is LPS, as DICOM's)."""
     import SimpleITK as sitk
     path = Path(path)
+    data_file = _detached_data_file(path)
+    if data_file is not None and not data_file.is_file():
+        raise DataError(f"{path}: its voxels are in {data_file.name}, which is not beside it; copy the header "
+                        f"together with its data file")
     try:
         img = sitk.ReadImage(str(path))
     except Exception as e:
-        raise DataError(f"{path}: cannot read as {path.suffix[1:]} ({' '.join(str(e).split())})") from e
+        reason = " ".join(str(e).split()).rpartition("ERROR: ")[2]  # ITK's message, without its source location
+        raise DataError(f"{path}: cannot read as {path.suffix[1:]} ({reason})") from e
     size, components = img.GetSize(), img.GetNumberOfComponentsPerPixel()
     if img.GetDimension() != 3 or components != 1:
         raise DataError(f"{path}: a {img.GetDimension()}D image of size {size}"
@@ -401,6 +406,25 @@ def read_itk(path):
     lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
     lps[:3, 3] = img.GetOrigin()
     return check_volume(Volume(data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, case_name(path), path))
+
+
+def _detached_data_file(path):
+    """The data file a detached header (.mhd, .nhdr) names, when it names one file; else None. Checked before
+    ITK reads, whose error for a missing data file names the header ('No such file or directory')."""
+    if not path.name.lower().endswith((".mhd", ".nhdr")):
+        return None
+    key = "elementdatafile" if path.name.lower().endswith(".mhd") else "datafile"
+    with open(path, "rb") as f:
+        head = f.read(65536).decode("latin-1")
+    for line in head.splitlines():
+        name, sep, value = line.partition("=" if key == "elementdatafile" else ":")
+        value = value.strip()
+        if sep and name.strip().lower().replace(" ", "") == key:
+            # LOCAL: the voxels follow the header; LIST or a %d pattern: several files, left to ITK
+            if value.upper() in ("LOCAL", "") or value.upper().startswith("LIST") or "%" in value or " " in value:
+                return None
+            return path.parent / value
+    return None
 
 
 def read_volume_file(path):
