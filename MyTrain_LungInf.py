@@ -19,7 +19,7 @@ Training from random weights on a CPU budget (opt-in; see the option groups belo
     python MyTrain_LungInf.py --recipe cpu-hour --train_save cpu-hour   # an hour: pseudo labels, then doctor labels
     # (its --fit_budget shrinks the epochs where this machine cannot train them all in the hour)
     python MyTrain_LungInf.py --val_split 5 --time_budget 60 --augment --schedule cosine --warmup_epochs 2 \
-        --ema 0.999 --progressive_size 224 --amp --channels_last --train_save cpu-try
+        --ema 0.999 --progressive_size 224 --train_save cpu-try
 
 Snapshots: Snapshots/save_weights/<train_save>/<prefix>-<epoch>.pth (release format) and checkpoint.pth
 (resumable). The recipe lives in Code/model_lung_infection/train.py.

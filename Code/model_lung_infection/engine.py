@@ -48,6 +48,7 @@ from .run_folder import (
 from .runtime import (
     Distributed,
     autocast,
+    cpu_has_native_bf16,
     pick_device,
     rng_state,
     seed_everything,
@@ -291,7 +292,12 @@ class Engine:
             raise OptionError(f"--amp_dtype {cfg.amp_dtype} with --amp False: drop one of them")
         amp = True if cfg.amp is None and cfg.amp_dtype else cfg.amp
         amp, channels_last = training_precision(self.device, amp, cfg.channels_last, cfg.smallest_input())
-        return amp, channels_last, (training_amp_dtype(self.device, cfg.amp_dtype) if amp else None)
+        dtype = training_amp_dtype(self.device, cfg.amp_dtype) if amp else None
+        if self.device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            warnings.warn("--amp on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates bf16, and a "
+                          "training step takes many times fp32's (12x for Res2Net-50 on a 2-core AVX2 CPU, "
+                          "bench/bench_infnet.py); leave --amp unset to get fp32 here", stacklevel=2)
+        return amp, channels_last, dtype
 
     @property
     def precision(self):
