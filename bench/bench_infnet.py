@@ -62,9 +62,9 @@ def interleaved(variants, repeats, warmup=1):
     return {name: (min(wall[name]), min(cpu[name])) for name in variants}
 
 
-def make_model(seed=0):
+def make_model(seed=0, backbone="res2net50_v1b_26w_4s"):
     torch.manual_seed(seed)
-    return Inf_Net()
+    return Inf_Net(backbone=backbone)
 
 
 def bench_inference(args):
@@ -142,7 +142,7 @@ def bench_training(args):
         setups = {k: v for k, v in setups.items() if k in args.train_variants}
     variants = {}
     for name, (amp, cl) in setups.items():
-        model = make_model().train()
+        model = make_model(backbone=args.backbone).train()
         if cl:
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(model.parameters(), 1e-4)
@@ -167,6 +167,8 @@ def main(argv=None):
     p.add_argument("--train_repeats", type=int, default=3, help="training repeats per variant")
     p.add_argument("--size", type=int, default=352)
     p.add_argument("--batchsize", type=int, default=4)
+    p.add_argument("--backbone", default="res2net50_v1b_26w_4s",
+                   help="Inf-Net's encoder for the training figures (e.g. mobilenetv2, cpu-hour-imagenet's)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (compiles twice: fp32, bf16)")
     p.add_argument("--skip_infer", action="store_true")
     p.add_argument("--skip_train", action="store_true")

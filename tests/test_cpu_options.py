@@ -358,8 +358,10 @@ def test_pretrain_epochs_train_on_pretrain_path_then_on_train_path(tmp_path, mon
     # epochs 3-4: each training slice once per epoch, never a held-out one
     assert set(epochs[2]) == set(epochs[3]) == train_stems
     # the log counts each source on its own (not the pretraining slices as --train_path's)
+    out = capsys.readouterr().out
     assert (f"10 samples (4 from {cfg.train_path[0]}, 2 more held out for validation; 6 in {pre}: epochs 1..2 "
-            f"pretrain on 4 of them per epoch, the rest train on the 4)") in capsys.readouterr().out
+            f"pretrain on 4 of them per epoch, the rest train on the 4)") in out
+    assert ", channels-last; epochs 1..4" in out  # the layout the CPU trains in is said beside the precision
     saved = torch.load(cfg.checkpoint_path, weights_only=False)["config"]
     assert (saved["pretrain_path"], saved["pretrain_epochs"]) == ([str(pre)], 2)
 
@@ -638,23 +640,27 @@ def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_training_defaults_to_bf16_and_channels_last_where_bf16_is_native(monkeypatch, native, tmp_path):
+def test_cpu_training_defaults_to_channels_last_and_to_bf16_where_bf16_is_native(monkeypatch, native, tmp_path):
     from Code.model_lung_infection import runtime
     from Code.model_lung_infection.engine import Engine
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert runtime.training_precision(cpu) == (native, native)
+    assert runtime.training_precision(cpu) == (native, True)  # channels-last: faster in fp32 too
     assert runtime.training_precision(cpu, amp=False, channels_last=False) == (False, False)  # given: it wins
     assert runtime.training_precision(torch.device("cuda")) == (True, False)
-    assert runtime.training_precision(cpu, smallest_input=32) == (False, False)  # 1x1 deepest maps: fp32
+    assert runtime.training_precision(cpu, smallest_input=32) == (False, True)  # 1x1 deepest maps: fp32
     assert TrainConfig(trainsize=64).smallest_input() == 64  # 0.75 x 64 rounds to 64
     assert TrainConfig(trainsize=352, progressive_size=96).smallest_input() == 64
     assert TrainConfig(trainsize=352, progressive_size=32).smallest_input() == 32  # its first epochs: fp32 run
     assert TrainConfig().amp is None and TrainConfig().channels_last is None  # unset unless given
     engine = Engine(TrainConfig(device="cpu", snapshot_root=str(tmp_path)), torch.nn.Conv2d(3, 4, 3))
-    assert (engine.amp, engine.channels_last) == (native, native)
-    assert engine.model.weight.is_contiguous(memory_format=torch.channels_last) == native
-    assert engine.images(torch.zeros(1, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last) == native
+    assert (engine.amp, engine.channels_last) == (native, True)
+    assert engine.model.weight.is_contiguous(memory_format=torch.channels_last)
+    assert engine.images(torch.zeros(1, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
+    nchw = TrainConfig(device="cpu", channels_last=False, snapshot_root=str(tmp_path))
+    engine = Engine(nchw, torch.nn.Conv2d(3, 4, 3))  # given: it wins
+    assert not engine.channels_last
+    assert not engine.images(torch.zeros(1, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
     # bf16 asked for where it is emulated (many times slower than fp32): said, and done as asked
     from Code.model_lung_infection import engine as engine_module
     monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: native)

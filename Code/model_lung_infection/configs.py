@@ -37,7 +37,7 @@ class RunConfig:
     clip: Optional[float] = None          # gradient clipping by value
     save_every: int = 10
     amp: Optional[bool] = None            # None: on for CUDA and CPUs with native bf16 (runtime.training_precision)
-    channels_last: Optional[bool] = None  # None: on for CPUs with native bf16
+    channels_last: Optional[bool] = None  # None: on for CPUs (runtime.training_precision)
     amp_dtype: Optional[str] = None       # bfloat16 | float16 (+ GradScaler); None: runtime.training_amp_dtype
     sync_bn: Optional[bool] = None        # SyncBatchNorm under DDP; None: on for CUDA DDP (engine.use_sync_bn)
     deterministic: bool = False           # deterministic kernels where they exist (runtime.set_deterministic)

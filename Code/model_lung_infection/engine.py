@@ -389,7 +389,7 @@ class Engine:
             budget = f"; {cfg.epoch_samples} samples per epoch" if cfg.epoch_samples else ""
             print(f"[train] {len(dataset)} samples{describe}{budget}; device {self.device}"
                   f"{' x' + str(ddp.world_size) if ddp.enabled else ''}{'; sync_bn' if self.sync_bn else ''}; "
-                  f"{self.precision}; "
+                  f"{self.precision}{', channels-last' if self.channels_last else ''}; "
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
         self.epoch = start_epoch
