@@ -1,5 +1,7 @@
 """CPU speed of Inf-Net (Res2Net-50): inference seconds per slice and training seconds per image.
 
+The training figures take another encoder with --backbone (e.g. mobilenetv2, cpu-hour-imagenet's).
+
 (a) inference at 352 x 352, batch 1, per slice: fp32 eager (the release's path), + channels-last,
     + fused Conv-BN (`prepare_for_inference`), + torch.compile (with --compile), and the same with
     bf16 autocast.
