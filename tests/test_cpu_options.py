@@ -111,6 +111,31 @@ def test_val_split_holds_slices_out_scores_them_and_writes_val_csv(tmp_path, mon
     assert [int(r["epoch"]) for r in _val_rows(cfg)] == [1, 2, 3]
 
 
+def test_val_size_scores_the_held_out_slices_at_that_size_not_trainsize(tmp_path, capsys):
+    """A run trained at 64 px and validated at 96 (the size it will be tested at): the held-out slices reach the
+    network at 96 px, val.csv holds their scores at 96, and the log says the size."""
+    cfg = script.config_from_args(script.parse_args(
+        ["--train_path", str(_slices(tmp_path / "data")), "--snapshot_root", str(tmp_path / "snap"),
+         "--train_save", "run", "--backbone", SMALL, "--epoch", "1", "--batchsize", "2", "--trainsize", "64",
+         "--multi_scale", "False", "--val_split", "2", "--val_size", "96", "--progress", "False"]))
+    assert cfg.val_size == 96
+    shapes = []
+    model = Inf_Net(backbone=SMALL)
+    model.register_forward_pre_hook(lambda mod, args: shapes.append((mod.training, tuple(args[0].shape[-2:]))))
+    model = train(cfg, model=model)
+    assert {shape for training, shape in shapes if training} == {(64, 64)}
+    assert {shape for training, shape in shapes if not training} == {(96, 96)}
+    assert "2 more held out for validation at 96 px" in capsys.readouterr().out
+    root = tmp_path / "data"
+    held = [(s, root / "Imgs" / f"{s}.jpg", root / "GT" / f"{s}.png") for s in cfg.val_stems]
+    row, scores = _val_rows(cfg)[-1], Validator(held, 96)(model, torch.device("cpu"))
+    assert float(row["val_mae"]) == pytest.approx(scores["mae"], abs=2e-6)
+    with pytest.raises(ValueError, match="val_size 96: the size held-out slices are scored at; hold some out"):
+        _cfg(tmp_path, val_size=96)
+    with pytest.raises(ValueError, match="val_size 16: must lie between"):
+        _cfg(tmp_path, val_split=2, val_size=16)
+
+
 def test_validator_scores_as_the_test_stage_thresholds_at_one_half(tmp_path):
     data = _slices(tmp_path / "d", n=2)
     samples = [(s, data / "Imgs" / f"{s}.jpg", data / "GT" / f"{s}.png") for s in ("s0", "s1")]
@@ -359,7 +384,7 @@ def test_pretrain_epochs_train_on_pretrain_path_then_on_train_path(tmp_path, mon
     assert set(epochs[2]) == set(epochs[3]) == train_stems
     # the log counts each source on its own (not the pretraining slices as --train_path's)
     out = capsys.readouterr().out
-    assert (f"10 samples (4 from {cfg.train_path[0]}, 2 more held out for validation; 6 in {pre}: epochs 1..2 "
+    assert (f"10 samples (4 from {cfg.train_path[0]}, 2 more held out for validation at 64 px; 6 in {pre}: epochs 1..2 "
             f"pretrain on 4 of them per epoch, the rest train on the 4)") in out
     assert ", channels-last; epochs 1..4" in out  # the layout the CPU trains in is said beside the precision
     saved = torch.load(cfg.checkpoint_path, weights_only=False)["config"]

@@ -285,6 +285,10 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
     """Opt-in options for training from random weights on a small budget (issue 16), MyTrain_LungInf.py's.
     Every default is the paper's recipe; each option is recorded in the run's config."""
     budget = add_validation_args(parser, defaults)
+    budget.add_argument("--val_size", type=positive_int, default=defaults.val_size, metavar="PX",
+                        help="score the held-out slices resized to PX (default: --trainsize); give the test stage's "
+                             "--testsize (352 unless given) to compare runs trained at different --trainsize as "
+                             "they will be tested")
     add_bool(budget, "--fit_budget", defaults.fit_budget,
              "with --time_budget: when the epochs so far show that --epoch will not fit the budget on this machine, "
              "shrink --epoch and, in proportion, --pretrain_epochs (and the step schedule's --decay_epoch), so that "

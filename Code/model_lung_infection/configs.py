@@ -187,6 +187,9 @@ class TrainConfig(RunConfig):
     pretrain_path: Optional[List[str]] = None  # slices the first pretrain_epochs train on (e.g. pseudo labels)
     pretrain_epochs: int = 0              # Semi-Inf-Net's two steps in one run: pretrain_path, then train_path
     pretrain_match_gray: bool = False     # map pretrain_path's gray levels onto the training slices' (histograms)
+    # the held-out slices' input side (None: trainsize): runs trained at different sizes compare at the one
+    # the test stage will use
+    val_size: Optional[int] = None
 
     # the fields that are constructor options of a model (the others' constructors take none)
     MODEL_OPTIONS: ClassVar[dict] = {"inf_net": ("backbone",) + INF_NET_COMPONENTS}
@@ -251,6 +254,10 @@ def check_train_options(cfg):
     if cfg.progressive_size is not None and not 32 <= cfg.progressive_size <= cfg.trainsize:
         problems.append(f"progressive_size {cfg.progressive_size}: must lie between 32 and trainsize "
                         f"({cfg.trainsize})")
+    problems += side_problems("val_size", cfg.val_size)
+    if cfg.val_size and not cfg.val_split:
+        problems.append(f"val_size {cfg.val_size}: the size held-out slices are scored at; hold some out with "
+                        f"--val_split N")
     if cfg.pretrain_epochs and not cfg.pretrain_path:
         problems.append(f"pretrain_epochs {cfg.pretrain_epochs}: give the slices to pretrain on (--pretrain_path)")
     if cfg.schedule == "cosine-phases" and not cfg.pretrain_epochs:
