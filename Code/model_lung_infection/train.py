@@ -137,10 +137,9 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     if dataset is None:
         with data_option("--train_path", "Imgs/ and GT/"):
             dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
-    validate = None
+    validate, val_size = None, cfg.val_size or cfg.trainsize
     if cfg.val_split:
-        dataset, validate = split_validation(
-            cfg, dataset, lambda held: Validator([s[:3] for s in held], cfg.val_size or cfg.trainsize))
+        dataset, validate = split_validation(cfg, dataset, lambda held: Validator([s[:3] for s in held], val_size))
     given = f"{len(dataset)} from {', '.join(map(str, cfg.train_path))}"
     dataset, sampler, pretrain = with_pretraining(cfg, dataset)
     if model is None:
@@ -150,8 +149,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     engine = Engine(cfg, model)
     optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
     scheduler = build_scheduler(cfg, optimizer)
-    held = (f", {len(validate)} more held out for validation at {cfg.val_size or cfg.trainsize} px"
-            if validate is not None else "")
+    held = f", {len(validate)} more held out for validation at {val_size} px" if validate is not None else ""
     return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg), validate=validate, sampler=sampler,
                       describe=f" ({given}{held}{pretrain}); scales {cfg.scales}{opt_in_summary(cfg)}")
 
