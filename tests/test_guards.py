@@ -335,6 +335,10 @@ def test_running_out_of_memory_is_one_line_saying_what_to_lower(data, tmp_path, 
     err, _ = _one_line_error(capsys, script.main, _options(data, tmp_path / "snap"))
     assert err == ("error: out of memory in epoch 1, batch 1 on cpu (CUDA out of memory): lower --batchsize or "
                    "--trainsize")
+    # the memory malloc keeps when asked to is the third thing to give up (not set here: it would last the suite)
+    monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: True)
+    err, _ = _one_line_error(capsys, script.main, _options(data, tmp_path / "snap2") + ["--keep_freed_memory"])
+    assert err.endswith("lower --batchsize or --trainsize (or give --keep_freed_memory False)")
 
 
 @pytest.mark.parametrize("extra, message", [

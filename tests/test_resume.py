@@ -122,7 +122,8 @@ def test_precision_and_gpu_options_may_change_on_resume(tmp_path):
     # A run started on a laptop in fp32 finishes on a GPU: --amp/--amp_dtype given reset the other one.
     from Code.model_lung_infection.checkpoint import atomic_save
     from Code.model_lung_infection.train import TrainConfig
-    saved = TrainConfig(train_path=["/data/x"], snapshot_root=str(tmp_path), amp=False, sync_bn=False)
+    saved = TrainConfig(train_path=["/data/x"], snapshot_root=str(tmp_path), amp=False, sync_bn=False,
+                        keep_freed_memory=True)
     atomic_save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "rng": {}, "config": saved.as_dict()},
                 saved.checkpoint_path)
     run = ["--resume", "--snapshot_root", str(tmp_path)]
@@ -131,6 +132,8 @@ def test_precision_and_gpu_options_may_change_on_resume(tmp_path):
         (None, "float16", True, True, ["/data/x"])
     cfg = script.config_from_args(script.parse_args(run))
     assert (cfg.amp, cfg.amp_dtype, cfg.sync_bn) == (False, None, False)  # not given: the run's own
+    assert cfg.keep_freed_memory  # the run's own, until a machine with less memory gives it up:
+    assert not script.config_from_args(script.parse_args(run + ["--keep_freed_memory", "False"])).keep_freed_memory
 
 
 def _script(*args, cwd=ROOT):

@@ -14,7 +14,13 @@ from slices import copy_doctor_slices
 from Code.model_lung_infection import Inf_Net, save_release_weights
 from Code.model_lung_infection.data import DataError, InfectionTrainSet, edge_from_mask, read_mask, read_rgb, resize
 from Code.model_lung_infection.infer import run_test
-from Code.model_lung_infection.losses import boundary_weight, inf_net_loss, segmentation_loss, structure_loss
+from Code.model_lung_infection.losses import (
+    boundary_weight,
+    box_mean,
+    inf_net_loss,
+    segmentation_loss,
+    structure_loss,
+)
 from Code.model_lung_infection.train import TrainConfig, scaled_size, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +50,27 @@ def test_weighted_bce_is_per_pixel_and_release_flag_is_plain_mean():
     torch.testing.assert_close(boundary_weight(mask)[0, 0], torch.from_numpy(w).float())
     assert structure_loss(logits, mask).item() == pytest.approx((w * bce).sum() / w.sum() + iou, rel=1e-5)
     assert structure_loss(logits, mask, release_bce=True).item() == pytest.approx(bce.mean() + iou, rel=1e-5)
+
+
+def test_box_mean_is_avg_pool_on_real_masks_at_training_sizes(data_root):
+    """The loss's 31x31 window mean (by cumulative sums) equals avg_pool2d's zero-padded mean: exactly (to
+    float32's rounding of the mean) on 0/1 masks, within 1e-6 on a mask resized for the 1.25 scale."""
+    import torch.nn.functional as F
+    gts = sorted((data_root / "TestingSet" / "LungInfection-Test" / "GT").glob("*.png"))[:3]
+    masks = [(torch.from_numpy(read_mask(str(g))) >= 128).float()[None, None] for g in gts]
+    mask = torch.cat([F.interpolate(m, size=(352, 352), mode="nearest") for m in masks])
+    assert 0 < mask.mean() < 0.5 and set(mask.unique().tolist()) == {0.0, 1.0}
+
+    def avg_pool(x, k):
+        return F.avg_pool2d(x.double(), k, stride=1, padding=k // 2, count_include_pad=True)
+
+    torch.testing.assert_close(box_mean(mask, 31).double(), avg_pool(mask, 31), rtol=0, atol=1e-7)
+    large = F.interpolate(mask, size=(448, 448), mode="bilinear", align_corners=True)  # fractions at edges
+    torch.testing.assert_close(box_mean(large, 31).double(), avg_pool(large, 31), rtol=0, atol=1e-6)
+    # any values, not square, k larger than a side: float32's rounding of the running sums (of up to 60 here)
+    odd = torch.rand(2, 3, 37, 20, generator=torch.Generator().manual_seed(0))
+    for k in (1, 3, 31):
+        torch.testing.assert_close(box_mean(odd, k).double(), avg_pool(odd, k), rtol=0, atol=1e-5)
 
 
 def _paper_seg_loss(z, g):

@@ -38,6 +38,7 @@ class RunConfig:
     save_every: int = 10
     amp: Optional[bool] = None            # None: on for CUDA and CPUs with native bf16 (runtime.training_precision)
     channels_last: Optional[bool] = None  # None: on for CPUs (runtime.training_precision)
+    keep_freed_memory: bool = False       # CPU: malloc keeps freed memory (runtime.keep_freed_memory)
     amp_dtype: Optional[str] = None       # bfloat16 | float16 (+ GradScaler); None: runtime.training_amp_dtype
     sync_bn: Optional[bool] = None        # SyncBatchNorm under DDP; None: on for CUDA DDP (engine.use_sync_bn)
     deterministic: bool = False           # deterministic kernels where they exist (runtime.set_deterministic)

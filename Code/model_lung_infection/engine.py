@@ -49,6 +49,7 @@ from .runtime import (
     Distributed,
     autocast,
     cpu_has_native_bf16,
+    keep_freed_memory,
     pick_device,
     rng_state,
     seed_everything,
@@ -63,7 +64,7 @@ from .runtime import (
 # precision too: a run started on a laptop's CPU may finish on a GPU, the resume line says what changed).
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epoch", "progress", "num_workers", "max_steps", "device",
                                "snapshot_root", "train_save", "time_budget", "val_every", "amp", "amp_dtype",
-                               "sync_bn", "deterministic"})
+                               "sync_bn", "deterministic", "keep_freed_memory"})
 # Given together: one given on resume resets the other to its default (--amp_dtype float16 means fp16 AMP).
 PRECISION_OPTIONS = ("amp", "amp_dtype")
 # Below this many samples per process, BatchNorm statistics of one GPU's share are noisy (without --sync_bn).
@@ -259,6 +260,7 @@ class Engine:
             set_deterministic()
         self.device = self.ddp.setup(pick_device(cfg.device))
         self.amp, self.channels_last, self.amp_dtype = self._precision()
+        self.keeps_freed_memory = self._keep_freed_memory()
         self.model = model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -284,6 +286,16 @@ class Engine:
         self.batch_index = 0  # the batch within the epoch (augment.batch_generator's seed)
         # fp16's narrow range needs loss scaling; bf16 has fp32's range and needs none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.amp_dtype == torch.float16)
+
+    def _keep_freed_memory(self):
+        """--keep_freed_memory: CPU training only (a GPU's activations are not malloc's), on glibc."""
+        if not self.cfg.keep_freed_memory or self.device.type != "cpu":
+            return False
+        if not keep_freed_memory():
+            warnings.warn("--keep_freed_memory: this C library is not glibc, whose malloc it tunes; ignored",
+                          stacklevel=2)
+            return False
+        return True
 
     def _precision(self):
         """(amp, channels_last, autocast dtype or None): --amp_dtype implies --amp."""
@@ -389,7 +401,8 @@ class Engine:
             budget = f"; {cfg.epoch_samples} samples per epoch" if cfg.epoch_samples else ""
             print(f"[train] {len(dataset)} samples{describe}{budget}; device {self.device}"
                   f"{' x' + str(ddp.world_size) if ddp.enabled else ''}{'; sync_bn' if self.sync_bn else ''}; "
-                  f"{self.precision}{', channels-last' if self.channels_last else ''}; "
+                  f"{self.precision}{', channels-last' if self.channels_last else ''}"
+                  f"{', malloc keeps freed memory' if self.keeps_freed_memory else ''}; "
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
         self.epoch = start_epoch
@@ -407,7 +420,8 @@ class Engine:
             if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
                 raise
             raise UserError(f"out of memory in epoch {self.epoch}, batch {self.batch_index + 1} on {self.device} "
-                            f"({str(e).split('.')[0]}): lower --batchsize or --trainsize") from e
+                            f"({str(e).split('.')[0]}): lower --batchsize or --trainsize"
+                            f"{' (or give --keep_freed_memory False)' if self.keeps_freed_memory else ''}") from e
         finally:
             if writer:
                 writer.close()

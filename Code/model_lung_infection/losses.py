@@ -12,10 +12,21 @@ import torch.nn.functional as F
 
 
 def boundary_weight(mask):
-    """1 + 5 |avgpool31(G) - G|. The 31x31 zero-padded mean is separable: two 1-D passes are ~5x faster."""
-    column_mean = F.avg_pool2d(mask, (31, 1), stride=1, padding=(15, 0))
-    local_mean = F.avg_pool2d(column_mean, (1, 31), stride=1, padding=(0, 15))
-    return 1 + 5 * torch.abs(local_mean - mask)
+    """1 + 5 |avgpool31(G) - G|, the 31x31 zero-padded mean (count_include_pad) by box sums."""
+    return 1 + 5 * torch.abs(box_mean(mask, 31) - mask)
+
+
+def box_mean(x, k):
+    """Mean over the zero-padded k x k window around each pixel of x (N, C, H, W), k odd: avg_pool2d's
+    value with stride 1 and padding k // 2, from differences of cumulative sums. The loss computes it at
+    every step on full-size masks: at 352 px, batch 24, on 2 CPU cores avg_pool2d (even as two 1-D passes)
+    took 86-159 ms, this 12-19 ms. A 0/1 mask's window sums are integers, exact in float32; other values
+    round as float32 running sums do (a resized mask at 448 px: within 1e-6 of the mean)."""
+    r = k // 2
+    rows = F.pad(x.float(), (r + 1, r, r + 1, r)).cumsum(-1)
+    rows = rows[..., k:] - rows[..., :-k]  # each pixel's sum over its k columns
+    sums = rows.cumsum(-2)
+    return ((sums[..., k:, :] - sums[..., :-k, :]) / (k * k)).to(x.dtype)
 
 
 def structure_loss(logits, mask, release_bce=False, weight=None):
