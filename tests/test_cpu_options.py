@@ -701,8 +701,10 @@ def test_steps_fault_in_fewer_pages_with_the_scripts_allocator_settings():
     """glibc unmaps every freed block above 32 MB, and each step faults its pages in again (57344 per step of
     4 KB pages here). The scripts back large blocks with huge pages (512x fewer faults); --keep_freed_memory
     reuses the heap's memory, once it has settled, without any."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}  # the scripts' own default
+
     def faults(mode):
-        run = subprocess.run([sys.executable, "-c", FRESH_PAGES, mode, ROOT], capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "-c", FRESH_PAGES, mode, ROOT], capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr
         return int(run.stdout.split()[-1])
     glibc = faults("glibc")
