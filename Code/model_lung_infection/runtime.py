@@ -1,7 +1,6 @@
 """Device, precision, seeding and distributed set-up shared by every stage."""
 import contextlib
 import ctypes
-import functools
 import os
 import platform
 import random
@@ -94,17 +93,6 @@ def autocast(device, enabled, dtype=None):
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 
-@functools.lru_cache(maxsize=None)
-def _glibc():
-    """The C library, where it is glibc (whose malloc the functions below tune); None elsewhere."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
 def keep_freed_memory():
     """Make glibc's malloc keep freed memory for the process to reuse; True where it did (glibc only).
 
@@ -115,8 +103,13 @@ def keep_freed_memory():
     18.3-18.9 s against 21.8-23.7 s with huge pages and 26.6-28.1 s with neither. But the heap fragments:
     over an hour of that training the process's peak reached 19.4 GB, against 11.8 GB for glibc's default
     (docs/results.md, "Memory the steps keep"). Opt-in (--keep_freed_memory); process-wide, and it lasts."""
-    libc = _glibc()
-    return bool(libc and libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def set_deterministic():
