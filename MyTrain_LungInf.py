@@ -14,7 +14,8 @@ Stages (--stage; the release's --is_pseudo / --is_semi select the same): data, r
 prefix, batch size, epochs and initial weights come from the preset; any of them given explicitly wins.
 --resume continues a run with the options it was started with (saved in its checkpoint.pth); an
 option given that differs is an error, except --epoch (extend a finished run) and runtime options
-(--device, --amp, --amp_dtype, --sync_bn, --deterministic, --num_workers, --progress).
+(--device, --amp, --amp_dtype, --sync_bn, --deterministic, --num_workers, --progress); --keep_freed_memory
+holds only for the session it is given in.
 Training from random weights on a CPU budget (opt-in; see the option groups below):
     python MyTrain_LungInf.py --recipe cpu-hour --train_save cpu-hour   # an hour: pseudo labels, then doctor labels
     # (its --fit_budget shrinks the epochs where this machine cannot train them all in the hour)
@@ -110,7 +111,9 @@ def config_from_args(a):
 
 
 def main(argv=None):
-    cfg = config_from_args(parse_args(argv))
+    a = parse_args(argv)
+    cli.choose_cpu_allocator(a.keep_freed_memory)  # before PyTorch allocates (a resume reads the run)
+    cfg = config_from_args(a)
     if not (cfg.init or cfg.resume):  # fine-tuned and resumed runs start from trained weights
         warn_random_weights(cfg.model, cfg.pretrained)
     from Code.model_lung_infection.train import train  # PyTorch: after the arguments are parsed

@@ -79,7 +79,9 @@ def config_from_args(a):
 
 
 def main(argv=None):
-    cfg = config_from_args(parse_args(argv))
+    a = parse_args(argv)
+    cli.choose_cpu_allocator(a.keep_freed_memory)  # before PyTorch allocates (a resume reads the run)
+    cfg = config_from_args(a)
     if not cfg.resume:
         warn_random_weights(ARCHS[cfg.arch], cfg.pretrained)
     from Code.model_lung_infection.multiclass.train import train  # PyTorch: after the arguments are parsed

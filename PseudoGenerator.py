@@ -72,7 +72,9 @@ def config_from_args(a):
 
 
 def main(argv=None):
-    cfg = config_from_args(parse_args(argv))
+    a = parse_args(argv)
+    cli.choose_cpu_allocator(a.keep_freed_memory)  # before PyTorch allocates (a resume reads the run)
+    cfg = config_from_args(a)
     from Code.model_lung_infection.pseudo import generate  # PyTorch: after the arguments are parsed
     return generate(cfg)
 

@@ -19,8 +19,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # above 32 MB, most of a training step's activations, and the next step faults its pages in again; in 2 MB pages
 # that is 512x fewer faults: a MobileNetV2 Inf-Net training step (batch 24, three scales, fp32, 2 cores) took
 # 21.8-23.7 s instead of 26.6-28.1 s, with the same peak memory (docs/results.md, "Memory the steps keep").
-# Read at the first large allocation; a value the user set is kept (0: off).
+# PyTorch reads it once, at its first CPU tensor; a value the user set is kept (0: off).
+THP_SET_BY_USER = "THP_MEM_ALLOC_ENABLE" in os.environ
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def choose_cpu_allocator(keep_freed_memory):
+    """Huge pages, or with --keep_freed_memory none: called by the training scripts after parsing and before
+    PyTorch allocates its first tensor. Huge pages align every large block to 2 MB, and in a heap that is never
+    trimmed the alignment gaps add up, for no faster step: the fp32 hour of --recipe cpu-hour-imagenet with both
+    held 20.5 GB after 7 minutes, with kept memory alone 15.1-15.9 GB. A value the user set wins."""
+    if keep_freed_memory and not THP_SET_BY_USER:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
 
 # What a user can fix: printed as one line, not a traceback (run_main).
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
@@ -207,8 +217,9 @@ def add_training_runtime_args(group):
                             "natively, float16 with a GradScaler on older GPUs; float16 runs on CPUs too")
     add_bool(group, "--keep_freed_memory", False, "CPU training on glibc (Linux): malloc keeps the memory a step "
                                                   "frees for the next instead of giving it back to the kernel: "
-                                                  "steps 16-20%% faster than with huge pages alone, peak memory up "
-                                                  "to 1.6x (fragments)")
+                                                  "steps 16-20%% faster than with huge pages (which it turns off), "
+                                                  "peak memory up to 1.6x (fragments); for this session only: a "
+                                                  "resumed run does not inherit it")
     add_bool(group, "--deterministic", False, "deterministic CUDA kernels where PyTorch has them (cuDNN, cuBLAS); "
                                               "bilinear upsampling's backward has none, so CUDA runs stay approximate")
 

@@ -49,6 +49,7 @@ from .runtime import (
     Distributed,
     autocast,
     cpu_has_native_bf16,
+    huge_pages_asked,
     keep_freed_memory,
     pick_device,
     rng_state,
@@ -65,6 +66,9 @@ from .runtime import (
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epoch", "progress", "num_workers", "max_steps", "device",
                                "snapshot_root", "train_save", "time_budget", "val_every", "amp", "amp_dtype",
                                "sync_bn", "deterministic", "keep_freed_memory"})
+# Given for the session they hold in, never taken from the saved run: what the machine's memory allows, and the
+# scripts choose the allocator from the command line before PyTorch allocates anything (cli.choose_cpu_allocator).
+SESSION_OPTIONS = frozenset({"keep_freed_memory"})
 # Given together: one given on resume resets the other to its default (--amp_dtype float16 means fp16 AMP).
 PRECISION_OPTIONS = ("amp", "amp_dtype")
 # Below this many samples per process, BatchNorm statistics of one GPU's share are noisy (without --sync_bn).
@@ -166,7 +170,7 @@ def restore_config(config_class, path, given):
             raise UserError(f"--{name} {_show(value)} differs from {_show(started_with[name])}, which the run in "
                             f"{path} was started with: drop --{name} to continue that run, or start a new one "
                             f"(another --train_save, or --overwrite)")
-    values = {k: _as_field(fields[k], v) for k, v in saved.items() if k in fields}
+    values = {k: _as_field(fields[k], v) for k, v in saved.items() if k in fields and k not in SESSION_OPTIONS}
     if any(k in given for k in PRECISION_OPTIONS):
         values.update({k: None for k in PRECISION_OPTIONS if k in fields})
     values.update({k: v for k, v in given.items() if k in RESUMABLE_CHANGES and k in fields})
@@ -181,7 +185,8 @@ def resume_options(config_class, path, given):
     the `given` ones over them, so that checks across options see the run's, not the defaults (restore_config
     then compares the given ones with the run's)."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
-    saved = {k: _as_field(fields[k], v) for k, v in _saved_config(path).items() if k in fields}
+    saved = {k: _as_field(fields[k], v) for k, v in _saved_config(path).items()
+             if k in fields and k not in SESSION_OPTIONS}
     return {**saved, **given, "resume": True}
 
 
@@ -402,7 +407,8 @@ class Engine:
             print(f"[train] {len(dataset)} samples{describe}{budget}; device {self.device}"
                   f"{' x' + str(ddp.world_size) if ddp.enabled else ''}{'; sync_bn' if self.sync_bn else ''}; "
                   f"{self.precision}{', channels-last' if self.channels_last else ''}"
-                  f"{', malloc keeps freed memory' if self.keeps_freed_memory else ''}; "
+                  f"{', malloc keeps freed memory' if self.keeps_freed_memory else ''}"
+                  f"{', huge pages' if self.device.type == 'cpu' and huge_pages_asked() else ''}; "
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
         self.epoch = start_epoch

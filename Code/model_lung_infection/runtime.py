@@ -112,6 +112,12 @@ def keep_freed_memory():
     return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
+def huge_pages_asked():
+    """Whether PyTorch was told to back large CPU blocks with huge pages (the scripts' default, cli.py); it reads
+    THP_MEM_ALLOC_ENABLE at its first tensor, which the scripts set before."""
+    return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+
+
 def set_deterministic():
     """Deterministic kernels where PyTorch has them (--deterministic): cuDNN's, cuBLAS with a fixed
     workspace. The backward of bilinear interpolation and adaptive pooling has no deterministic CUDA
