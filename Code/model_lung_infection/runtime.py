@@ -102,7 +102,8 @@ def keep_freed_memory():
     faults at all: a MobileNetV2 Inf-Net step (batch 24, three scales, fp32) on a 2-core CPU took
     18.3-18.9 s against 21.8-23.7 s with huge pages and 26.6-28.1 s with neither. But the heap fragments:
     over an hour of that training the process's peak reached 19.4 GB, against 11.8 GB for glibc's default
-    (docs/results.md, "Memory the steps keep"). Opt-in (--keep_freed_memory); process-wide, and it lasts."""
+    (docs/results.md, "Memory the steps keep"). Opt-in (--keep_freed_memory); process-wide, and it lasts.
+    The scripts turn huge pages off with it (cli.choose_cpu_allocator): their 2 MB alignment fragments it more."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
