@@ -30,6 +30,7 @@ from Code.model_lung_infection.configs import TrainConfig
 from Code.model_lung_infection.data import IMAGENET_MEAN, IMAGENET_STD, InfectionTrainSet
 from Code.model_lung_infection.engine import fit_schedule
 from Code.model_lung_infection.errors import UserError
+from Code.model_lung_infection.runtime import training_precision
 from Code.model_lung_infection.train import build_scheduler, train
 from Code.model_lung_infection.validation import Validator, dice, hold_out
 
@@ -133,12 +134,39 @@ def test_val_size_scores_the_held_out_slices_at_that_size_not_trainsize(tmp_path
     assert "2 more held out for validation at 96 px" in capsys.readouterr().out
     root = tmp_path / "data"
     held = [(s, root / "Imgs" / f"{s}.jpg", root / "GT" / f"{s}.png") for s in cfg.val_stems]
-    row, scores = _val_rows(cfg)[-1], Validator(held, 96)(model, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    amp = training_precision(cpu, cfg.amp, cfg.channels_last, cfg.smallest_input())[0]  # bf16 on CPUs with it
+    row, scores = _val_rows(cfg)[-1], Validator(held, 96)(model, cpu, amp)
     assert float(row["val_mae"]) == pytest.approx(scores["mae"], abs=2e-6)
     with pytest.raises(ValueError, match="val_size 96: the size held-out slices are scored at; hold some out"):
         _cfg(tmp_path, val_size=96)
     with pytest.raises(ValueError, match="val_size 16: must lie between"):
         _cfg(tmp_path, val_split=2, val_size=16)
+
+
+def test_validation_defaults_to_the_test_stage_size_and_older_runs_keep_trainsize(tmp_path):
+    """Without --val_size the held-out slices are scored at 352 px, the test stage's size, whatever --trainsize;
+    the size is recorded, and a run started before this default (its config says None) resumes at trainsize."""
+    def sizes_seen(cfg):
+        shapes = []
+        model = Inf_Net(backbone=SMALL)
+        model.register_forward_pre_hook(lambda mod, args: shapes.append((mod.training, tuple(args[0].shape[-2:]))))
+        train(cfg, model=model)
+        return {shape for training, shape in shapes if not training}
+
+    cfg = _cfg(tmp_path, epoch=1, val_split=2)
+    assert sizes_seen(cfg) == {(352, 352)}
+    checkpoint = torch.load(cfg.checkpoint_path, weights_only=False)
+    assert checkpoint["config"]["val_size"] == 352
+    resume = ["--resume", "--train_save", "run", "--snapshot_root", cfg.snapshot_root, "--epoch", "2"]
+    resumed = script.config_from_args(script.parse_args(resume))
+    assert resumed.val_size == 352
+
+    checkpoint["config"]["val_size"] = None  # as a run started before the default saved it
+    torch.save(checkpoint, cfg.checkpoint_path)
+    older = script.config_from_args(script.parse_args(resume))
+    assert sizes_seen(older) == {(64, 64)}
+    assert [int(r["epoch"]) for r in _val_rows(cfg)] == [1, 2]
 
 
 def test_validator_scores_as_the_test_stage_thresholds_at_one_half(tmp_path):
@@ -389,8 +417,8 @@ def test_pretrain_epochs_train_on_pretrain_path_then_on_train_path(tmp_path, mon
     assert set(epochs[2]) == set(epochs[3]) == train_stems
     # the log counts each source on its own (not the pretraining slices as --train_path's)
     out = capsys.readouterr().out
-    assert (f"10 samples (4 from {cfg.train_path[0]}, 2 more held out for validation at 64 px; 6 in {pre}: epochs 1..2 "
-            f"pretrain on 4 of them per epoch, the rest train on the 4)") in out
+    assert (f"10 samples (4 from {cfg.train_path[0]}, 2 more held out for validation at 352 px; 6 in {pre}: "
+            f"epochs 1..2 pretrain on 4 of them per epoch, the rest train on the 4)") in out
     # the layout the CPU trains in is said beside the precision, then the allocator (the environment's)
     assert re.search(r", channels-last(, huge pages)?; epochs 1\.\.4", out)
     saved = torch.load(cfg.checkpoint_path, weights_only=False)["config"]

@@ -322,7 +322,8 @@ def test_num_workers_and_pin_memory_reach_the_loader(test_slices, tmp_path, monk
 
 def test_batches_side_by_side_give_the_same_maps(test_slices, tmp_path, monkeypatch):
     """On a CPU with two or more threads the test stage computes two batches at once, each on half the threads
-    (infer.default_streams): the maps are those of one batch at a time, and the thread count is restored."""
+    (infer.default_streams): the maps are those of one batch at a time (to one gray level in bf16), and the thread
+    count is restored."""
     import Code.model_lung_infection.infer as infer
     data, _ = test_slices(3)
     weights = tmp_path / "w.pth"
@@ -342,7 +343,11 @@ def test_batches_side_by_side_give_the_same_maps(test_slices, tmp_path, monkeypa
     assert used == [2, 1]
     two, one = read_maps(tmp_path / "two"), read_maps(tmp_path / "one")
     assert len(two) == 3 and two.keys() == one.keys()
-    assert all(np.array_equal(two[k], one[k]) for k in one)
+    for k in one:
+        # Identical in fp32. In bf16 (the default on CPUs with native bf16) oneDNN's kernels depend on the thread
+        # count: a few pixels in 10^5 differ by one gray level.
+        apart = np.abs(two[k].astype(int) - one[k])
+        assert apart.max() <= 1 and (apart > 0).mean() < 1e-3, k
 
 
 def test_slices_are_decoded_while_the_model_loads(test_slices, tmp_path, monkeypatch):

@@ -309,9 +309,9 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
     Every default is the paper's recipe; each option is recorded in the run's config."""
     budget = add_validation_args(parser, defaults)
     budget.add_argument("--val_size", type=positive_int, default=defaults.val_size, metavar="PX",
-                        help="score the held-out slices resized to PX (default: --trainsize); give the size the "
-                             "test stage resizes to (352 unless MyTest_LungInf.py is told otherwise) to compare runs "
-                             "trained at different --trainsize as they will be tested")
+                        help="score the held-out slices resized to PX (default: 352, the size the test stage resizes "
+                             "to unless MyTest_LungInf.py is told otherwise, so that runs trained at different "
+                             "--trainsize compare as they will be tested; a run keeps its size on resume)")
     add_bool(budget, "--fit_budget", defaults.fit_budget,
              "with --time_budget: when the epochs so far show that --epoch will not fit the budget on this machine, "
              "shrink --epoch and, in proportion, --pretrain_epochs (and the step schedule's --decay_epoch), so that "

@@ -153,6 +153,7 @@ def backbone_problems(name, option="backbone"):
 
 
 SCALES = (0.75, 1.0, 1.25)
+TEST_SIZE = 352  # the side the test stage resizes slices to (the paper's; TestConfig.testsize)
 
 
 def scaled_size(trainsize, rate):
@@ -188,8 +189,8 @@ class TrainConfig(RunConfig):
     pretrain_path: Optional[List[str]] = None  # slices the first pretrain_epochs train on (e.g. pseudo labels)
     pretrain_epochs: int = 0              # Semi-Inf-Net's two steps in one run: pretrain_path, then train_path
     pretrain_match_gray: bool = False     # map pretrain_path's gray levels onto the training slices' (histograms)
-    # the held-out slices' input side (None: trainsize): runs trained at different sizes compare at the one
-    # the test stage will use
+    # the held-out slices' input side (None: TEST_SIZE, the test stage's, so that validation scores the model
+    # as it will be tested and runs trained at different sizes compare; train() records the size it used)
     val_size: Optional[int] = None
 
     # the fields that are constructor options of a model (the others' constructors take none)
@@ -434,7 +435,7 @@ class TestConfig:
     pth_path: Optional[str] = "Snapshots/save_weights/Inf-Net/Inf-Net-100.pth"
     data_path: str = "Dataset/TestingSet/LungInfection-Test"
     save_path: Optional[str] = None  # slices: Results/Lung infection segmentation/<model>; volumes: Results/Volumes
-    testsize: int = 352
+    testsize: int = TEST_SIZE
     batchsize: int = 8                    # slices per forward pass (all are resized to testsize)
     backbone: Optional[str] = None        # encoder of release-format weights
     device: str = "auto"

@@ -152,7 +152,8 @@ def default_streams(device, batches):
     """How many batches the prediction loop computes side by side (`side_by_side`): two on a CPU with two or more
     threads when there are two or more batches, else one. On few cores, two batches each on half the threads
     beat one batch on all of them: 48 test slices 2-10% less network time on 2 cores (two measurements,
-    docs/results.md), the same maps."""
+    docs/results.md), the same maps (in bf16 a few pixels in 10^5 one gray level apart: oneDNN's bf16 kernels
+    depend on the thread count)."""
     return 2 if torch.device(device).type == "cpu" and torch.get_num_threads() >= 2 and batches >= 2 else 1
 
 

@@ -26,6 +26,7 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     PSEUDO_LABEL,
     SCALES,
     STAGES,
+    TEST_SIZE,
     Stage,
     TrainConfig,
     scaled_size,
@@ -137,9 +138,14 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     if dataset is None:
         with data_option("--train_path", "Imgs/ and GT/"):
             dataset = InfectionTrainSet(cfg.train_path, cfg.trainsize)
-    validate, val_size = None, cfg.val_size or cfg.trainsize
+    validate = None
     if cfg.val_split:
-        dataset, validate = split_validation(cfg, dataset, lambda held: Validator([s[:3] for s in held], val_size))
+        if cfg.val_size is None:
+            # Recorded in the config (and so kept on resume). Runs started before the default became the test
+            # stage's size saved None and validated at trainsize; resumed, they go on doing so.
+            cfg.val_size = cfg.trainsize if cfg.resume else TEST_SIZE
+        dataset, validate = split_validation(cfg, dataset,
+                                             lambda held: Validator([s[:3] for s in held], cfg.val_size))
     given = f"{len(dataset)} from {', '.join(map(str, cfg.train_path))}"
     dataset, sampler, pretrain = with_pretraining(cfg, dataset)
     if model is None:
@@ -149,7 +155,7 @@ def train(cfg: TrainConfig, model=None, dataset=None):
     engine = Engine(cfg, model)
     optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
     scheduler = build_scheduler(cfg, optimizer)
-    held = f", {len(validate)} more held out for validation at {val_size} px" if validate is not None else ""
+    held = f", {len(validate)} more held out for validation at {cfg.val_size} px" if validate is not None else ""
     return engine.fit(dataset, optimizer, scheduler, multi_scale_step(cfg), validate=validate, sampler=sampler,
                       describe=f" ({given}{held}{pretrain}); scales {cfg.scales}{opt_in_summary(cfg)}")
 
