@@ -5,7 +5,7 @@ import os
 import sys
 import warnings
 
-from .configs import LR_SCHEDULES, MAX_SEED, is_path_component
+from .configs import LR_SCHEDULES, MAX_SEED, TEST_SIZE, is_path_component
 from .errors import UserError
 
 # OpenMP threads that sleep when idle. With libgomp's default they first spin, and on a CPU shared with another
@@ -309,9 +309,9 @@ def add_cpu_budget_args(parser, defaults, recipes=()):
     Every default is the paper's recipe; each option is recorded in the run's config."""
     budget = add_validation_args(parser, defaults)
     budget.add_argument("--val_size", type=positive_int, default=defaults.val_size, metavar="PX",
-                        help="score the held-out slices resized to PX (default: 352, the size the test stage resizes "
-                             "to unless MyTest_LungInf.py is told otherwise, so that runs trained at different "
-                             "--trainsize compare as they will be tested; a run keeps its size on resume)")
+                        help=f"score the held-out slices resized to PX (default: {TEST_SIZE}, the size the test stage "
+                             "resizes to unless MyTest_LungInf.py is told otherwise, so that runs trained at "
+                             "different --trainsize compare as they will be tested; a run keeps its size on resume)")
     add_bool(budget, "--fit_budget", defaults.fit_budget,
              "with --time_budget: when the epochs so far show that --epoch will not fit the budget on this machine, "
              "shrink --epoch and, in proportion, --pretrain_epochs (and the step schedule's --decay_epoch), so that "
