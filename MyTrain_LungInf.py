@@ -59,6 +59,11 @@ def build_parser():
                    "package: requirements-imagenet.txt); without it the encoder starts from random weights")
     p.add_argument("--init", default=None,
                    help="start from these Inf-Net weights (fine-tuning); --stage semi defaults to step (i)'s")
+    p.add_argument("--freeze_encoder", type=int, choices=(2, 4, 8, 16, 32), default=None, metavar="STRIDE",
+                   help="keep the encoder's weights as --pretrained or --init gave them, from its input up to its "
+                        "feature at STRIDE (2, 4, 8, 16 or 32; 4: the layers before the edge branch's feature): "
+                        "their backward is skipped, a faster step; their BatchNorm still follows each batch. "
+                        "Default: the whole network trains, as in the paper")
     cli.add_train_args(p, d, from_preset=("train_save", "epoch", "batchsize"))
     g = p.add_argument_group("Inf-Net components (Table IV ablations; --no-<name> switches one off, "
                              "see Code/model_lung_infection/inf_net.py)")

@@ -28,6 +28,7 @@ from Code.model_lung_infection import engine as engine_module
 from Code.model_lung_infection.augment import augment_batch, batch_generator
 from Code.model_lung_infection.configs import TrainConfig
 from Code.model_lung_infection.data import IMAGENET_MEAN, IMAGENET_STD, InfectionTrainSet
+from Code.model_lung_infection.encoders import create_encoder, freeze_encoder_to
 from Code.model_lung_infection.engine import fit_schedule
 from Code.model_lung_infection.errors import UserError
 from Code.model_lung_infection.runtime import training_precision
@@ -500,8 +501,11 @@ def test_pretrain_match_gray_maps_the_pretraining_slices_only(tmp_path):
 def test_resume_is_exact_with_every_option_on(tmp_path):
     # epoch 1 pretrains, epoch 2 trains: the resume crosses the switch
     pre = write_synthetic_slices(tmp_path / "pre", 4, 96, prefix="p")
+    weights = tmp_path / "encoder.pth"
+    torch.save(create_encoder(SMALL).state_dict(), weights)
     opts = dict(augment=True, schedule="cosine", warmup_epochs=1, ema=0.9, progressive_size=64, trainsize=96,
-                val_split=2, epoch_samples=2, pretrain_path=str(pre), pretrain_epochs=1)
+                val_split=2, epoch_samples=2, pretrain_path=str(pre), pretrain_epochs=1, pretrained=str(weights),
+                freeze_encoder=8)
     full = train(_cfg(tmp_path, train_save="full", epoch=2, **opts))
     train(_cfg(tmp_path, train_save="split", epoch=1, **opts))
     resumed = train(_cfg(tmp_path, train_save="split", epoch=2, resume=True, **opts))
@@ -546,6 +550,52 @@ def test_ctrl_c_and_resume_by_run_name_is_exact_with_augment_and_ema(tmp_path, m
         assert all(torch.equal(full[k], resumed[k]) for k in full), name
 
 
+# ---------------------------------------------------------------- fixed encoder layers (--freeze_encoder)
+
+def test_freeze_encoder_fixes_the_layers_up_to_the_stride_and_trains_the_rest(tmp_path, capsys):
+    weights = tmp_path / "encoder.pth"
+    torch.save(create_encoder(SMALL).state_dict(), weights)
+    start = {k: v.clone() for k, v in Inf_Net(backbone=SMALL, pretrained=str(weights)).state_dict().items()}
+    model = train(_cfg(tmp_path, pretrained=str(weights), freeze_encoder=4, epoch=2))
+    assert "freeze_encoder 4" in capsys.readouterr().out  # the run's first line says so
+    end = model.state_dict()
+    # ResNet's layers up to stride 4: the stem and layer1; their weights and affine BatchNorm stay as loaded
+    fixed = [k for k in start if k.startswith(("resnet.conv1.", "resnet.bn1.", "resnet.layer1."))]
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert fixed and all(torch.equal(start[k], end[k]) for k in fixed if not k.endswith(stats))
+    # ... while their BatchNorm still follows the batches, and everything after trains
+    assert not torch.equal(start["resnet.bn1.running_mean"], end["resnet.bn1.running_mean"])
+    for k in ("resnet.layer2.0.conv1.weight", "resnet.layer4.1.conv2.weight", "edge_conv1.conv.weight",
+              "ra2_conv4.conv.weight"):
+        assert not torch.equal(start[k], end[k]), k
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == \
+        [k for k in fixed if not k.endswith(stats)]
+
+
+def test_freeze_encoder_takes_each_encoders_own_layers_and_names_the_strides_it_has():
+    for name, stride, last in (("mobilenetv2", 4, "blocks.1."), ("res2net50_v1b_26w_4s", 4, "layer1."),
+                               ("mobilenetv2", 32, "blocks.6.")):
+        encoder = create_encoder(name)
+        trained = [n for n, p in encoder.named_parameters() if p.requires_grad]  # (Res2Net's fc never trains)
+        fixed = freeze_encoder_to(encoder, stride)
+        frozen = [n for n in trained if not encoder.get_parameter(n).requires_grad]
+        # a prefix of the layers in the order they run, ending with the tap's module
+        assert frozen == trained[:len(frozen)] and frozen[-1].startswith(last), name
+        assert fixed == sum(encoder.get_parameter(n).numel() for n in frozen)
+    with pytest.raises(UserError, match="strides \\[2, 4, 8, 16, 32\\] only"):
+        freeze_encoder_to(create_encoder("mobilenetv2"), 64)
+
+
+def test_freeze_encoder_needs_weights_worth_keeping(tmp_path, capsys):
+    with pytest.raises(UserError, match="randomly initialised"):
+        TrainConfig(freeze_encoder=4)
+    assert TrainConfig(freeze_encoder=4, pretrained="imagenet").freeze_encoder == 4
+    assert TrainConfig(freeze_encoder=4, init="semi.pth").freeze_encoder == 4
+    cfg = script.config_from_args(script.parse_args(["--recipe", "cpu-hour-imagenet", "--freeze_encoder", "4"]))
+    assert (cfg.freeze_encoder, cfg.as_dict()["freeze_encoder"]) == (4, 4)  # recorded: a resume keeps it
+    assert TrainConfig().freeze_encoder is None  # the paper trains the whole network
+
+
 # ---------------------------------------------------------------- CLI and recipes
 
 def test_options_reach_the_config_and_checkpoint_config():
@@ -559,7 +609,8 @@ def test_options_reach_the_config_and_checkpoint_config():
 
 
 @pytest.mark.parametrize("bad", [["--ema", "1"], ["--ema", "0"], ["--schedule", "linear"], ["--recipe", "nope"],
-                                 ["--val_split", "-1"], ["--time_budget", "0"]])
+                                 ["--val_split", "-1"], ["--time_budget", "0"],
+                                 ["--freeze_encoder", "3"]])
 def test_bad_values_are_one_line_errors(bad, capsys):
     with pytest.raises(SystemExit) as stop:
         script.parse_args(bad)

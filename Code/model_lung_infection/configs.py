@@ -168,6 +168,7 @@ class TrainConfig(RunConfig):
     backbone: str = "res2net50_v1b_26w_4s"
     pretrained: Optional[str] = None      # ImageNet weights of the encoder, from disk
     init: Optional[str] = None            # start from these Inf-Net weights (fine-tuning)
+    freeze_encoder: Optional[int] = None  # fix the encoder's weights up to its feature at this stride
     lr: float = 1e-4
     trainsize: int = 352
     scales: tuple = SCALES
@@ -247,6 +248,13 @@ def check_train_options(cfg):
     problems = run_option_problems(cfg)
     if cfg.model == "inf_net":
         problems += backbone_problems(cfg.backbone)
+    if cfg.freeze_encoder is not None:
+        if cfg.model != "inf_net":
+            problems.append(f"freeze_encoder {cfg.freeze_encoder}: fixes Inf-Net's encoder; model '{cfg.model}' "
+                            f"has none")
+        elif not (cfg.pretrained or cfg.init):
+            problems.append(f"freeze_encoder {cfg.freeze_encoder}: would fix randomly initialised filters; give "
+                            f"--pretrained imagenet (or a file), or --init with trained Inf-Net weights")
     if cfg.recipe not in TRAIN_RECIPES:
         problems.append(f"recipe '{cfg.recipe}': choose one of {', '.join(TRAIN_RECIPES)}")
     if cfg.schedule not in LR_SCHEDULES:

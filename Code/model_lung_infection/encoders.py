@@ -155,6 +155,31 @@ def feature_taps(model):
     return indices, [info[i]["num_chs"] for i in indices]
 
 
+def freeze_encoder_to(model, stride):
+    """Fix the weights of `model`'s layers from its input up to its feature at `stride` (the deepest module
+    feature_info names there, as feature_taps); returns the number of parameters fixed.
+
+    Autograd then skips those layers' backward altogether (their input needs no gradient either): the layers
+    before stride 4 run at the largest sides, so in MobileNetV2 they are about a quarter of a training step.
+    Their BatchNorm layers still normalise with each batch's statistics and keep updating their running
+    averages, so the fixed filters see CT's gray levels rather than ImageNet's. The layers are found in
+    registration order, which in these CNNs (timm's, res2net.py) is the order they run in."""
+    info = model.feature_info
+    taps = [f["module"] for f in info if f["reduction"] == stride]
+    if not taps:
+        raise OptionError(f"freeze_encoder {stride}: the encoder {type(model).__name__} has features at strides "
+                          f"{sorted({f['reduction'] for f in info})} only; give one of them")
+    tap = taps[-1]
+    modules = list(model.named_modules())
+    last = max(i for i, (name, _) in enumerate(modules) if name == tap or name.startswith(tap + "."))
+    fixed = 0
+    for _, module in modules[:last + 1]:
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
+            fixed += p.numel()
+    return fixed
+
+
 # ---- ImageNet weights -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

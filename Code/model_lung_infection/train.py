@@ -33,7 +33,7 @@ from .configs import (  # noqa: F401 -- the recipe's options, defined with every
     stage_config,
 )
 from .data import DataError, InfectionTrainSet, data_option, gray_matching_lut
-from .encoders import check_encoder
+from .encoders import check_encoder, freeze_encoder_to
 from .engine import Engine, PretrainSampler, check_run_folder
 from .errors import OptionError
 from .losses import segmentation_loss
@@ -152,6 +152,8 @@ def train(cfg: TrainConfig, model=None, dataset=None):
         model = build_model(cfg)
     if cfg.init and not cfg.resume:  # a resumed run takes its weights from checkpoint.pth
         load_init(model, cfg)
+    if cfg.freeze_encoder:  # before Engine: DDP hooks only the parameters that train
+        freeze_encoder_to(model.resnet, cfg.freeze_encoder)
     engine = Engine(cfg, model)
     optimizer = torch.optim.Adam(engine.model.parameters(), cfg.lr)
     scheduler = build_scheduler(cfg, optimizer)
@@ -205,6 +207,7 @@ def opt_in_summary(cfg):
             "schedule": cfg.schedule if cfg.schedule != "step" else None, "warmup_epochs": cfg.warmup_epochs or None,
             "progressive_size": cfg.progressive_size, "ema": cfg.ema, "time_budget": cfg.time_budget,
             "fit_budget": cfg.fit_budget or None,
-            "pretrain_epochs": cfg.pretrain_epochs or None}
+            "pretrain_epochs": cfg.pretrain_epochs or None,
+            "freeze_encoder": cfg.freeze_encoder}
     shown = [k if v is True else f"{k} {v}" for k, v in used.items() if v is not None]
     return f"; {', '.join(shown)}" if shown else ""
