@@ -586,7 +586,7 @@ def test_freeze_encoder_takes_each_encoders_own_layers_and_names_the_strides_it_
         freeze_encoder_to(create_encoder("mobilenetv2"), 64)
 
 
-def test_freeze_encoder_needs_weights_worth_keeping(tmp_path, capsys):
+def test_freeze_encoder_needs_weights_worth_keeping():
     with pytest.raises(UserError, match="randomly initialised"):
         TrainConfig(freeze_encoder=4)
     assert TrainConfig(freeze_encoder=4, pretrained="imagenet").freeze_encoder == 4
