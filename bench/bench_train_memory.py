@@ -9,7 +9,9 @@ the machine has fails with a message instead of waking the kernel's OOM killer. 
 malloc as torch leaves it, "huge pages" as the scripts set it (cli.py), "kept memory" as
 --keep_freed_memory sets it (runtime.keep_freed_memory: later steps reuse what earlier ones freed, so
 time them over a few --steps). --freeze_encoder 0 4 runs each variant with the whole network training and
-with the encoder fixed up to stride 4 (train.py's --freeze_encoder), side by side.
+with the encoder fixed up to stride 4 (train.py's --freeze_encoder), side by side. --edge_resize fused separate
+compares the edge features' three resizes in one autograd node (layers.resize_to_each, what the model does)
+with three separate interpolations (as released).
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_train_memory.py --size 448 --batchsize 24
     python bench/bench_train_memory.py --size 128 --batchsize 2 --variants fp32 "bf16 + channels_last"
@@ -18,6 +20,8 @@ with the encoder fixed up to stride 4 (train.py's --freeze_encoder), side by sid
         "fp32 + channels_last + kept memory"
     OMP_WAIT_POLICY=PASSIVE python bench/bench_train_memory.py --size 352 --batchsize 24 --backbone mobilenetv2 \
         --steps 2 --variants "fp32 + channels_last + huge pages" --freeze_encoder 0 4
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_train_memory.py --size 352 --batchsize 24 --backbone mobilenetv2 \
+        --steps 2 --variants "fp32 + channels_last + huge pages" --edge_resize separate fused
 """
 import argparse
 import json
@@ -54,11 +58,15 @@ def child(a):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench_infnet import make_model, train_step
 
+    from Code.model_lung_infection import inf_net, layers
     from Code.model_lung_infection.encoders import freeze_encoder_to
     from Code.model_lung_infection.runtime import keep_freed_memory
     from Code.model_lung_infection.train import SCALES
     if a.threads:
         torch.set_num_threads(a.threads)
+    edge_resize = a.edge_resize[0]
+    if edge_resize == "separate":
+        inf_net.resize_to_each = lambda x, refs: [layers.upsample_to(x, r) for r in refs]
     if allocator == "kept memory" and not keep_freed_memory():
         raise SystemExit("keep_freed_memory: not applied here (glibc's malloc only)")
     gen = torch.Generator().manual_seed(0)
@@ -79,19 +87,21 @@ def child(a):
         train_step(model, optimizer, images, gts, edges, SCALES, amp, channels_last)
         if i:
             times.append(time.perf_counter() - start)
-    print(json.dumps({"variant": a.child, "freeze": a.freeze, "model_gb": before, "peak_gb": peak_gb(),
-                      "step_s": min(times), "median_s": sorted(times)[len(times) // 2]}))
+    print(json.dumps({"variant": a.child, "freeze": a.freeze, "edge_resize": edge_resize, "model_gb": before,
+                      "peak_gb": peak_gb(), "step_s": min(times), "median_s": sorted(times)[len(times) // 2]}))
 
 
-def run_variant(name, freeze, a):
+def run_variant(name, freeze, edge_resize, a):
     cmd = [sys.executable, __file__, "--child", name, "--size", str(a.size), "--batchsize", str(a.batchsize),
-           "--steps", str(a.steps), "--limit_gb", str(a.limit_gb), "--backbone", a.backbone, "--freeze", str(freeze)]
+           "--steps", str(a.steps), "--limit_gb", str(a.limit_gb), "--backbone", a.backbone, "--freeze", str(freeze),
+           "--edge_resize", edge_resize]
     cmd += ["--threads", str(a.threads)] if a.threads else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"variant": name, "freeze": freeze, "error": f"exit {done.returncode}: {tail[:160]}"}
+        return {"variant": name, "freeze": freeze, "edge_resize": edge_resize,
+                "error": f"exit {done.returncode}: {tail[:160]}"}
     return json.loads(lines[-1])
 
 
@@ -107,6 +117,8 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=["fp32", "bf16 + channels_last"], choices=list(VARIANTS))
     p.add_argument("--freeze_encoder", nargs="+", type=int, default=[0], metavar="STRIDE",
                    help="run each variant with the encoder fixed up to each STRIDE (0: the whole network trains)")
+    p.add_argument("--edge_resize", nargs="+", default=["fused"], choices=["fused", "separate"],
+                   help="the edge features' resizes in one autograd node (the model's) or separately (as released)")
     p.add_argument("--freeze", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -115,15 +127,17 @@ def main(argv=None):
     print(f"one multi-scale training step of Inf-Net ({a.backbone}), batch {a.batchsize}, {a.size} px "
           f"(scales 0.75, 1, 1.25); {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}; "
           f"cap {a.limit_gb:g} GB per variant")
-    print(f"  {'variant':<36s} {'frozen to':>9s} {'peak GB':>8s} {'model GB':>9s} {'step s':>8s} {'median s':>9s}")
-    results = [run_variant(name, freeze, a) for name in a.variants for freeze in a.freeze_encoder]
+    print(f"  {'variant':<36s} {'frozen to':>9s} {'edges':>8s} {'peak GB':>8s} {'model GB':>9s} {'step s':>8s} "
+          f"{'median s':>9s}")
+    results = [run_variant(name, freeze, edges, a)
+               for name in a.variants for freeze in a.freeze_encoder for edges in a.edge_resize]
     for r in results:
         frozen = f"stride {r['freeze']}" if r["freeze"] else "-"
         if "error" in r:
-            print(f"  {r['variant']:<36s} {frozen:>9s} failed ({r['error']})")
+            print(f"  {r['variant']:<36s} {frozen:>9s} {r['edge_resize']:>8s} failed ({r['error']})")
         else:
-            print(f"  {r['variant']:<36s} {frozen:>9s} {r['peak_gb']:8.2f} {r['model_gb']:9.2f} {r['step_s']:8.2f} "
-                  f"{r['median_s']:9.2f}")
+            print(f"  {r['variant']:<36s} {frozen:>9s} {r['edge_resize']:>8s} {r['peak_gb']:8.2f} {r['model_gb']:9.2f} "
+                  f"{r['step_s']:8.2f} {r['median_s']:9.2f}")
 
 
 if __name__ == "__main__":

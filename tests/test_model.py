@@ -124,3 +124,54 @@ def test_complexity_matches_paper_params():
     assert round(c["params"] / 1e6, 3) == 33.122            # the paper's Params, thop-style
     assert c["params"] - c["params_no_classifier"] == 2048 * 1000 + 1000
     assert abs(c["macs"] / 1e9 - 13.922) < 0.2               # paper: 13.922 G (thop MACs)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_edge_resizes_equal_interpolation_in_value_and_gradient(fmt, dtype):
+    """resize_to_each (one autograd node for the shrinks by whole factors) against separate
+    bilinear interpolations: even, odd and unequal factors, a size that is not a whole factor
+    (falls back), the input's own size, and one output whose gradient never arrives."""
+    from Code.model_lung_infection.layers import resize_to_each, upsample_to
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, 24, 36).to(dtype).contiguous(memory_format=fmt)
+    sizes = [(12, 18), (6, 9), (3, 4), (8, 12), (24, 36), (7, 10)]
+    weights = [torch.randn(2, 5, *s).to(dtype) for s in sizes]
+    results = []
+    for resize in (resize_to_each, lambda x, refs: [upsample_to(x, r) for r in refs]):
+        x = base.detach().requires_grad_()
+        outs = resize(x, sizes)
+        assert [tuple(o.shape[-2:]) for o in outs] == sizes
+        assert all(o.dtype == dtype for o in outs)
+        loss = sum((o.float() * w.float()).sum() for o, w in zip(outs[:-1], weights))  # (7, 10): no gradient
+        loss.backward()
+        results.append((outs, x.grad))
+    (fused, g_fused), (plain, g_plain) = results
+    assert [type(o.grad_fn).__name__ for o in fused[:4]] == ["_BilinearShrinksBackward"] * 4  # not the fallback
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(g_fused.float(), g_plain.float(), rtol=tol, atol=tol)
+    assert g_fused.is_contiguous(memory_format=fmt)
+
+
+def test_training_gradients_unchanged_by_the_fused_edge_resize(monkeypatch):
+    """Inf-Net's parameter gradients with the edge features resized in one node equal those of
+    three separate interpolations (the release's formulation), in float64 so that rounding
+    cannot hide a wrong weight."""
+    from Code.model_lung_infection import inf_net, layers
+    grads = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(inf_net, "resize_to_each", lambda x, refs: [layers.upsample_to(x, r) for r in refs])
+        torch.manual_seed(0)
+        model = Inf_Net(backbone="mobilenetv2").train().double().to(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        sum(o.square().mean() for o in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    # Biases of BNs followed by another BN have a gradient of zero up to rounding: compare
+    # every gradient against the largest one, not against itself.
+    scale = max(g.abs().max().item() for g in grads[1].values())
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max().item() <= 1e-12 * scale, name

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encoders import create_encoder, feature_taps, load_pretrained
-from .layers import ConvBN, ParallelPartialDecoder, ReceptiveFieldBlock, upsample_to
+from .layers import ConvBN, ParallelPartialDecoder, ReceptiveFieldBlock, resize_to_each, upsample_to
 from .registry import MODELS
 
 
@@ -118,12 +118,15 @@ class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users
             # Backbone-only heads give one map: supervise it once, as the prediction.
             return (lateral_map_5 if self.edge_attention else None), None, None, upsample_to(final, size), lateral_edge
 
-        def with_edges(erased, feature):
-            return erased if edge_feat is None else torch.cat((erased, upsample_to(edge_feat, feature)), 1)
+        # The edge features at each branch's scale (resized together: one gradient buffer in training).
+        edges = dict(zip((5, 4, 3), resize_to_each(edge_feat, (f5, f4, f3)))) if edge_feat is not None else {}
+
+        def with_edges(erased, level):
+            return torch.cat((erased, edges[level]), 1) if edges else erased
 
         # Branch on f5: prior = S_g shrunk to f5's scale.
         prior = upsample_to(global_map, f5)
-        x = with_edges(self.ra4_conv1(reverse_attention(prior, f5)), f5)
+        x = with_edges(self.ra4_conv1(reverse_attention(prior, f5)), 5)
         x = F.relu(self.ra4_conv2(x))
         x = F.relu(self.ra4_conv3(x))
         x = F.relu(self.ra4_conv4(x))
@@ -131,14 +134,14 @@ class Inf_Net(nn.Module):  # noqa: N801 -- the release's class name, which users
         lateral_map_4 = upsample_to(s5, size)
 
         prior = upsample_to(s5, f4)
-        x = with_edges(self.ra3_conv1(reverse_attention(prior, f4)), f4)
+        x = with_edges(self.ra3_conv1(reverse_attention(prior, f4)), 4)
         x = F.relu(self.ra3_conv2(x))
         x = F.relu(self.ra3_conv3(x))
         s4 = self.ra3_conv4(x) + prior
         lateral_map_3 = upsample_to(s4, size)
 
         prior = upsample_to(s4, f3)
-        x = with_edges(self.ra2_conv1(reverse_attention(prior, f3)), f3)
+        x = with_edges(self.ra2_conv1(reverse_attention(prior, f3)), 3)
         x = F.relu(self.ra2_conv2(x))
         x = F.relu(self.ra2_conv3(x))
         s3 = self.ra2_conv4(x) + prior

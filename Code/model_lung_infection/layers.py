@@ -62,6 +62,68 @@ def upsample_to(x, ref, align_corners=False):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
+def _shrink_taps(factor):
+    """(offset, weight) of the pixels in each block of `factor` that an align_corners=False bilinear
+    shrink by that integer factor reads: the two middle ones, or the centre one for odd factors."""
+    if factor % 2:
+        return ((factor // 2, 1.0),)
+    return ((factor // 2 - 1, 0.5), (factor // 2, 0.5))
+
+
+def _shrink(x, kh, kw):
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # as interpolate's kernels
+    out = None
+    for r, wr in _shrink_taps(kh):
+        for s, ws in _shrink_taps(kw):
+            term = x[..., r::kh, s::kw].to(acc) * (wr * ws)
+            out = term if out is None else out + term
+    return out.to(x.dtype)
+
+
+class _BilinearShrinks(torch.autograd.Function):
+    """`x` shrunk by integer factors ((kh, kw) pairs), one output each, in one autograd node.
+
+    Separate `F.interpolate`s each zero a full-size gradient and, fed by `torch.cat`'s gradient
+    slices, convert it between memory formats twice: for Inf-Net's edge features (64 channels at
+    stride 4, read at three scales) about a tenth of a CPU training step. Here one buffer, in x's
+    memory format, takes every scale's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *factors):
+        ctx.factors, ctx.shape = factors, x.shape
+        ctx.format = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                      and not x.is_contiguous() else torch.contiguous_format)
+        return tuple(_shrink(x, kh, kw) for kh, kw in factors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        given = [g for g in grads if g is not None]
+        grad = torch.empty(ctx.shape, dtype=given[0].dtype, device=given[0].device,
+                           memory_format=ctx.format).zero_()
+        for (kh, kw), g in zip(ctx.factors, grads):
+            if g is None:
+                continue
+            for r, wr in _shrink_taps(kh):
+                for s, ws in _shrink_taps(kw):
+                    grad[..., r::kh, s::kw].add_(g, alpha=wr * ws)
+        return (grad,) + (None,) * len(ctx.factors)
+
+
+def resize_to_each(x, refs):
+    """[upsample_to(x, ref) for ref in refs], with the gradients of the shrinks by whole factors
+    gathered in one node when autograd records them (`_BilinearShrinks`); equal up to rounding."""
+    sizes = [tuple(r.shape[-2:]) if torch.is_tensor(r) else tuple(r) for r in refs]
+    h, w = x.shape[-2:]
+    whole = list(dict.fromkeys(
+        (sh, sw) for sh, sw in sizes
+        if (sh, sw) != (h, w) and 0 < sh <= h and 0 < sw <= w and h % sh == 0 and w % sw == 0))
+    shrunk = {}
+    if whole and x.requires_grad and torch.is_grad_enabled():
+        shrunk = dict(zip(whole, _BilinearShrinks.apply(x, *[(h // sh, w // sw) for sh, sw in whole])))
+    return [shrunk[s] if s in shrunk else upsample_to(x, s) for s in sizes]
+
+
 class ParallelPartialDecoder(nn.Module):
     """The paper's parallel partial decoder (PPD): aggregates the three high-level
     features (deepest first) into the coarse global map S_g at the shallowest one's scale.
