@@ -29,7 +29,7 @@ from Code.model_lung_infection.augment import augment_batch, batch_generator
 from Code.model_lung_infection.configs import TrainConfig
 from Code.model_lung_infection.data import IMAGENET_MEAN, IMAGENET_STD, InfectionTrainSet
 from Code.model_lung_infection.encoders import create_encoder, freeze_encoder_to
-from Code.model_lung_infection.engine import fit_schedule
+from Code.model_lung_infection.engine import epochs_that_fit, fit_schedule
 from Code.model_lung_infection.errors import UserError
 from Code.model_lung_infection.runtime import training_precision
 from Code.model_lung_infection.train import build_scheduler, train
@@ -272,6 +272,34 @@ def test_fit_budget_resumed_on_a_faster_machine_wins_back_the_epochs_up_to_the_p
     assert script.config_from_args(script.parse_args(again + ["--pretrain_epochs", "20"])).pretrain_epochs == 17
     with pytest.raises(UserError, match="--pretrain_epochs 30 differs from 20, which the run"):
         script.config_from_args(script.parse_args(again + ["--pretrain_epochs", "30"]))
+
+
+@pytest.mark.parametrize("seconds, planned, budget, last", [
+    # every third epoch validates and takes twice as long: at the mean pace alone a slow sixth would end at 480 s
+    ({3: 120, 6: 120, 9: 120}, 30, 7.5, 5),
+    # one busy epoch moves the end in by one epoch, less than the schedule's dead band for 100 planned epochs:
+    # moved all the same (a tenth epoch would end at 615 s)
+    ({6: 75}, 100, 10.0, 9)])
+def test_fit_budget_ends_the_run_within_the_budget(tmp_path, monkeypatch, seconds, planned, budget, last):
+    """Epochs of a minute but those in `seconds`: the fitted run's last epoch ends within --time_budget."""
+    ends = [0.0]
+    for epoch in range(1, 40):
+        ends.append(ends[-1] + seconds.get(epoch, 60.0))
+    monkeypatch.setattr(engine_module.Engine, "_now", lambda self: ends[getattr(self, "epoch", 0)])
+    cfg = _cfg(tmp_path, epoch=planned, batchsize=1, epoch_samples=1, time_budget=budget, fit_budget=True)
+    train(cfg)
+    saved = torch.load(cfg.checkpoint_path, weights_only=False)
+    assert saved["epoch"] == last and saved["config"]["epoch"] == last
+    assert saved["elapsed_s"] == ends[last] <= budget * 60
+
+
+def test_epochs_that_fit_give_the_last_epoch_the_time_of_the_slowest_recent_one():
+    assert epochs_that_fit([60.0] * 4, 600.0) == 10
+    assert epochs_that_fit([60.0, 60.0, 120.0], 600.0) == 1 + (600 - 120) // 80  # 80 s the mean
+    assert epochs_that_fit([60.0, 60.0, 120.0], 119.0) == 0  # not even one: the run ends now
+    # a slow epoch long ago counts in the mean, not as the last one's measure
+    assert epochs_that_fit([200.0] + [60.0] * 10, 600.0) == 1 + (600 - 60) // (800 / 11)
+    assert epochs_that_fit([60.0] * 3, -5.0) == 0  # the budget already passed
 
 
 def test_fit_schedule_moves_the_marks_not_yet_reached_and_never_past_the_planned_run():

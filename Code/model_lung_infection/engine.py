@@ -509,27 +509,30 @@ class Engine:
         return bool(self._from_rank0(self.elapsed_minutes() >= self.cfg.time_budget))
 
     def _fit_to_budget(self, epoch):
-        """--fit_budget: from this session's second epoch on, the epochs that fit --time_budget at the mean pace
-        since the end of its first (the first's set-up left out; validation and saving counted), and the run's
-        end moved there (fit_schedule), never past the planned --epoch: a schedule planned on a faster machine
-        ends within the budget, both of Semi-Inf-Net's steps and the whole cosine, instead of being cut off.
-        The estimate is redone after every epoch, so a slow early epoch (a busy machine) is made up for later,
-        and a resumed run on a faster machine may win back, up to the plan (cfg.planned_schedule), the epochs
-        that an earlier, slower session fitted away. Rank 0's clock decides for every rank."""
+        """--fit_budget: from this session's second epoch on, the epochs that fit --time_budget (epochs_that_fit:
+        from the pace since the end of its first, the first's set-up left out; validation and saving counted),
+        and the run's end moved there (fit_schedule), never past the planned --epoch: a schedule planned on a
+        faster machine ends within the budget, both of Semi-Inf-Net's steps and the whole cosine, instead of
+        being cut off. The estimate is redone after every epoch, so a slow early epoch (a busy machine) is made
+        up for later, and a resumed run on a faster machine may win back, up to the plan (cfg.planned_schedule),
+        the epochs that an earlier, slower session fitted away. Rank 0's clock decides for every rank."""
         cfg = self.cfg
         if not (cfg.fit_budget and cfg.time_budget):
             return
         self._epoch_ends.append(self._now())
         if len(self._epoch_ends) < 2:
             return
-        pace = (self._epoch_ends[-1] - self._epoch_ends[0]) / (len(self._epoch_ends) - 1)
+        durations = [b - a for a, b in zip(self._epoch_ends, self._epoch_ends[1:])]
         left = cfg.time_budget * 60 - self.elapsed_minutes() * 60
         planned = cfg.planned_schedule["epoch"]
-        last = int(self._from_rank0(epoch + max(0.0, left) // pace))
-        if abs(min(last, planned) - cfg.epoch) < max(1, planned // 50):
-            return  # the pace's jitter moves the end by an epoch or two: not worth moving the schedule for
+        last = min(planned, int(self._from_rank0(epoch + epochs_that_fit(durations, left))))
+        # an end that would pass the budget is always moved in; one that could move out waits until it gains a
+        # few epochs, or the pace's jitter would move the schedule back and forth by an epoch or two
+        if last >= cfg.epoch and last - cfg.epoch < max(1, planned // 50):
+            return
         changed = fit_schedule(cfg, epoch, last, cfg.planned_schedule)
         if changed and self.ddp.is_main:
+            pace = sum(durations) / len(durations)
             marks = "".join(f", {k} {a} -> {b}" for k, (a, b) in changed.items() if k != "epoch")
             print(f"[train] --fit_budget: at {pace / 60:.2f} minutes per epoch the {planned} planned epochs take "
                   f"{self.elapsed_minutes() + (planned - epoch) * pace / 60:.0f} minutes, and --time_budget is "
@@ -662,6 +665,16 @@ class Engine:
             if self.ema_model is not None:
                 state["ema"] = self.ema_model.state_dict()
             atomic_save(to_cpu(state), cfg.checkpoint_path)
+
+
+def epochs_that_fit(durations, left, recent=10):
+    """How many more epochs end within `left` seconds, given the `durations` (s) of the epochs so far: each at
+    their mean pace but the last, which is given the time of the slowest of the `recent` ones. The run's last
+    epoch validates and saves, and the pace can drift up late in a run; at the mean alone, the last epoch of an
+    hour ran past it (docs/results.md, "The same kind of machine, two seeds")."""
+    pace = sum(durations) / len(durations)
+    last_one = max(pace, *durations[-recent:])
+    return 0 if left < last_one else 1 + int((left - last_one) // pace)
 
 
 def fit_schedule(cfg, done, last, start):
