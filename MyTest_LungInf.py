@@ -30,7 +30,7 @@ from Code.model_lung_infection.cli import (
     run_main,
 )
 from Code.model_lung_infection.configs import TestConfig
-from Code.model_lung_infection.maps import NORMALIZATIONS
+from Code.model_lung_infection.maps import NORMALIZATIONS, TTA_VIEWS
 from Code.model_lung_infection.volume import add_volume_args, is_volume_input
 
 DEFAULTS = TestConfig()
@@ -66,6 +66,10 @@ def parse_args(argv=None):
                    help="none: write probabilities (default); minmax: stretch each map to 0..255 as the release did")
     p.add_argument("--backbone", default=None, help="encoder of release-format weights (default: read off the "
                                                     "file's keys, e.g. a run trained with --backbone mobilenetv2)")
+    p.add_argument("--tta", choices=list(TTA_VIEWS), default=DEFAULTS.tta,
+                   help="test-time augmentation: average each map with those of the slice flipped left-right "
+                        "(hflip: 2x the network time), flipped left-right, up-down and both (flips: 4x), or at "
+                        "0.82 and 1.18 times --testsize (scales: 3x); default none, as the paper")
     add_bool(p, "--progress", True, "progress bar")
     add_bool(p, "--fuse_bn", True, "fold each BatchNorm into its convolution (same maps, faster)")
     add_bool(p, "--compile", False, "torch.compile the model (inductor; slow first slice, needs a C compiler on CPU)")

@@ -14,6 +14,13 @@ validation (val.csv, bench/cpu_hour_sweep.py), never on this table.
 --normal_scan adds what each snapshot calls infected in a scan with no infection (the volume stage's
 infection_percent and mL, lungs from HU): every doctor-labelled slice is infected, so a model may learn to
 find infection everywhere; at equal Dice, prefer the one that calls less of a normal lung infected.
+
+--tta none hflip scores each snapshot as MyTest_LungInf.py does with each --tta. --held_out scores each run on
+its own held-out validation slices (the --val_split slices recorded in its checkpoint.pth) instead of
+--data_path: choices such as --tta are made there, then reported on the test slices.
+
+    python bench/test_curve.py Snapshots/save_weights/A Snapshots/save_weights/B --epochs last \
+        --tta none hflip flips --held_out
 """
 import argparse
 import re
@@ -24,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_hour_sweep import read_val_csv  # noqa: E402 -- val.csv is read one way
+
+from Code.model_lung_infection.maps import TTA_VIEWS  # noqa: E402 -- light: no torch
 
 # The toolbox's six (Dice: the mean over 256 thresholds, as the paper reports), then Dice at the fixed
 # threshold 0.5, as most later papers report it.
@@ -71,13 +80,30 @@ def table(rows, normal=False):
     return "\n".join(lines)
 
 
-def false_infection(weights, scan):
+def false_infection(weights, scan, tta="none"):
     """(infection_percent, infection_ml) the volume stage reports for `scan` with these weights."""
     from Code.model_lung_infection.volume.predict import run_volumes
     with tempfile.TemporaryDirectory() as out:
-        done = run_volumes(dict(data_path=str(scan), pth_path=str(weights), save_path=str(Path(out) / "v")))
+        done = run_volumes(dict(data_path=str(scan), pth_path=str(weights), save_path=str(Path(out) / "v"), tta=tta))
     (summary,) = done.summaries.values()
     return summary["infection_percent"], summary["infection_ml"]
+
+
+def held_out_folder(run, into):
+    """`into`/Imgs and GT/ holding the run's held-out validation slices (checkpoint.pth: val_stems of train_path)."""
+    import shutil
+
+    import torch
+    config = torch.load(Path(run) / "checkpoint.pth", map_location="cpu", weights_only=False)["config"]
+    if not config.get("val_stems"):
+        raise SystemExit(f"error: {run} was trained without --val_split: it holds no slices out")
+    roots = config["train_path"] if isinstance(config["train_path"], (list, tuple)) else [config["train_path"]]
+    for kind in ("Imgs", "GT"):
+        (Path(into) / kind).mkdir(parents=True)
+        for stem in config["val_stems"]:
+            (found,) = [f for root in roots for f in (Path(root) / kind).glob(f"{stem}.*")]
+            shutil.copy(found, Path(into) / kind / found.name)
+    return Path(into)
 
 
 def main(argv=None):
@@ -90,28 +116,38 @@ def main(argv=None):
     p.add_argument("--normal_scan", default=None,
                    help="a CT scan without infection (NIfTI or DICOM folder): add each snapshot's false infection")
     p.add_argument("--ema", action="store_true", help="score the averaged snapshots of runs trained with --ema")
+    p.add_argument("--tta", nargs="+", default=["none"], choices=list(TTA_VIEWS),
+                   help="score each snapshot with each --tta of the test stage")
+    p.add_argument("--held_out", action="store_true",
+                   help="score each run on its held-out validation slices instead of --data_path")
     a = p.parse_args(argv)
 
-    from Code.model_lung_infection.infer import default_amp, load_inf_net, predict_folder
+    from Code.model_lung_infection.infer import default_amp, load_for_test, predict_folder
     from EvaluationTool import evaluate_folder
-    data = Path(a.data_path)
+    amp = default_amp("cpu")  # MyTest_LungInf.py's default precision
     rows = []
     for run in map(Path, a.runs):
+        held = tempfile.TemporaryDirectory() if a.held_out else None
+        data = held_out_folder(run, Path(held.name) / "held-out") if held else Path(a.data_path)
         snaps, minutes = snapshots(run, a.ema), minutes_by_epoch(run)
         if not snaps:
             kind = "<prefix>-ema-<epoch>.pth" if a.ema else "<prefix>-<epoch>.pth"
             raise SystemExit(f"error: no {kind} snapshot in {run}: pass run folders of MyTrain_LungInf.py"
                              + (" trained with --ema" if a.ema else ""))
         for epoch in chosen(snaps, a.epochs):
-            with tempfile.TemporaryDirectory() as out:
-                predict_folder(load_inf_net(snaps[epoch], device="cpu"), data, Path(out), a.testsize, progress=False,
-                               amp=default_amp("cpu"))  # MyTest_LungInf.py's default precision
-                scores = evaluate_folder(data / "GT", Path(out), dataset=data.name, model=run.name)
-            false_inf = false_infection(snaps[epoch], a.normal_scan) if a.normal_scan else None
-            rows.append((run.name, epoch, minutes.get(epoch), scores, false_inf))
-            print(f"{run.name} epoch {epoch}: " + " ".join(f"{label} {scores[k]:.4f}" for k, label in FIGURES)
-                  + (f" normal-scan infected {false_inf[0]:.2f}% ({false_inf[1]:.0f} mL)" if false_inf else ""),
-                  flush=True)
+            for tta in a.tta:
+                name = run.name + (f" --tta {tta}" if tta != "none" else "")
+                with tempfile.TemporaryDirectory() as out:
+                    model = load_for_test(snaps[epoch], device="cpu", amp=amp, tta=tta)
+                    predict_folder(model, data, Path(out), a.testsize, progress=False, amp=amp, prepare=False)
+                    scores = evaluate_folder(data / "GT", Path(out), dataset=data.name, model=run.name)
+                false_inf = false_infection(snaps[epoch], a.normal_scan, tta) if a.normal_scan else None
+                rows.append((name, epoch, minutes.get(epoch), scores, false_inf))
+                print(f"{name} epoch {epoch}: " + " ".join(f"{label} {scores[k]:.4f}" for k, label in FIGURES)
+                      + (f" normal-scan infected {false_inf[0]:.2f}% ({false_inf[1]:.0f} mL)" if false_inf else ""),
+                      flush=True)
+        if held:
+            held.cleanup()
     text = table(rows, normal=bool(a.normal_scan))
     print("\n" + text)
     if a.out:

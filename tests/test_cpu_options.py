@@ -293,6 +293,20 @@ def test_fit_budget_ends_the_run_within_the_budget(tmp_path, monkeypatch, second
     assert saved["elapsed_s"] == ends[last] <= budget * 60
 
 
+def test_fit_budget_keeps_a_drifting_jittery_run_within_the_budget(tmp_path, monkeypatch):
+    """Epochs of 50 s +-4 s that slow down by 3% over the run, every fifth 8 s longer (it validates): the fitted
+    run ends within --time_budget, and leaves less than two epochs of it unused."""
+    rng = np.random.default_rng(5)
+    ends = [0.0]
+    for epoch in range(1, 61):
+        ends.append(ends[-1] + 50 * (1 + 0.03 * epoch / 60) + rng.uniform(-4, 4) + 8 * (epoch % 5 == 0))
+    monkeypatch.setattr(engine_module.Engine, "_now", lambda self: ends[getattr(self, "epoch", 0)])
+    cfg = _cfg(tmp_path, epoch=60, batchsize=1, epoch_samples=1, time_budget=35.0, fit_budget=True)
+    train(cfg)
+    last = torch.load(cfg.checkpoint_path, weights_only=False)["epoch"]
+    assert ends[last] <= 35 * 60 < ends[last] + 2 * 60
+
+
 def test_epochs_that_fit_give_the_last_epoch_the_time_of_the_slowest_recent_one():
     assert epochs_that_fit([60.0] * 4, 600.0) == 10
     assert epochs_that_fit([60.0, 60.0, 120.0], 600.0) == 1 + (600 - 120) // 80  # 80 s the mean
@@ -744,6 +758,41 @@ def test_test_curve_scores_release_snapshots_at_the_minutes_of_val_csv(tmp_path)
     assert lines[2].startswith("| run | 20 | 13.2 | 0.5000") and lines[3].startswith("| run | 25 | - |")
     lines = curve.table([("run", 20, minutes[20], scores, (2.254, 125.4))], normal=True).splitlines()
     assert lines[0].endswith("| normal scan infected |") and lines[2].endswith("| 2.25% (125 mL) |")
+
+
+def test_test_curve_scores_the_held_out_slices_with_each_tta(data_root, tmp_path, capsys):
+    """--held_out scores a run on the slices its checkpoint.pth records as held out (copied with their GT), once
+    per --tta; the maps are the test stage's (load_for_test with that --tta)."""
+    import shutil
+
+    from Code.model_lung_infection import save_release_weights
+    curve = _bench("test_curve")
+    source = data_root / "TrainingSet/LungInfection-Train/Doctor-label"
+    train = tmp_path / "Doctor-label"
+    stems = sorted(p.stem for p in (source / "Imgs").iterdir())[:3]
+    for kind in ("Imgs", "GT"):
+        (train / kind).mkdir(parents=True)
+        for f in (source / kind).iterdir():
+            if f.stem in stems:
+                shutil.copy(f, train / kind / f.name)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"config": {"train_path": [str(train)], "val_stems": stems[1:]}}, run / "checkpoint.pth")
+    torch.manual_seed(0)
+    model = Inf_Net(backbone="mobilenetv2").eval()  # an encoder read off a snapshot's keys, as test_curve loads
+    with torch.no_grad():
+        model.ra2_conv4.bn.weight.mul_(2000.0)  # maps spread over [0, 1], so that the flips change them
+    save_release_weights(model, run / "Inf-Net-3.pth")
+    held = curve.held_out_folder(run, tmp_path / "held")
+    for kind in ("Imgs", "GT"):
+        assert sorted(p.stem for p in (held / kind).iterdir()) == stems[1:]
+    curve.main([str(run), "--held_out", "--tta", "none", "hflip", "--testsize", "64", "--epochs", "last"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| run") and " | 3 | " in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| run", "| run --tta hflip"]
+    assert rows[0].split(" | ")[3:] != rows[1].split(" | ")[3:]  # the six figures: the flips were applied
+    torch.save({"config": {"train_path": [str(train)], "val_stems": None}}, run / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="without --val_split"):
+        curve.held_out_folder(run, tmp_path / "again")
 
 
 def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path):

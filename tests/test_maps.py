@@ -453,6 +453,62 @@ def test_run_test_takes_a_test_config(test_slices, tmp_path):
         assert np.array_equal(np.array(Image.open(p)), np.array(Image.open(q)))
 
 
+def test_tta_averages_the_logits_of_the_views_of_each_slice(data_root):
+    """--tta: each output map of the wrapped model is the mean of the model's maps of the slice and of its views
+    (flips, rescaled copies), each mapped back onto the slice's map (a forgotten flip back, or a mean of the
+    wrong copies, fails here)."""
+    import torch.nn.functional as F
+
+    from Code.model_lung_infection.errors import OptionError
+    from Code.model_lung_infection.tta import with_tta
+    model = spread_infnet()
+    slices = SliceSet(data_root / "TestingSet/LungInfection-Test/Imgs", 128)
+    x = torch.stack([slices[i][0] for i in range(3)])
+    assert with_tta(model, "none") is model
+
+    def flipped(d):
+        return lambda out: [o.flip(d) for o in model(x.flip(d))]
+
+    def scaled(side):
+        x_s = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=side < 128)
+        return lambda out: [F.interpolate(o, size=p.shape[-2:], mode="bilinear", align_corners=False)
+                            for o, p in zip(model(x_s), out)]
+
+    with torch.inference_mode():
+        plain = model(x)
+        for name, views in (("hflip", [flipped((3,))]), ("flips", [flipped((3,)), flipped((2,)), flipped((2, 3))]),
+                            ("scales", [scaled(96), scaled(160)])):  # 0.82 and 1.18 of 128, in multiples of 32
+            averaged = with_tta(model, name)(x)
+            others = [view(plain) for view in views]
+            assert len(averaged) == len(plain) == 5
+            for i, out in enumerate(averaged):
+                expected = torch.stack([plain[i]] + [o[i] for o in others]).mean(0)
+                assert out.shape == plain[i].shape and torch.allclose(out, expected, atol=1e-5), name
+            assert (averaged[3] - plain[3]).abs().max() > 0.1  # the views do change this model's maps
+    with pytest.raises(OptionError, match="--tta rot90: choose one of none, hflip, flips, scales"):
+        with_tta(model, "rot90")
+
+
+def test_the_test_script_applies_tta_and_records_it(test_slices, tmp_path):
+    """MyTest_LungInf.py --tta hflip writes the maps of the flip-averaged model (within a gray level: the script
+    fuses BN) and says so in test_run.json."""
+    from Code.model_lung_infection.tta import with_tta
+    data, _ = test_slices(2)
+    weights = tmp_path / "w.pth"
+    save_release_weights(spread_infnet(), weights)
+    for tta in ("none", "hflip"):
+        run_script(["--pth_path", str(weights), "--data_path", str(data), "--save_path", str(tmp_path / tta),
+                    "--tta", tta])
+        assert json.loads((tmp_path / tta / "test_run.json").read_text())["options"]["tta"] == tta
+    written, plain = read_maps(tmp_path / "hflip"), read_maps(tmp_path / "none")
+    dataset = SliceSet(data, SIZE)
+    model = with_tta(spread_infnet(), "hflip")
+    for image, stem, size in (dataset[i] for i in range(len(dataset))):
+        expected = np.round(probability_maps(model, image[None], [size])[0] * 255)
+        assert np.abs(written[stem].astype(float) - expected).max() <= 1
+        assert np.abs(written[stem].astype(float) - plain[stem]).max() > 20
+
+
 def test_a_truncated_slice_stops_the_test_before_anything_is_written(test_slices, tmp_path, capsys):
     """Every slice decodes before the run starts: a cut-short JPEG met mid-run left an unfinished folder that the
     rerun then refused without --overwrite."""

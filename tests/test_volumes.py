@@ -18,6 +18,7 @@ import volume_phantom as vp  # noqa: E402
 from Code.model_lung_infection import Inf_Net  # noqa: E402
 from Code.model_lung_infection.checkpoint import atomic_save  # noqa: E402
 from Code.model_lung_infection.errors import DataError, UserError  # noqa: E402
+from Code.model_lung_infection.tta import with_tta  # noqa: E402
 from Code.model_lung_infection.volume import add_volume_args, is_volume_input, run_volumes  # noqa: E402
 from Code.model_lung_infection.volume.io import read_dicom, read_nifti  # noqa: E402
 from Code.model_lung_infection.volume.window import DEFAULT_WINDOW, parse_window  # noqa: E402
@@ -237,9 +238,10 @@ def test_the_script_gives_slices_and_volumes_one_config(phantom, checkpoint, tes
 
 # ------------------------------------------------------------------------- volume path = slice path
 
-def test_volume_path_equals_slice_path(checkpoint, test_slices, tmp_path):
+@pytest.mark.parametrize("tta", ["none", "hflip"])
+def test_volume_path_equals_slice_path(checkpoint, test_slices, tmp_path, tta):
     """Test slices stacked into a 0..255 volume (display orientation), cropping off: slice for slice the
-    same probabilities and masks as the 2D path on the same slices."""
+    same probabilities and masks as the 2D path on the same slices, test-time flips (--tta) included."""
     from Code.model_lung_infection import infer
     from Code.model_lung_infection.data import SliceSet
     folder, names = test_slices(3)
@@ -253,11 +255,11 @@ def test_volume_path_equals_slice_path(checkpoint, test_slices, tmp_path):
     scan = vp.write_nifti(tmp_path / "stack.nii.gz", stack, np.diag([-0.7, -0.7, 5.0, 1.0]))  # L, P, S: as shown
     run_volumes(dict(data_path=str(scan), pth_path=str(checkpoint), save_path=str(tmp_path / "out"), testsize=SIZE,
                      crop=False, save_probabilities=True, amp=False, fuse_bn=False, channels_last=False,
-                     device="cpu", progress=False))
+                     device="cpu", progress=False, tta=tta))
     prob, _ = _load(tmp_path / "out/stack/probability.nii.gz")
     infection, _ = _load(tmp_path / "out/stack/infection.nii.gz")
 
-    model = infer.load_inf_net(str(checkpoint), device="cpu")
+    model = with_tta(infer.load_inf_net(str(checkpoint), device="cpu"), tta)
     dataset = SliceSet(same, SIZE)
     for z in range(len(dataset)):
         image, stem, size = dataset[z]

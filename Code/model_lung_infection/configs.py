@@ -453,6 +453,7 @@ class TestConfig:
     compile: bool = False
     progress: bool = True
     overwrite: bool = False               # replace the outputs of an earlier run in save_path
+    tta: str = "none"                     # maps averaged over flips of each slice (maps.TTA_VIEWS, tta.py)
     # a folder of slices only
     normalize: str = only_for(SLICES, "none")                # maps.NORMALIZATIONS
     num_workers: Optional[int] = only_for(SLICES, None)      # decoding processes; None: infer.default_workers
@@ -520,9 +521,11 @@ def check_test_options(cfg):
     if cfg.num_workers is not None and cfg.num_workers < 0:
         problems.append(f"--num_workers {cfg.num_workers}: must be >= 0")
     problems += backbone_problems(cfg.backbone, "--backbone")
-    from .maps import NORMALIZATIONS  # light
+    from .maps import NORMALIZATIONS, TTA_VIEWS  # light
     if cfg.normalize not in NORMALIZATIONS:
         problems.append(f"--normalize {cfg.normalize}: choose one of {', '.join(NORMALIZATIONS)}")
+    if cfg.tta not in TTA_VIEWS:
+        problems.append(f"--tta {cfg.tta}: choose one of {', '.join(TTA_VIEWS)}")
     try:
         threshold = float(cfg.threshold)
     except (TypeError, ValueError):

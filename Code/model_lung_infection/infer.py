@@ -36,6 +36,7 @@ from .maps import NORMALIZATIONS, _normalizer, minmax, to_uint8  # noqa: F401 --
 from .models import load_model
 from .outputs import OutputFolder, check_output_folder, file_identity
 from .runtime import autocast, inference_amp_dtype, pick_device
+from .tta import with_tta
 
 DEFAULT_SAVE_ROOT = Path("Results") / "Lung infection segmentation"
 NOT_IN_RECORD = ("pth_path", "data_path", "save_path", "progress", "overwrite")  # test_run.json records them apart
@@ -243,24 +244,27 @@ def amp_dtype(device, amp):
     return inference_amp_dtype(device) if amp else None
 
 
-def load_for_test(pth_path, backbone=None, device="cpu", channels_last=True, fuse_bn=True, compile=False, amp=False):
+def load_for_test(pth_path, backbone=None, device="cpu", channels_last=True, fuse_bn=True, compile=False, amp=False,
+                  tta="none"):
     """`load_inf_net`, then prepared for inference in place (fused BN, channels-last; with `amp`, the convolutions
-    held in the autocast dtype): the test stage's model, to be run under `autocast(device, amp)`."""
+    held in the autocast dtype) and, with `tta`, averaging the maps of flipped slices (tta.with_tta): the test
+    stage's model, to be run under `autocast(device, amp)`."""
     model = load_inf_net(pth_path, backbone, device)
-    return prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,
-                                 inplace=True, autocast_dtype=amp_dtype(device, amp))  # freshly loaded: no copy
+    return with_tta(prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,
+                                          inplace=True, autocast_dtype=amp_dtype(device, amp)),  # no copy
+                    tta)
 
 
 def slice_maps(pth_path, data_path, testsize=352, backbone=None, device="auto", amp=None, channels_last=True,
                batchsize=TestConfig.batchsize, progress=False, fuse_bn=True, compile=False, normalize="none",
-               num_workers=None):
+               num_workers=None, tta="none"):
     """{stem: 8-bit map} of every slice of `data_path`: exactly what `run_test` (MyTest_LungInf.py)
     writes for the same checkpoint and options, without writing. amp=None: `default_amp(device)`. The batch
     size is the test stage's default too: oneDNN's kernels for other batch sizes round differently (one gray
     level on a few pixels)."""
     device = resolve_device(device) if isinstance(device, str) else device
     amp = default_amp(device) if amp is None else amp
-    model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile, amp)
+    model = load_for_test(pth_path, backbone, device, channels_last, fuse_bn, compile, amp, tta)
     slices = SliceSet(data_path, testsize)
     return dict(iter_maps(model, slices, batchsize, device, amp, channels_last, normalize, progress,
                           default_workers(device, num_workers, len(slices), batchsize)))
@@ -315,7 +319,8 @@ def run_test(config=None, data_path=None, save_path=None, **options):
     # the workers fork now and decode the first batches while the model loads (most of it on one core)
     batches = Batches(slices, cfg.batchsize, device,
                       default_workers(device, cfg.num_workers, len(slices), cfg.batchsize)).start()
-    model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile, amp)
+    model = load_for_test(cfg.pth_path, cfg.backbone, device, cfg.channels_last, cfg.fuse_bn, cfg.compile, amp,
+                          cfg.tta)
     record = {"weights": file_identity(cfg.pth_path), "data_path": str(Path(cfg.data_path).resolve()),
               "options": cfg.options_read_by(SLICES, leave_out=NOT_IN_RECORD),
               "amp": bool(amp), "device": str(device)}

@@ -23,9 +23,8 @@ import torch
 from ..configs import SLICES, THRESHOLD, TestConfig
 from ..data import normalize_image, resize
 from ..errors import DataError, OptionError, UserError
-from ..fast_inference import prepare_for_inference
-from ..infer import amp_dtype, default_amp, default_streams, probabilities, side_by_side
-from ..models import load_model, read_model
+from ..infer import default_amp, default_streams, load_for_test, probabilities, side_by_side
+from ..models import read_model
 from ..multiclass.predict import predict_probabilities
 from ..quantify import report
 from ..quantify.lungs import attach_infection, fill_summary, find_lungs
@@ -45,10 +44,8 @@ class Networks:
         self.device = pick_device(cfg.device)
         self.amp = default_amp(self.device) if cfg.amp is None else cfg.amp
         self.cfg = cfg
-        self.model = prepare_for_inference(load_model(cfg.pth_path, expect="binary", device=self.device,
-                                                      backbone=cfg.backbone),
-                                           channels_last=cfg.channels_last, fuse_bn=cfg.fuse_bn, compile=cfg.compile,
-                                           inplace=True, autocast_dtype=amp_dtype(self.device, self.amp))
+        self.model = load_for_test(cfg.pth_path, cfg.backbone, self.device, cfg.channels_last, cfg.fuse_bn,
+                                   cfg.compile, self.amp, cfg.tta)  # the slice stage's model, the same maps
         self.multiclass = None
         if cfg.multiclass_pth:
             self.multiclass, arch, config, _ = read_model(cfg.multiclass_pth, expect="multiclass", device=self.device)
