@@ -453,7 +453,7 @@ class TestConfig:
     compile: bool = False
     progress: bool = True
     overwrite: bool = False               # replace the outputs of an earlier run in save_path
-    tta: str = "none"                     # maps averaged over flips of each slice (maps.TTA_VIEWS, tta.py)
+    tta: str = "none"                     # maps averaged over views of each slice (maps.TTA_VIEWS, tta.py)
     # a folder of slices only
     normalize: str = only_for(SLICES, "none")                # maps.NORMALIZATIONS
     num_workers: Optional[int] = only_for(SLICES, None)      # decoding processes; None: infer.default_workers

@@ -247,7 +247,7 @@ def amp_dtype(device, amp):
 def load_for_test(pth_path, backbone=None, device="cpu", channels_last=True, fuse_bn=True, compile=False, amp=False,
                   tta="none"):
     """`load_inf_net`, then prepared for inference in place (fused BN, channels-last; with `amp`, the convolutions
-    held in the autocast dtype) and, with `tta`, averaging the maps of flipped slices (tta.with_tta): the test
+    held in the autocast dtype) and, with `tta`, averaging the maps of views of each slice (tta.with_tta): the test
     stage's model, to be run under `autocast(device, amp)`."""
     model = load_inf_net(pth_path, backbone, device)
     return with_tta(prepare_for_inference(model, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,

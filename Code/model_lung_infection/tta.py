@@ -19,6 +19,8 @@ from .maps import TTA_VIEWS
 
 
 class Flip:
+    """The slice mirrored along `dims`; its maps mirrored back."""
+
     def __init__(self, dims):
         self.dims = tuple(dims)
 
@@ -30,6 +32,9 @@ class Flip:
 
 
 class Scale:
+    """The slice resized by `factor` (each side rounded to a multiple of 32, as training's scales); its maps resized
+    back to the slice's."""
+
     def __init__(self, factor):
         self.factor = factor
 
