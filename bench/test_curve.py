@@ -101,8 +101,11 @@ def held_out_folder(run, into):
     for kind in ("Imgs", "GT"):
         (Path(into) / kind).mkdir(parents=True)
         for stem in config["val_stems"]:
-            (found,) = [f for root in roots for f in (Path(root) / kind).glob(f"{stem}.*")]
-            shutil.copy(found, Path(into) / kind / found.name)
+            found = [f for root in roots for f in (Path(root) / kind).glob(f"{stem}.*")]
+            if len(found) != 1:
+                raise SystemExit(f"error: held-out slice {stem}: {len(found)} files in {kind}/ of "
+                                 f"{', '.join(map(str, roots))} (expected one)")
+            shutil.copy(found[0], Path(into) / kind / found[0].name)
     return Path(into)
 
 
@@ -123,6 +126,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     from Code.model_lung_infection.infer import default_amp, load_for_test, predict_folder
+    from Code.model_lung_infection.tta import with_tta
     from EvaluationTool import evaluate_folder
     amp = default_amp("cpu")  # MyTest_LungInf.py's default precision
     rows = []
@@ -135,11 +139,12 @@ def main(argv=None):
             raise SystemExit(f"error: no {kind} snapshot in {run}: pass run folders of MyTrain_LungInf.py"
                              + (" trained with --ema" if a.ema else ""))
         for epoch in chosen(snaps, a.epochs):
+            model = load_for_test(snaps[epoch], device="cpu", amp=amp)  # loaded once, wrapped for each --tta
             for tta in a.tta:
                 name = run.name + (f" --tta {tta}" if tta != "none" else "")
                 with tempfile.TemporaryDirectory() as out:
-                    model = load_for_test(snaps[epoch], device="cpu", amp=amp, tta=tta)
-                    predict_folder(model, data, Path(out), a.testsize, progress=False, amp=amp, prepare=False)
+                    predict_folder(with_tta(model, tta), data, Path(out), a.testsize, progress=False, amp=amp,
+                                   prepare=False)
                     scores = evaluate_folder(data / "GT", Path(out), dataset=data.name, model=run.name)
                 false_inf = false_infection(snaps[epoch], a.normal_scan, tta) if a.normal_scan else None
                 rows.append((name, epoch, minutes.get(epoch), scores, false_inf))

@@ -39,9 +39,8 @@ class Scale:
         self.factor = factor
 
     def apply(self, x):
-        side = max(32, scaled_size(x.shape[-1], self.factor))
-        return F.interpolate(x, size=(max(32, scaled_size(x.shape[-2], self.factor)), side), mode="bilinear",
-                             align_corners=False, antialias=self.factor < 1)
+        size = [max(32, scaled_size(side, self.factor)) for side in x.shape[-2:]]
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=self.factor < 1)
 
     def undo(self, out, size):
         return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
