@@ -94,7 +94,10 @@ def held_out_folder(run, into):
     import shutil
 
     import torch
-    config = torch.load(Path(run) / "checkpoint.pth", map_location="cpu", weights_only=False)["config"]
+    checkpoint = Path(run) / "checkpoint.pth"
+    if not checkpoint.is_file():
+        raise SystemExit(f"error: no {checkpoint}: --held_out needs run folders of MyTrain_LungInf.py")
+    config = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]
     if not config.get("val_stems"):
         raise SystemExit(f"error: {run} was trained without --val_split: it holds no slices out")
     roots = config["train_path"] if isinstance(config["train_path"], (list, tuple)) else [config["train_path"]]
@@ -107,6 +110,33 @@ def held_out_folder(run, into):
                                  f"{', '.join(map(str, roots))} (expected one)")
             shutil.copy(found[0], Path(into) / kind / found[0].name)
     return Path(into)
+
+
+def score_run(run, data, a, amp):
+    """Rows of `table` for each chosen snapshot of `run` and each --tta, scored on the slices of `data`."""
+    from Code.model_lung_infection.infer import load_for_test, predict_folder
+    from Code.model_lung_infection.tta import with_tta
+    from EvaluationTool import evaluate_folder
+    rows = []
+    snaps, minutes = snapshots(run, a.ema), minutes_by_epoch(run)
+    if not snaps:
+        kind = "<prefix>-ema-<epoch>.pth" if a.ema else "<prefix>-<epoch>.pth"
+        raise SystemExit(f"error: no {kind} snapshot in {run}: pass run folders of MyTrain_LungInf.py"
+                         + (" trained with --ema" if a.ema else ""))
+    for epoch in chosen(snaps, a.epochs):
+        model = load_for_test(snaps[epoch], device="cpu", amp=amp)  # loaded once, wrapped for each --tta
+        for tta in a.tta:
+            name = run.name + (f" --tta {tta}" if tta != "none" else "")
+            with tempfile.TemporaryDirectory() as out:
+                predict_folder(with_tta(model, tta), data, Path(out), a.testsize, progress=False, amp=amp,
+                               prepare=False)
+                scores = evaluate_folder(data / "GT", Path(out), dataset=data.name, model=run.name)
+            false_inf = false_infection(snaps[epoch], a.normal_scan, tta) if a.normal_scan else None
+            rows.append((name, epoch, minutes.get(epoch), scores, false_inf))
+            print(f"{name} epoch {epoch}: " + " ".join(f"{label} {scores[k]:.4f}" for k, label in FIGURES)
+                  + (f" normal-scan infected {false_inf[0]:.2f}% ({false_inf[1]:.0f} mL)" if false_inf else ""),
+                  flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -125,34 +155,13 @@ def main(argv=None):
                    help="score each run on its held-out validation slices instead of --data_path")
     a = p.parse_args(argv)
 
-    from Code.model_lung_infection.infer import default_amp, load_for_test, predict_folder
-    from Code.model_lung_infection.tta import with_tta
-    from EvaluationTool import evaluate_folder
+    from Code.model_lung_infection.infer import default_amp
     amp = default_amp("cpu")  # MyTest_LungInf.py's default precision
     rows = []
     for run in map(Path, a.runs):
-        held = tempfile.TemporaryDirectory() if a.held_out else None
-        data = held_out_folder(run, Path(held.name) / "held-out") if held else Path(a.data_path)
-        snaps, minutes = snapshots(run, a.ema), minutes_by_epoch(run)
-        if not snaps:
-            kind = "<prefix>-ema-<epoch>.pth" if a.ema else "<prefix>-<epoch>.pth"
-            raise SystemExit(f"error: no {kind} snapshot in {run}: pass run folders of MyTrain_LungInf.py"
-                             + (" trained with --ema" if a.ema else ""))
-        for epoch in chosen(snaps, a.epochs):
-            model = load_for_test(snaps[epoch], device="cpu", amp=amp)  # loaded once, wrapped for each --tta
-            for tta in a.tta:
-                name = run.name + (f" --tta {tta}" if tta != "none" else "")
-                with tempfile.TemporaryDirectory() as out:
-                    predict_folder(with_tta(model, tta), data, Path(out), a.testsize, progress=False, amp=amp,
-                                   prepare=False)
-                    scores = evaluate_folder(data / "GT", Path(out), dataset=data.name, model=run.name)
-                false_inf = false_infection(snaps[epoch], a.normal_scan, tta) if a.normal_scan else None
-                rows.append((name, epoch, minutes.get(epoch), scores, false_inf))
-                print(f"{name} epoch {epoch}: " + " ".join(f"{label} {scores[k]:.4f}" for k, label in FIGURES)
-                      + (f" normal-scan infected {false_inf[0]:.2f}% ({false_inf[1]:.0f} mL)" if false_inf else ""),
-                      flush=True)
-        if held:
-            held.cleanup()
+        with tempfile.TemporaryDirectory() as tmp:  # the held-out slices' copy, removed on any exit
+            data = held_out_folder(run, Path(tmp) / "held-out") if a.held_out else Path(a.data_path)
+            rows += score_run(run, data, a, amp)
     text = table(rows, normal=bool(a.normal_scan))
     print("\n" + text)
     if a.out:

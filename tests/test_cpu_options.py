@@ -793,6 +793,8 @@ def test_test_curve_scores_the_held_out_slices_with_each_tta(data_root, tmp_path
     torch.save({"config": {"train_path": [str(train)], "val_stems": None}}, run / "checkpoint.pth")
     with pytest.raises(SystemExit, match="without --val_split"):
         curve.held_out_folder(run, tmp_path / "again")
+    with pytest.raises(SystemExit, match="needs run folders"):
+        curve.held_out_folder(tmp_path / "not-a-run", tmp_path / "again")
 
 
 def test_multiclass_budget_finds_the_first_epoch_a_row_learns(tmp_path):
