@@ -307,6 +307,28 @@ def test_fit_budget_keeps_a_drifting_jittery_run_within_the_budget(tmp_path, mon
     assert ends[last] <= 35 * 60 < ends[last] + 2 * 60
 
 
+def test_fit_budget_does_not_move_the_end_back_and_forth_with_the_pace_jitter(tmp_path, monkeypatch):
+    """Epochs of 50 s +-8 s, every fifth 8 s longer, 100 planned (a dead band of 2 epochs): the end moves by less
+    than the band only inward and only once it is that near (where waiting would overrun the budget); the run
+    still ends within --time_budget with less than two epochs of it unused."""
+    rng = np.random.default_rng(11)
+    ends = [0.0]
+    for epoch in range(1, 101):
+        ends.append(ends[-1] + 50 + rng.uniform(-8, 8) + 8 * (epoch % 5 == 0))
+    monkeypatch.setattr(engine_module.Engine, "_now", lambda self: ends[getattr(self, "epoch", 0)])
+    moves = []
+    real_fit = engine_module.fit_schedule
+    monkeypatch.setattr(engine_module, "fit_schedule", lambda cfg, done, last, start: moves.append(
+        (done, cfg.epoch, min(max(done, last), start["epoch"]))) or real_fit(cfg, done, last, start))
+    cfg = _cfg(tmp_path, epoch=100, batchsize=1, epoch_samples=1, time_budget=35.0, fit_budget=True)
+    train(cfg)
+    assert moves and moves[0][1:] == (100, moves[0][2])  # fitted once the pace is known
+    for done, before, after in moves[1:]:
+        assert abs(after - before) >= 2 or (after < before and before - done <= 2), (done, before, after)
+    last = torch.load(cfg.checkpoint_path, weights_only=False)["epoch"]
+    assert ends[last] <= 35 * 60 < ends[last] + 2 * 60
+
+
 def test_epochs_that_fit_give_the_last_epoch_the_time_of_the_slowest_recent_one():
     assert epochs_that_fit([60.0] * 4, 600.0) == 10
     assert epochs_that_fit([60.0, 60.0, 120.0], 600.0) == 1 + (600 - 120) // 80  # 80 s the mean

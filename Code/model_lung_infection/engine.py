@@ -526,9 +526,11 @@ class Engine:
         left = cfg.time_budget * 60 - self.elapsed_minutes() * 60
         planned = cfg.planned_schedule["epoch"]
         last = min(planned, int(self._from_rank0(epoch + epochs_that_fit(durations, left))))
-        # an end that would pass the budget is always moved in; one that could move out waits until it gains a
-        # few epochs, or the pace's jitter would move the schedule back and forth by an epoch or two
-        if last >= cfg.epoch and last - cfg.epoch < max(1, planned // 50):
+        # the pace's jitter would move the end (and the marks with it) back and forth by an epoch or two: a move
+        # smaller than a few epochs waits, outward always, inward until the end is that near, where a later
+        # estimate would be too late to keep the run within the budget
+        band = max(1, planned // 50)
+        if abs(last - cfg.epoch) < band and (last >= cfg.epoch or cfg.epoch - epoch > band):
             return
         changed = fit_schedule(cfg, epoch, last, cfg.planned_schedule)
         if changed and self.ddp.is_main:
