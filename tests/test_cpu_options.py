@@ -322,7 +322,7 @@ def test_fit_budget_does_not_move_the_end_back_and_forth_with_the_pace_jitter(tm
         (done, cfg.epoch, min(max(done, last), start["epoch"]))) or real_fit(cfg, done, last, start))
     cfg = _cfg(tmp_path, epoch=100, batchsize=1, epoch_samples=1, time_budget=35.0, fit_budget=True)
     train(cfg)
-    assert moves and moves[0][1:] == (100, moves[0][2])  # fitted once the pace is known
+    assert moves and moves[0][1] == 100 > moves[0][2]  # fitted in once the pace is known
     for done, before, after in moves[1:]:
         assert abs(after - before) >= 2 or (after < before and before - done <= 2), (done, before, after)
     last = torch.load(cfg.checkpoint_path, weights_only=False)["epoch"]
