@@ -316,10 +316,14 @@ def test_fit_budget_does_not_move_the_end_back_and_forth_with_the_pace_jitter(tm
     for epoch in range(1, 101):
         ends.append(ends[-1] + 50 + rng.uniform(-8, 8) + 8 * (epoch % 5 == 0))
     monkeypatch.setattr(engine_module.Engine, "_now", lambda self: ends[getattr(self, "epoch", 0)])
-    moves = []
-    real_fit = engine_module.fit_schedule
-    monkeypatch.setattr(engine_module, "fit_schedule", lambda cfg, done, last, start: moves.append(
-        (done, cfg.epoch, min(max(done, last), start["epoch"]))) or real_fit(cfg, done, last, start))
+    moves, real_fit = [], engine_module.fit_schedule  # (epochs done, end before, end after) of each move
+
+    def recording_fit(cfg, done, last, start):
+        changed = real_fit(cfg, done, last, start)
+        if "epoch" in changed:
+            moves.append((done, *changed["epoch"]))
+        return changed
+    monkeypatch.setattr(engine_module, "fit_schedule", recording_fit)
     cfg = _cfg(tmp_path, epoch=100, batchsize=1, epoch_samples=1, time_budget=35.0, fit_budget=True)
     train(cfg)
     assert moves and moves[0][1] == 100 > moves[0][2]  # fitted in once the pace is known
