@@ -200,13 +200,16 @@ def test_time_budget_stops_after_the_epoch_that_crosses_it_and_saves(tmp_path, c
     train(cfg)
     out = capsys.readouterr().out
     assert "time budget of 1e-06 minutes reached after epoch 1" in out
+    assert re.search(rf"finished at epoch 1 of the 5 planned after \d+\.\d minutes; weights "
+                     rf"{re.escape(str(cfg.run_dir / 'Inf-Net-1.pth'))}\n", out)
     assert [r["epoch"] for r in _val_rows(cfg)] == ["1"]  # the last epoch is validated, off the val_every grid
     assert (cfg.run_dir / "Inf-Net-1.pth").exists()  # saved as at a normal end (save_every is 100)
     state = torch.load(cfg.checkpoint_path, weights_only=False)
     assert state["epoch"] == 1 and state["elapsed_s"] > 0
     # resumed time counts: the budget is spent, nothing more is trained
     train(_cfg(tmp_path, epoch=5, time_budget=1e-6, resume=True))
-    assert "nothing to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "finished" not in out
     assert torch.load(cfg.checkpoint_path, weights_only=False)["epoch"] == 1
 
 
@@ -228,8 +231,12 @@ def test_fit_budget_shrinks_a_run_too_long_for_the_budget_pretraining_and_cosine
         train(cfg)
     finally:
         handle.remove()
+    out = capsys.readouterr().out
     assert ("--fit_budget: at 1.00 minutes per epoch the 40 planned epochs take 40 minutes, and --time_budget is "
-            "10: the run now ends at epoch 10, pretrain_epochs 20 -> 5") in capsys.readouterr().out
+            "10: the run now ends at epoch 10, pretrain_epochs 20 -> 5") in out
+    # the last line: where the run ended against its plan, its minutes, the weights to test
+    assert out.endswith(f"[train] finished at epoch 10 of the 40 planned after 10.0 minutes; weights "
+                        f"{cfg.run_dir / 'Inf-Net-10.pth'}\n")
     saved = torch.load(cfg.checkpoint_path, weights_only=False)
     assert saved["epoch"] == 10 and (saved["config"]["epoch"], saved["config"]["pretrain_epochs"]) == (10, 5)
     assert (cfg.run_dir / "Inf-Net-10.pth").exists()  # the fitted last epoch is saved as the last

@@ -222,7 +222,7 @@ def _cfg(root, tmp_path, **kw):
     return TrainConfig(**base)
 
 
-def test_training_lowers_the_loss_and_writes_snapshots(data_root, tmp_path):
+def test_training_lowers_the_loss_and_writes_snapshots(data_root, tmp_path, capsys):
     _copy_slices(data_root, tmp_path / "d", 4)
     cfg = _cfg(tmp_path / "d", tmp_path, epoch=6, lr=1e-3, backbone="res2net50_v1b_26w_4s")
     data = InfectionTrainSet(cfg.train_path, 64)
@@ -239,6 +239,8 @@ def test_training_lowers_the_loss_and_writes_snapshots(data_root, tmp_path):
     assert after < before
     run = tmp_path / "snap/save_weights/t"
     assert (run / "Inf-Net-6.pth").exists() and (run / "checkpoint.pth").exists()
+    last = capsys.readouterr().out.splitlines()[-1]  # the run's last line names the weights to test
+    assert last.startswith("[train] finished at epoch 6 after ") and last.endswith(f"; weights {run / 'Inf-Net-6.pth'}")
     sd = torch.load(run / "Inf-Net-6.pth", weights_only=True)
     assert "resnet.conv1.0.weight" in sd  # release format: a bare state dict
 

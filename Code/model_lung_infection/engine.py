@@ -411,15 +411,17 @@ class Engine:
                   f"{', huge pages' if self.device.type == 'cpu' and huge_pages_asked() else ''}; "
                   f"epochs {start_epoch}..{cfg.epoch}; batch {cfg.batchsize}; saving to {cfg.run_dir}", flush=True)
         self.saved_epoch = start_epoch - 1 if cfg.resumable else None
-        self.epoch = start_epoch
+        self.epoch, self.last_snapshot = start_epoch, None
         self._epoch_ends = []  # --fit_budget's clock: when each epoch of this session ended
         if cfg.fit_budget and cfg.planned_schedule is None:  # kept in the checkpoint: the plan, not the fit
             cfg.planned_schedule = {k: getattr(cfg, k) for k in ("epoch", *cfg.schedule_marks())}
         try:
-            if not budget_spent:
-                if ddp.is_main and start_epoch <= cfg.epoch:  # a full disk: said now, not after the first epoch
+            if not budget_spent and start_epoch <= cfg.epoch:
+                if ddp.is_main:  # a full disk: said now, not after the first epoch
                     check_free_space(cfg.run_dir, self._bytes_per_save(), "a checkpoint and the snapshots of an epoch")
                 self._epochs(loader, sampler, step, writer, start_epoch)
+                if ddp.is_main:
+                    print(self._finished_line(), flush=True)
         except KeyboardInterrupt as e:
             raise TrainingInterrupted(self._interrupted_message(self.epoch)) from e
         except RuntimeError as e:  # out of memory (CUDA's OutOfMemoryError, or the CPU allocator's): one line
@@ -435,6 +437,15 @@ class Engine:
             if ddp.is_main:
                 release_folder(cfg.run_dir)
         return unwrap(self.model)
+
+    def _finished_line(self):
+        """The run's last line: the epoch it ended at (and the plan, where --fit_budget or --time_budget ended it
+        earlier), its minutes (a resumed run's earlier sessions included) and the weights to test."""
+        cfg = self.cfg
+        planned = (cfg.planned_schedule or {}).get("epoch", cfg.epoch)
+        plan = f" of the {planned} planned" if self.epoch < planned else ""
+        weights = f"; weights {self.last_snapshot}" if self.last_snapshot else ""
+        return f"[train] finished at epoch {self.epoch}{plan} after {self.elapsed_minutes():.1f} minutes{weights}"
 
     def _bytes_per_save(self):
         """About what one epoch's saves write (checkpoint.pth with two optimizer states per parameter, as
@@ -655,7 +666,8 @@ class Engine:
     def _write_epoch(self, epoch, last, rng):
         cfg = self.cfg
         if epoch % cfg.save_every == 0 or epoch == cfg.epoch or last:
-            save_release_weights(self.model, cfg.run_dir / f"{cfg.snapshot_prefix}-{epoch}.pth")
+            self.last_snapshot = cfg.run_dir / f"{cfg.snapshot_prefix}-{epoch}.pth"
+            save_release_weights(self.model, self.last_snapshot)
             if self.ema_model is not None:
                 save_release_weights(self.ema_model, cfg.run_dir / f"{cfg.snapshot_prefix}-ema-{epoch}.pth")
         if cfg.resumable:
