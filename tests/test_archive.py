@@ -28,6 +28,7 @@ from Code.model_lung_infection.volume.io import (  # noqa: E402
     read_nifti,
     read_volume_file,
 )
+from Code.model_lung_infection.volume.window import to_gray  # noqa: E402
 
 REALCT = SHARED / "realct"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -430,6 +431,39 @@ def test_mask_probability_and_gray_maps_are_thresholded_and_a_scan_is_refused(co
         assert _mask_run(copd["nifti"], mask, tmp_path / f"out_{name}_0.8", threshold=0.8)["infection_ml"] == 0
     with pytest.raises(DataError, match=r"ct-64\.nii\.gz: values -?\d+\.\.\d+ are the scan itself, not a mask"):
         _mask_run(copd["nifti"], copd["nifti"], tmp_path / "hu")
+
+
+def test_a_label_map_or_mask_given_as_the_scan_is_refused(copd, tmp_path):
+    """CIP's lung labels (0/1/2) or a 0..1 map as --data_path would find no lungs and report 0% infected;
+    refused, naming the file. 0..255 gray (the scan windowed) still reads as a scan."""
+    with pytest.raises(DataError, match=r"lm-64_right1_left2\.nii\.gz: 3 whole values 0\.\.2: a label map, not a CT "
+                                        r"scan .*--mask"):
+        run_volumes(dict(data_path=str(copd["labels"]), mask=str(copd["labels"]), save_path=str(tmp_path / "a")))
+    labels = np.asarray(nib.load(str(copd["labels"])).dataobj)
+    prob = _copd_with(tmp_path, copd, "prob.nii.gz", np.where(labels > 0, 0.9, 0.1).astype(np.float32))
+    with pytest.raises(DataError, match=r"prob\.nii\.gz: values 0\.1\.\.0\.9: a mask, a probability map"):
+        run_volumes(dict(data_path=str(prob), mask=str(copd["labels"]), save_path=str(tmp_path / "b")))
+    hu = np.asarray(nib.load(str(copd["nifti"])).dataobj)
+    gray = _copd_with(tmp_path, copd, "gray.nii.gz", to_gray(hu))
+    summary = run_volumes(dict(data_path=str(gray), mask=str(copd["labels"]),
+                               save_path=str(tmp_path / "c"))).summaries["gray"]
+    assert summary["lung_ml"] > 1000
+
+
+def test_labels_beside_their_scan_in_a_folder_are_skipped_not_measured(copd, checkpoint, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(copd["nifti"], data / "ct-64.nii.gz")
+    shutil.copy(copd["labels"], data / "lm-64_right1_left2.nii.gz")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"1 of 2 case\(s\) skipped \(lm-64_right1_left2\)"):
+        run_volumes(dict(data_path=str(data), pth_path=str(checkpoint), save_path=str(out), testsize=64,
+                         batchsize=16, device="cpu", amp=False, progress=False))
+    with open(out / "summary.csv") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert rows["ct-64"]["status"] == "ok" and float(rows["ct-64"]["lung_ml"]) > 1000
+    assert "a label map" in rows["lm-64_right1_left2"]["status"]
+    assert not (out / "lm-64_right1_left2").exists()
 
 
 def test_mask_rerun_over_a_network_run_keeps_no_stale_outputs(copd, checkpoint, tmp_path):

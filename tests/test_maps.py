@@ -269,6 +269,27 @@ def test_output_folder_guards(test_slices, tmp_path, capsys):
     assert "input slices" in _one_line_error(common + ["--save_path", str(data / "Imgs"), "--overwrite"], capsys)
 
 
+def test_a_gt_folder_given_as_the_slices_is_refused(data_root, test_slices, tmp_path, capsys):
+    """--data_path pointing at GT/: the masks would be segmented like CT without complaint; refused in one line
+    before anything is written. A folder where any image is CT is segmented (masks_as_slices looks at all)."""
+    data, names = test_slices(2)
+    gt = tmp_path / "GT"
+    gt.mkdir()
+    stems = [os.path.splitext(n)[0] for n in names]
+    for stem in stems:
+        shutil.copy(data_root / "TestingSet/LungInfection-Test/GT" / f"{stem}.png", gt / f"{stem}.png")
+    weights, out = tmp_path / "w.pth", tmp_path / "out"
+    save_release_weights(spread_infnet(), weights)
+    common = ["--pth_path", str(weights), "--backbone", SMALL, "--testsize", str(SIZE), "--no-progress",
+              "--save_path", str(out)]
+    err = _one_line_error(common + ["--data_path", str(gt)], capsys)
+    assert err.startswith(f"error: {gt}: all 2 images hold at most two gray levels") and "Imgs/" in err, err
+    assert not out.exists()
+    shutil.copy(data / "Imgs" / names[0], gt / f"ct-{names[0]}")  # one real slice among the masks
+    run_script(["--pth_path", str(weights), "--data_path", str(gt), "--save_path", str(out)])
+    assert len(read_maps(out)) == 3
+
+
 @pytest.mark.parametrize("argv, says", [(["--device", "banana"], "--device banana"),
                                         (["--testsize", "100000"], "--testsize 100000"),
                                         (["--testsize", "8"], "--testsize 8"),

@@ -176,10 +176,30 @@ def check_pairs(samples):
     return problems
 
 
+def masks_as_slices(paths):
+    """A message when every image of `paths` holds at most two gray levels: masks (a GT/ folder given as the
+    slices), not CT, which has hundreds; the network would turn them into maps without complaint. None
+    otherwise. Files are decoded until one holds more (the first, in a usual folder); unreadable ones are
+    left to check_pairs."""
+    for path in paths:
+        try:
+            if np.count_nonzero(np.bincount(read_gray_or_rgb(path).ravel(), minlength=256)) > 2:
+                return None
+        except DataError:
+            continue
+    folders = {Path(p).parent for p in paths}
+    where = f"{folders.pop()}: all {len(paths)} images" if len(folders) == 1 else f"all {len(paths)} slices"
+    return (f"{where} hold at most two gray levels: masks (such as a GT/ folder), not CT slices; give the "
+            f"folder of the slices (Imgs/, or the folder above it)")
+
+
 def check_slices(items, what="test slices"):
-    """DataError listing every slice of [(stem, path)] that does not decode to its end (image_size: fast), so
-    that a bad file stops a test run before it writes anything."""
+    """DataError listing every slice of [(stem, path)] that does not decode to its end (image_size: fast), or
+    saying that they are all masks (masks_as_slices), so that a test run stops before it writes anything."""
     raise_problems(check_pairs([(stem, path) for stem, path in items]), what)
+    masks = masks_as_slices([path for _, path in items])
+    if masks:
+        raise DataError(masks)
 
 
 def _natural_key(stem):

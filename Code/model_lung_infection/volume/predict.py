@@ -33,7 +33,7 @@ from . import geometry
 from .io import find_cases, read_case, read_volume_file, save_nifti
 from .options import check_mask_file
 from .output_folder import OUTPUTS, TABLE_NAME, OutputRoot, run_key
-from .window import DEFAULT_WINDOW, gray_volume, is_already_gray
+from .window import DEFAULT_WINDOW, gray_volume, is_already_gray, not_a_scan
 
 # ------------------------------------------------------------------------------------- networks
 
@@ -149,6 +149,10 @@ def run_case(case, cfg, nets, out_root):
     t = {}
     start = time.perf_counter()
     volume = read_case(case)
+    what = not_a_scan(volume.data)
+    if what:
+        raise DataError(f"{volume.source}: {what}, not a CT scan (Hounsfield units, or 0..255 gray levels); give "
+                        f"the scan itself (an infection mask of it goes to --mask)")
     orient = geometry.orientation(volume.affine, volume.data.shape)
     data = orient.display(volume.data)
     window = cfg.window or DEFAULT_WINDOW

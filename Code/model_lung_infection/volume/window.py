@@ -33,6 +33,29 @@ def is_already_gray(data):
     return lo >= 0 and hi <= 255 and hi > 1
 
 
+# A 0..255 volume of whole numbers with at most this many distinct values is a label map (CIP's lungs 1/2,
+# TotalSegmentator's organs 1..117), not a scan: 8-bit gray CT holds hundreds of levels.
+LABEL_LEVELS_MAX = 64
+
+
+def not_a_scan(data):
+    """What `data` is when it is a mask or label map rather than a scan (HU, or 0..255 gray), else None:
+    values within 0..1 (a mask, a probability map, or a scan normalised to 0..1, none of them HU), or whole
+    numbers within 0..255 taking at most LABEL_LEVELS_MAX values. Such a volume read as a scan finds no lungs
+    and reports 0% without saying why; a folder holding scans beside their labels would mix both."""
+    lo, hi = float(data.min()), float(data.max())
+    if lo < 0 or hi > 255:
+        return None
+    if hi <= 1:
+        return f"values {lo:g}..{hi:g}: a mask, a probability map or a scan normalised to 0..1"
+    if not np.array_equal(data, np.round(data)):
+        return None
+    levels = np.count_nonzero(np.bincount(data.astype(np.uint8).ravel(), minlength=256))
+    if levels > LABEL_LEVELS_MAX:
+        return None
+    return f"{levels} whole values {lo:g}..{hi:g}: a label map"
+
+
 def to_gray(hu, window=DEFAULT_WINDOW):
     """uint8 gray levels: LOW -> 0, HIGH -> 255, linear between, clipped outside."""
     low, high = window
