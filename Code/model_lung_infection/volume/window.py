@@ -41,19 +41,23 @@ LABEL_LEVELS_MAX = 64
 def not_a_scan(data):
     """What `data` is when it is a mask or label map rather than a scan (HU, or 0..255 gray), else None:
     values within 0..1 (a mask, a probability map, or a scan normalised to 0..1, none of them HU), or whole
-    numbers within 0..255 taking at most LABEL_LEVELS_MAX values. Such a volume read as a scan finds no lungs
-    and reports 0% without saying why; a folder holding scans beside their labels would mix both."""
+    numbers within 0..255 taking at most LABEL_LEVELS_MAX values. Read as a scan, such a volume finds no lungs
+    and reports 0% behind a warning; a folder holding scans beside their labels would mix both in its table."""
     lo, hi = float(data.min()), float(data.max())
     if lo < 0 or hi > 255:
         return None
     if hi <= 1:
         return f"values {lo:g}..{hi:g}: a mask, a probability map or a scan normalised to 0..1"
-    if not np.array_equal(data, np.round(data)):
+    gray = data.astype(np.uint8)
+    if not np.array_equal(gray, data):  # fractions: not labels
         return None
-    levels = np.count_nonzero(np.bincount(data.astype(np.uint8).ravel(), minlength=256))
-    if levels > LABEL_LEVELS_MAX:
+    def levels(a):
+        return np.count_nonzero(np.bincount(a.ravel(), minlength=256))
+    # every 4th row and column first (16x faster): a gray scan keeps hundreds of levels there
+    if levels(gray[::4, ::4]) > LABEL_LEVELS_MAX:
         return None
-    return f"{levels} whole values {lo:g}..{hi:g}: a label map"
+    found = levels(gray)
+    return None if found > LABEL_LEVELS_MAX else f"{found} whole values {lo:g}..{hi:g}: a label map"
 
 
 def to_gray(hu, window=DEFAULT_WINDOW):
