@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -120,9 +121,14 @@ def test_test_script_without_weights_says_so_on_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _a_slice(path):
+    """A small gray ramp: an image the test stages take for a slice (a constant one would read as a mask)."""
+    Image.fromarray(np.arange(40 * 48, dtype=np.uint16).reshape(48, 40).astype(np.uint8)).save(path)
+
+
 def test_test_script_with_truncated_weights_names_the_file(truncated, tmp_path, capsys):
     (tmp_path / "slices").mkdir()
-    Image.new("L", (40, 48), 90).save(tmp_path / "slices" / "1.png")
+    _a_slice(tmp_path / "slices" / "1.png")
     argv = ["--pth_path", str(truncated), "--data_path", str(tmp_path / "slices"), "--progress", "False",
             "--save_path", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as e:
@@ -136,7 +142,7 @@ def test_test_script_with_truncated_weights_names_the_file(truncated, tmp_path, 
 
 def test_multiclass_test_names_an_unknown_infnet_backbone_on_one_line(unet_file, tmp_path, capsys):
     (tmp_path / "slices").mkdir()
-    Image.new("L", (40, 48), 90).save(tmp_path / "slices" / "1.png")
+    _a_slice(tmp_path / "slices" / "1.png")
     with pytest.raises(SystemExit) as e:
         run_main(multiclass_test_script.main, ["--pth_path", str(unet_file), "--infnet_pth", str(unet_file),
                                                "--infnet_backbone", "nope", "--data_path", str(tmp_path / "slices"),

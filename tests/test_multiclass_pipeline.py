@@ -388,3 +388,18 @@ def test_a_missing_test_folder_names_the_option(unet_pth, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith(f"error: --data_path: {tmp_path / 'nowhere'}: folder not found; "
                                                 f"give the folder holding the slices"), err
+
+
+def test_test_stage_refuses_masks_given_as_the_slices(test_slices, unet_pth, tmp_path):
+    """The multi-class test stage checks its slices as MyTest_LungInf.py does: masks (here the priors at 0.5)
+    given as --data_path are one line, before anything is written."""
+    root, _ = test_slices
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for prior in (root / "Prior").iterdir():
+        Image.fromarray(np.where(np.array(Image.open(prior).convert("L")) >= 128, 255, 0).astype(np.uint8)).save(
+            masks / f"{prior.stem}.png")
+    with pytest.raises(DataError, match=rf"{masks}: all \d+ images hold at most two gray levels"):
+        run_test(unet_pth, masks, prior_path=root / "Prior", save_root=tmp_path / "out", testsize=SIZE,
+                 device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ from ..data import (
     DataError,
     _natural_key,
     check_pairs,
+    check_slices,
     data_option,
     find_test_images,
     list_images,
@@ -157,6 +158,7 @@ def run_test(pth_path, data_path, prior_path=DEFAULT_PRIOR_PATH, infnet_pth=None
     device = resolve_device(device)
     with data_option("--data_path", "the slices, or Imgs/ with them"):
         slices = sorted(find_test_images(data_path).items(), key=lambda kv: _natural_key(kv[0]))
+    check_slices(slices)  # as MyTest_LungInf.py: every slice decodes, and they are not masks
     save_root = Path(save_root)
     dirs = {c: save_root / folder / model_name for c, folder in CLASS_FOLDERS.items()}
     dirs["overlay"] = save_root / OVERLAY_FOLDER / model_name
